@@ -1,0 +1,95 @@
+"""`palm info`: what a model costs before it is built (parameters, FLOPs, memory)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from palm.config import PRESETS, ModelConfig
+from palm.flops import flops_per_token, parameter_counts, training_memory_bytes
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The model section of a YAML config file (or a file holding model keys only)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"error: config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise SystemExit(f"error: {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of keys to values")
+    try:
+        return ModelConfig.from_dict(values.get("model", values))
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"error: {path}: {error}") from None
+
+
+def describe(config: ModelConfig, seq_len: int, dtype: str) -> dict:
+    counts = parameter_counts(config)
+    memory = training_memory_bytes(config, param_bytes=DTYPE_BYTES[dtype])
+    return {
+        "config": config.to_dict(),
+        "parameters": counts,
+        "seq_len": seq_len,
+        "flops_per_token": flops_per_token(config, seq_len),
+        "memory_bytes": {"dtype": dtype, **memory},
+    }
+
+
+def human(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def format_report(name: str, info: dict) -> str:
+    p, m = info["parameters"], info["memory_bytes"]
+    gib = lambda b: f"{b / 2**30:,.2f} GiB"  # noqa: E731
+    c = info["config"]
+    lines = [
+        f"model {name}: {c['n_layers']} layers, d_model {c['d_model']}, "
+        f"{c['n_heads']} heads x {c['head_dim']}, d_ff {int(c['ffn_mult'] * c['d_model'])}, "
+        f"vocab {c['vocab_size']}",
+        f"  parameters        {p['total']:>18,}  ({human(p['total'])})",
+        f"  non-embedding     {p['non_embedding']:>18,}",
+        f"  embedding         {p['embedding']:>18,}  (tied: {c['tie_embeddings']})",
+        f"  FLOPs per token   {info['flops_per_token']:>18,.0f}  "
+        f"(6N + 12LHQT at seq_len {info['seq_len']}, PaLM App. B)",
+        f"  memory ({m['dtype']} weights/grads, float32 optimizer state):",
+        f"    weights   {gib(m['weights'])}",
+        f"    gradients {gib(m['gradients'])}",
+        f"    optimizer {gib(m['optimizer'])}",
+        f"    total     {gib(m['total'])}  (activations not included)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="palm info", description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a named preset")
+    source.add_argument("--config", help="a YAML config file (its `model` section)")
+    parser.add_argument("--seq_len", type=int, help="sequence length for the attention FLOPs "
+                        "(default: the model's max_seq_len)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
+                        help="dtype of weights and gradients (default float32)")
+    parser.add_argument("--json", action="store_true", help="print JSON for machines")
+    args = parser.parse_args(argv)
+    config = ModelConfig.preset(args.preset) if args.preset else load_model_config(args.config)
+    info = describe(config, args.seq_len or config.max_seq_len, args.dtype)
+    if args.json:
+        json.dump({"name": args.preset or args.config, **info}, sys.stdout, indent=2)
+        print()
+    else:
+        print(format_report(args.preset or args.config, info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

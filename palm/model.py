@@ -1,0 +1,260 @@
+"""The PaLM model (Chowdhery et al., 2022, §2), written for one device.
+
+A decoder-only Transformer with, per the paper:
+- SwiGLU MLP: Swish(xW) * (xV), then an output matrix (three matrices);
+- the parallel block y = x + MLP(LN(x)) + Attention(LN(x)), one LayerNorm shared by both
+  branches, so the input matmuls of both branches fuse into one;
+- multi-query attention: n_heads query heads, one shared key head and one shared value head;
+- RoPE on queries and keys;
+- shared input/output embedding, logits scaled by 1/sqrt(d_model);
+- no biases anywhere, LayerNorm with a scale only;
+- initialisation from §5: kernels N(0, 1/fan_in), embeddings N(0, 1).
+
+Parallelism (DDP/FSDP) is applied from outside; nothing here touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from palm.config import ModelConfig
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: rotary position embedding (Su et al. 2021; PaLM §2 "RoPE embeddings")
+# ---------------------------------------------------------------------------------------------
+
+
+def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (T, head_dim) for integer positions (T,), in float32.
+
+    Frequencies are laid out in two halves ("rotate half", as GPT-NeoX and PaLM-pytorch do):
+    dimension i pairs with dimension i + head_dim/2.
+    """
+    inv_freq = 1.0 / base ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (..., T, head_dim) by the position angles; cos/sin are (T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Key/value cache for incremental decoding
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated to `max_len`.
+
+    Under multi-query attention each layer stores one head: (B, 1, max_len, head_dim), which is
+    what makes PaLM's decoding cheap (PaLM §2 "Multi-Query Attention").
+    """
+
+    keys: list[Tensor]  # per layer: (B, n_kv_heads, max_len, head_dim)
+    values: list[Tensor]
+    length: int = 0  # tokens already stored
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's k, v (B, KH, T, Q) after the stored ones; return all of them."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+# ---------------------------------------------------------------------------------------------
+# The block
+# ---------------------------------------------------------------------------------------------
+
+
+class PaLMBlock(nn.Module):
+    """One Transformer block; parallel (PaLM §2) or, as an ablation, serial.
+
+    Parallel form (default), one LayerNorm feeding both branches:
+
+        x ─┬─ LN ─┬─ in_proj ─┬─ q, k, v ── RoPE ── attention ── attn_out ─┐
+           │      │           └─ SwiGLU ───────────────────────── mlp_out ─┤
+           └──────┴──────────────────────────────────────────────────── + ─┴─> y
+
+    The single `in_proj` holds, row-wise, [q | k | v | MLP input]; the serial form uses the
+    same matrix in two row slices, so both forms have identical parameters.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.q_dim = c.n_heads * c.head_dim
+        self.kv_dim = c.n_kv_heads * c.head_dim
+        # SwiGLU needs two halves (value and gate); GELU one.
+        self.mlp_in_dim = c.ffn_hidden * (2 if c.activation == "swiglu" else 1)
+        self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=False)
+        # The serial ablation needs its own LayerNorm before the MLP.
+        self.mlp_norm = (
+            None if c.parallel_block else nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=False)
+        )
+        in_dim = self.q_dim + 2 * self.kv_dim + self.mlp_in_dim
+        self.in_proj = nn.Linear(c.d_model, in_dim, bias=False)
+        self.attn_out = nn.Linear(self.q_dim, c.d_model, bias=False)
+        self.mlp_out = nn.Linear(c.ffn_hidden, c.d_model, bias=False)
+
+    def attention(
+        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+    ) -> Tensor:
+        """Causal multi-query attention on the fused q|k|v activations (B, T, q+2kv)."""
+        c = self.config
+        B, T, _ = qkv.shape
+        q, k, v = qkv.split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Q)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.store(layer, k, v)  # (B, KH, past + T, Q)
+        if past == 0:
+            mask, causal = None, True
+        elif T == 1:
+            mask, causal = None, False  # one new token sees every stored one
+        else:
+            # Query i sits at position past + i and may see keys 0 .. past + i.
+            key_pos = torch.arange(past + T, device=q.device)
+            query_pos = torch.arange(past, past + T, device=q.device)
+            mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        if c.n_kv_heads != c.n_heads:
+            # Broadcast the shared head: expand() is a view, no copy of the keys/values.
+            k = k.expand(B, c.n_heads, k.shape[2], c.head_dim)
+            v = v.expand(B, c.n_heads, v.shape[2], c.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return out.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*Q)
+
+    def activation(self, h: Tensor) -> Tensor:
+        if self.config.activation == "swiglu":
+            value, gate = h.chunk(2, dim=-1)  # PaLM §2: Swish(xW) * (xV)
+            return F.silu(gate) * value
+        return F.gelu(h)
+
+    def residual_dropout(self, h: Tensor) -> Tensor:
+        return F.dropout(h, self.config.dropout, self.training) if self.config.dropout else h
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
+        qkv_rows = self.q_dim + 2 * self.kv_dim
+        if self.mlp_norm is None:
+            # Parallel block: one LayerNorm, one fused input matmul for both branches.
+            fused = self.in_proj(self.norm(x))  # (B, T, q + 2kv + mlp_in)
+            attn = self.attention(fused[..., :qkv_rows], cos, sin, cache, layer)
+            mlp = self.activation(fused[..., qkv_rows:])
+            return x + self.residual_dropout(self.attn_out(attn) + self.mlp_out(mlp))
+        # Serial block (ablation): attention first, then the MLP on the updated stream.
+        weight = self.in_proj.weight
+        qkv = F.linear(self.norm(x), weight[:qkv_rows])
+        x = x + self.residual_dropout(self.attn_out(self.attention(qkv, cos, sin, cache, layer)))
+        mlp = self.activation(F.linear(self.mlp_norm(x), weight[qkv_rows:]))
+        return x + self.residual_dropout(self.mlp_out(mlp))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class PaLM(nn.Module):
+    """PaLM language model: `model(tokens)` maps (B, T) token ids to (B, T, vocab) logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(PaLMBlock(config) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=False)
+        # Tied (PaLM §2): the output projection *is* the embedding matrix, one tensor.
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """PaLM §5 "Weight initialization": kernels N(0, 1/fan_in), embeddings N(0, 1).
+
+        On the `meta` device this does nothing (no storage), so any preset builds instantly.
+        """
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=1.0)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_in = module.weight.shape[1]
+                nn.init.normal_(module.weight, mean=0.0, std=fan_in**-0.5)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.embedding.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, device=None, dtype=None
+    ) -> KVCache:
+        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens."""
+        c = self.config
+        max_len = max_len or c.max_seq_len
+        device = device or self.embedding.weight.device
+        dtype = dtype or self.embedding.weight.dtype
+        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
+        make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
+        return KVCache([make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)])
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, vocab) for tokens (B, T).
+
+        With a cache, `tokens` continue the cached sequence: their positions start at
+        `cache.length`, they attend to the cached keys/values, and the cache grows by T.
+        """
+        c = self.config
+        B, T = tokens.shape
+        past = 0 if cache is None else cache.length
+        if cache is not None and past + T > cache.max_len:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the cache's {cache.max_len}; "
+                "make the cache larger (new_cache(max_len=...))"
+            )
+        positions = torch.arange(past, past + T, device=tokens.device)
+        cos, sin = rope_angles(positions, c.head_dim, c.rope_base)  # shared by all layers
+        x = self.embedding(tokens)  # (B, T, D); PaLM: no scaling, no LayerNorm on embeddings
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)
+        if cache is not None:
+            cache.length += T
+        x = self.final_norm(x)
+        if c.scale_logits:
+            # PaLM §5: pre-softmax logits times 1/sqrt(d_model); applied to the (B, T, D)
+            # activations rather than the (B, T, V) logits, which is the same and cheaper.
+            x = x * (1.0 / math.sqrt(c.d_model))
+        return F.linear(x, self.output_weight)  # (B, T, V)
+
+    def num_parameters(self, *, exclude_embedding: bool = False) -> int:
+        """Distinct parameters (the tied embedding counted once)."""
+        total = sum(p.numel() for p in self.parameters())
+        return total - self.embedding.weight.numel() if exclude_embedding else total

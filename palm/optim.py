@@ -1,0 +1,239 @@
+"""PaLM's optimizer (PaLM §5): Adafactor without factorisation, plus an AdamW alternative.
+
+PaLM §5: "Adafactor without factorization ... effectively equivalent to Adam with parameter
+scaling": the step is the learning rate times the RMS of the parameter (floored at 1e-3), beta1 =
+0.9, beta2 at step k = 1 - k^-0.8, and a "dynamic weight decay of lr^2.0".
+
+The update follows T5X (`t5x/adafactor.py`, `Adafactor.apply_param_gradient`, google-research/t5x;
+flax's older `flax/optim/adafactor.py` is the same), PaLM's own codebase, term by term. With
+k = 1, 2, ... the number of updates including this one (T5X: `t = step + 1`):
+
+    v     = beta2_k * v + (1 - beta2_k) * (g^2 + eps1)      beta2_k = 1 - k^-decay_exponent
+    u     = g / sqrt(v)
+    u     = u / max(1, RMS(u) / clip_threshold)             # Adafactor update clipping, per tensor
+    s     = lr * max(RMS(p), eps2) * u                      # parameter scaling
+    m     = beta1 * m + (1 - beta1) * s                     # momentum of the *scaled* update
+    p     = (1 - wd) * p - m                                # wd = weight_decay * lr^lr_power
+
+Notes on T5X that fix choices the paper leaves open:
+- weight decay is *not* multiplied by the learning rate again: `new_param = (1 - weight_decay_rate)
+  * param - subtrahend`, with `weight_decay_rate = (weight_decay_rate or 1.0) *
+  learning_rate ** weight_decay_rate_lr_exponent`. PaLM's "lr^2.0" is that exponent = 2.0, so each
+  step multiplies p by (1 - lr^2) (1e-4 at lr = 1e-2). Like T5X it applies to every parameter.
+- no bias correction of m (the first ~10 steps are damped by 1 - 0.9^k); v needs none since
+  beta2_1 = 0.
+- update clipping `clipping_threshold` defaults to 1.0 in T5X and Adafactor; PaLM does not say
+  whether it was changed, so we keep 1.0 (None turns it off). PaLM's global gradient-norm clipping
+  at 1.0 is separate and done by the trainer (torch.nn.utils.clip_grad_norm_).
+
+Differences from `torch.optim.Adafactor` (torch 2.5+), which has no momentum and uses
+rho = min(lr, 1/sqrt(k)) and decay (1 - lr * weight_decay); eps1 there clamps sqrt(v) instead of
+being added to g^2. With beta1 = 0, lr <= 1/sqrt(k), 1-D parameters and its weight_decay = lr the
+two coincide (tests/test_optim.py checks this).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["PaLMAdafactor", "build_optimizer", "OPTIMIZERS"]
+
+_LR_POWER = re.compile(r"^\s*lr\s*\^\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def _parse_weight_decay(weight_decay: float | str) -> tuple[float, float]:
+    """'lr^p' -> (1.0, p); a float w -> (w, 0.0). The rate is then `w * lr**p` (T5X's form)."""
+    if isinstance(weight_decay, str):
+        match = _LR_POWER.match(weight_decay)
+        if match is None:
+            raise ValueError(f"weight_decay must be a float or 'lr^<power>' (e.g. 'lr^2'), got "
+                             f"{weight_decay!r}")
+        return 1.0, float(match.group(1))
+    if not 0.0 <= float(weight_decay) < 1.0:
+        raise ValueError(f"weight_decay must be in [0, 1), got {weight_decay}")
+    return float(weight_decay), 0.0
+
+
+class PaLMAdafactor(torch.optim.Optimizer):
+    """Adafactor without factorisation, as PaLM §5 trained with (T5X semantics, see module doc).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate; the trainer overwrites `param_group["lr"]` every step from the
+            schedule (PaLM §5: 1e-2 for 10k steps, then 1/sqrt(k)).
+        beta1: momentum of the scaled update (PaLM: 0.9); None or 0 keeps no first moment.
+        decay_exponent: beta2_k = 1 - k^-decay_exponent (PaLM: 0.8).
+        eps1: added to g^2 (Adafactor: 1e-30).
+        eps2: floor of the parameter RMS (PaLM: 1e-3), so zero-initialised tensors still move.
+        clip_threshold: Adafactor update clipping d on RMS(u); None disables (T5X default 1.0).
+        weight_decay: "lr^2" (PaLM: decay rate lr^2 at every step), a constant rate per step
+            (T5X `weight_decay_rate`, not multiplied by lr), or 0.
+        multiply_by_parameter_scale: scale the step by max(RMS(p), eps2) (PaLM: yes).
+
+    State per parameter (tensors only, safe for `torch.load(weights_only=True)`): `step` (int64,
+    on CPU), `exp_avg_sq` (v) and, with momentum, `exp_avg` (m), both float32 whatever the
+    parameter dtype.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-2,
+        beta1: float | None = 0.9,
+        decay_exponent: float = 0.8,
+        eps1: float = 1e-30,
+        eps2: float = 1e-3,
+        clip_threshold: float | None = 1.0,
+        weight_decay: float | str = "lr^2",
+        multiply_by_parameter_scale: bool = True,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"beta1 must be None or in [0, 1), got {beta1}")
+        if decay_exponent <= 0.0:
+            raise ValueError(f"decay_exponent must be > 0, got {decay_exponent}")
+        if eps1 < 0.0 or eps2 < 0.0:
+            raise ValueError(f"eps1 and eps2 must be >= 0, got {eps1}, {eps2}")
+        if clip_threshold is not None and clip_threshold <= 0.0:
+            raise ValueError(f"clip_threshold must be None or > 0, got {clip_threshold}")
+        wd, wd_power = _parse_weight_decay(weight_decay)
+        # Only numbers, bools and None in the groups, so the state_dict stays weights_only-safe.
+        defaults = dict(lr=lr, beta1=beta1 or 0.0, decay_exponent=decay_exponent, eps1=eps1,
+                        eps2=eps2, clip_threshold=clip_threshold, weight_decay=wd,
+                        weight_decay_lr_power=wd_power,
+                        multiply_by_parameter_scale=multiply_by_parameter_scale)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def decay_rate(group: dict[str, Any]) -> float:
+        """Fraction of every parameter removed this step: weight_decay * lr^power (PaLM §5)."""
+        return group["weight_decay"] * float(group["lr"]) ** group["weight_decay_lr_power"]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One update of every parameter that has a gradient (PaLM §5 Adafactor)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # Parameters skipped on some steps have fewer updates; bucket by their own k.
+            buckets: dict[int, list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.is_complex():
+                    raise RuntimeError("PaLMAdafactor supports dense real parameters only")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0, dtype=torch.int64)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                           memory_format=torch.preserve_format)
+                    if group["beta1"] > 0.0:
+                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
+                                                            memory_format=torch.preserve_format)
+                state["step"] += 1
+                buckets.setdefault(int(state["step"]), []).append(p)
+            for k, params in buckets.items():
+                self._update(group, k, params)
+        return loss
+
+    def _update(self, group: dict[str, Any], k: int, params: list[Tensor]) -> None:
+        """The T5X update for parameters that all take their k-th step; float32 math."""
+        lr = float(group["lr"])
+        beta1, eps2, d = group["beta1"], group["eps2"], group["clip_threshold"]
+        beta2 = 1.0 - k ** -group["decay_exponent"]  # 0 at k = 1: v starts at g^2 (no bias fix)
+        # float32 views of params and grads: the same tensors when already float32.
+        p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
+        g32 = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        v = [self.state[p]["exp_avg_sq"] for p in params]
+        numel_sqrt = [math.sqrt(max(p.numel(), 1)) for p in params]
+
+        # Step size per tensor, a 0-D tensor on its device (no host sync): lr * max(RMS(p), eps2).
+        if group["multiply_by_parameter_scale"]:
+            scale = torch._foreach_norm(p32)
+            torch._foreach_div_(scale, numel_sqrt)
+            torch._foreach_clamp_min_(scale, eps2)
+            torch._foreach_mul_(scale, lr)
+        else:
+            scale = [torch.full((), lr, dtype=torch.float32, device=p.device) for p in p32]
+
+        # v = beta2 v + (1 - beta2)(g^2 + eps1)
+        g2 = torch._foreach_mul(g32, g32)
+        torch._foreach_add_(g2, group["eps1"])
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_add_(v, g2, alpha=1.0 - beta2)
+        # u = g / sqrt(v), reusing g2's memory.
+        u = g2
+        torch._foreach_copy_(u, v)
+        torch._foreach_rsqrt_(u)
+        torch._foreach_mul_(u, g32)
+        # Adafactor update clipping: u / max(1, RMS(u) / d), one factor per tensor.
+        if d is not None:
+            denom = torch._foreach_norm(u)
+            torch._foreach_div_(denom, [n * d for n in numel_sqrt])
+            torch._foreach_clamp_min_(denom, 1.0)
+            torch._foreach_div_(scale, denom)
+        torch._foreach_mul_(u, scale)  # u is now the scaled update s
+
+        if beta1 > 0.0:
+            m = [self.state[p]["exp_avg"] for p in params]
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, u, alpha=1.0 - beta1)
+            u = m
+        wd = self.decay_rate(group)
+        if wd != 0.0:
+            torch._foreach_mul_(p32, 1.0 - wd)  # decoupled: (1 - wd) p, from the old p as in T5X
+        torch._foreach_sub_(p32, u)
+        for p, q in zip(params, p32):
+            if q is not p:  # low-precision parameter: round once, at the end, as T5X does
+                p.copy_(q)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like torch, but keep the moments float32 and copy rather than alias them.
+
+        torch's Optimizer casts floating state to the parameter dtype (which would round the
+        float32 moments of bf16 parameters) and may share tensors with `state_dict`.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if key == "step":
+                    self.state[p][key] = value.detach().to("cpu", torch.int64, copy=True)
+                else:
+                    self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
+
+
+OPTIMIZERS = ("adafactor", "adamw")
+
+
+def build_optimizer(name: str, params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
+    """The optimizer named `name` over the trainable `params`.
+
+    "adafactor": PaLMAdafactor (PaLM §5), weight decay on every parameter as in T5X.
+    "adamw": torch AdamW with weight decay only on >= 2-D tensors (matrices and embeddings, not
+    norms or biases), nanoGPT's convention; torch multiplies its weight_decay by lr. Defaults
+    betas=(0.9, 0.95), weight_decay=0.1 (nanoGPT / GPT-3).
+    """
+    params = [p for p in params if p.requires_grad]
+    if name == "adafactor":
+        return PaLMAdafactor(params, **kwargs)
+    if name == "adamw":
+        kwargs.setdefault("betas", (0.9, 0.95))
+        weight_decay = kwargs.pop("weight_decay", 0.1)
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

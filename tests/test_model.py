@@ -1,0 +1,259 @@
+"""The PaLM model against the paper (§2, §5, Table 1) and an independent float64 reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from palm import ModelConfig, PaLM, lm_loss
+from palm.model import apply_rope, rope_angles
+
+TINY = ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=3, head_dim=8, max_seq_len=64)
+
+
+def make(config: ModelConfig = TINY, seed: int = 0) -> PaLM:
+    torch.manual_seed(seed)
+    return PaLM(config).eval()
+
+
+# --- an independent reference, written from the paper's formulas, in float64 -----------------
+
+
+def reference_logits(model: PaLM, tokens: torch.Tensor) -> torch.Tensor:
+    """Plain float64 forward pass, with explicit softmax attention and per-head loops."""
+    c = model.config
+    p = {k: v.double() for k, v in model.state_dict().items()}
+    T = tokens.shape[1]
+    x = p["embedding.weight"][tokens]  # (B, T, D)
+    pos = torch.arange(T, dtype=torch.float64)
+    inv = 1.0 / c.rope_base ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
+    ang = pos[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope(t):
+        half = c.head_dim // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    def ln(t, w):
+        mu = t.mean(-1, keepdim=True)
+        var = ((t - mu) ** 2).mean(-1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + c.norm_eps) * w
+
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    for i in range(c.n_layers):
+        w_in = p[f"blocks.{i}.in_proj.weight"]
+        w_qkv, w_mlp = w_in[: qd + 2 * kvd], w_in[qd + 2 * kvd :]
+
+        def attention(h):
+            q, k, v = (h @ w_qkv.T).split([qd, kvd, kvd], -1)
+            heads = []
+            for head in range(c.n_heads):
+                kv_head = 0 if c.multi_query else head
+                sl = slice(kv_head * c.head_dim, (kv_head + 1) * c.head_dim)
+                qh = rope(q[..., head * c.head_dim : (head + 1) * c.head_dim])
+                kh, vh = rope(k[..., sl]), v[..., sl]
+                scores = qh @ kh.transpose(-1, -2) / math.sqrt(c.head_dim)
+                scores = scores.masked_fill(~causal, float("-inf"))
+                heads.append(torch.softmax(scores, -1) @ vh)
+            return torch.cat(heads, -1) @ p[f"blocks.{i}.attn_out.weight"].T
+
+        def mlp(h):
+            u = h @ w_mlp.T
+            if c.activation == "swiglu":
+                value, gate = u.chunk(2, -1)
+                u = gate * torch.sigmoid(gate) * value  # Swish(xW) * (xV)
+            else:
+                u = 0.5 * u * (1 + torch.erf(u / math.sqrt(2)))
+            return u @ p[f"blocks.{i}.mlp_out.weight"].T
+
+        h = ln(x, p[f"blocks.{i}.norm.weight"])
+        if c.parallel_block:
+            x = x + attention(h) + mlp(h)
+        else:
+            x = x + attention(h)
+            x = x + mlp(ln(x, p[f"blocks.{i}.mlp_norm.weight"]))
+    x = ln(x, p["final_norm.weight"])
+    out_w = p["embedding.weight"] if c.tie_embeddings else p["lm_head.weight"]
+    scale = 1 / math.sqrt(c.d_model) if c.scale_logits else 1.0
+    return (x @ out_w.T) * scale
+
+
+SWITCHES = list(itertools.product([True, False], [True, False], ["swiglu", "gelu"], [True, False]))
+
+
+@pytest.mark.parametrize("parallel,multi_query,activation,tied", SWITCHES)
+def test_matches_float64_reference_for_every_ablation(parallel, multi_query, activation, tied):
+    config = dataclasses.replace(
+        TINY, parallel_block=parallel, multi_query=multi_query, activation=activation,
+        tie_embeddings=tied,
+    )
+    model = make(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 11))
+    got = model(tokens).double()
+    want = reference_logits(model, tokens)
+    assert got.shape == (2, 11, config.vocab_size)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_switches_change_the_architecture():
+    base = make()
+    n_in = lambda m: m.blocks[0].in_proj.weight.shape[0]  # noqa: E731
+    c = TINY
+    # PaLM: q (H*Q) + one k and one v head (Q each) + SwiGLU's two halves.
+    assert n_in(base) == c.n_heads * c.head_dim + 2 * c.head_dim + 2 * 4 * c.d_model
+    mha = make(dataclasses.replace(c, multi_query=False))
+    assert n_in(mha) == 3 * c.n_heads * c.head_dim + 2 * 4 * c.d_model
+    gelu = make(dataclasses.replace(c, activation="gelu"))
+    assert n_in(gelu) == c.n_heads * c.head_dim + 2 * c.head_dim + 4 * c.d_model
+    serial = make(dataclasses.replace(c, parallel_block=False))
+    assert base.blocks[0].mlp_norm is None and serial.blocks[0].mlp_norm is not None
+    untied = make(dataclasses.replace(c, tie_embeddings=False))
+    assert untied.num_parameters() == base.num_parameters() + c.vocab_size * c.d_model
+
+
+def test_multi_query_shares_one_key_value_head():
+    model = make()
+    cache = model.new_cache(batch_size=2)
+    assert cache.keys[0].shape == (2, 1, TINY.max_seq_len, TINY.head_dim)
+
+
+def test_n_heads_times_head_dim_need_not_equal_d_model():
+    config = ModelConfig(vocab_size=50, d_model=40, n_layers=1, n_heads=3, head_dim=16)
+    model = make(config)
+    tokens = torch.randint(0, 50, (1, 7))
+    torch.testing.assert_close(model(tokens).double(), reference_logits(model, tokens),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model = make()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = torch.randint(0, TINY.vocab_size, (2, 8))
+    a, b = model(tokens), model(changed)
+    assert torch.equal(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(1)
+    q, k = torch.randn(16), torch.randn(16)
+    cos, sin = rope_angles(torch.arange(40), 16, 10_000.0)
+
+    def score(m, n):
+        return (apply_rope(q, cos[m], sin[m]) @ apply_rope(k, cos[n], sin[n])).item()
+
+    for shift in (1, 7, 20):
+        assert score(3, 1) == pytest.approx(score(3 + shift, 1 + shift), abs=1e-4)
+        assert score(10, 10) == pytest.approx(score(10 + shift, 10 + shift), abs=1e-4)
+    assert score(5, 0) != pytest.approx(score(5, 3), abs=1e-3)
+    # A rotation: norms are preserved.
+    assert apply_rope(q, cos[9], sin[9]).norm() == pytest.approx(q.norm().item(), rel=1e-5)
+
+
+def test_no_bias_parameters_anywhere():
+    for config in (TINY, dataclasses.replace(TINY, parallel_block=False, tie_embeddings=False)):
+        model = make(config)
+        names = [name for name, _ in model.named_parameters()]
+        assert not [n for n in names if "bias" in n]
+        for module in model.modules():
+            assert getattr(module, "bias", None) is None
+        assert not list(model.buffers())
+
+
+def test_tied_embedding_is_one_tensor():
+    model = make()
+    assert model.output_weight is model.embedding.weight
+    assert model.lm_head is None
+    params = list(model.parameters())
+    assert sum(p is model.embedding.weight for p in params) == 1
+    # A gradient through the output reaches the embedding.
+    model(torch.tensor([[1, 2, 3]]))[0, -1, 5].backward()
+    assert model.embedding.weight.grad[5].abs().sum() > 0
+
+
+def test_initialisation_statistics_follow_paper():
+    config = ModelConfig(vocab_size=4096, d_model=256, n_layers=2, n_heads=4, head_dim=64)
+    model = make(config)
+    emb = model.embedding.weight
+    assert emb.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert emb.std().item() == pytest.approx(1.0, rel=0.01)  # PaLM §5: embeddings N(0, 1)
+    for name, p in model.named_parameters():
+        if p.ndim == 2 and "embedding" not in name:
+            fan_in = p.shape[1]  # variance 1/fan_in
+            assert p.std().item() == pytest.approx(fan_in**-0.5, rel=0.03), name
+        elif p.ndim == 1:
+            assert torch.equal(p, torch.ones_like(p)), name
+    # Logits start at unit scale thanks to the 1/sqrt(d_model) output scaling.
+    logits = model(torch.randint(0, 4096, (2, 32)))
+    assert 0.7 < logits.std().item() < 1.4
+
+
+TABLE_1 = {"palm-8b": 8.63e9, "palm-62b": 62.50e9, "palm-540b": 540.35e9}
+
+
+@pytest.mark.parametrize("name", list(TABLE_1))
+def test_paper_presets_match_table_1_and_build_on_meta_quickly(name):
+    start = time.perf_counter()
+    with torch.device("meta"):
+        model = PaLM(ModelConfig.preset(name))
+    assert time.perf_counter() - start < 30
+    assert model.embedding.weight.is_meta
+    assert model.num_parameters() == pytest.approx(TABLE_1[name], rel=1e-3)
+    c = model.config
+    assert (c.head_dim, c.ffn_hidden, c.vocab_size) == (256, 4 * c.d_model, 256_000)
+
+
+def test_unknown_preset_and_bad_config_are_errors():
+    with pytest.raises(ValueError, match="choose one of"):
+        ModelConfig.preset("palm-9000b")
+    with pytest.raises(ValueError, match="activation"):
+        dataclasses.replace(TINY, activation="relu")
+    with pytest.raises(ValueError, match="unknown model key"):
+        ModelConfig.from_dict({"d_modle": 3})
+
+
+def test_z_loss_and_cross_entropy_match_float64_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 3 + 2
+    targets = torch.randint(0, 11, (3, 5))
+    targets[0, 0] = -100  # ignored (padding)
+    out = lm_loss(logits, targets, z_loss_coef=1e-4)
+    l64 = logits.double()
+    keep = targets != -100
+    log_z = torch.log(torch.exp(l64).sum(-1))
+    nll = -torch.log_softmax(l64, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    want_ce = nll[keep].mean()
+    want_z = 1e-4 * (log_z[keep] ** 2).mean()
+    assert out.cross_entropy.item() == pytest.approx(want_ce.item(), rel=1e-6)
+    assert out.z_loss.item() == pytest.approx(want_z.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((want_ce + want_z).item(), rel=1e-6)
+    assert out.n_tokens.item() == keep.sum().item()
+    # Same cross-entropy as PyTorch's own.
+    torch.testing.assert_close(out.cross_entropy, F.cross_entropy(logits.view(-1, 11),
+                                                                  targets.view(-1)))
+    # The coefficient is configurable.
+    assert lm_loss(logits, targets, z_loss_coef=0.0).z_loss.item() == 0.0
+
+
+@pytest.mark.parametrize("parallel,multi_query", [(True, True), (False, False)])
+def test_cached_decoding_equals_full_forward(parallel, multi_query):
+    config = dataclasses.replace(TINY, parallel_block=parallel, multi_query=multi_query)
+    model = make(config)
+    tokens = torch.randint(0, config.vocab_size, (3, 30))
+    full = model(tokens)
+    cache = model.new_cache(batch_size=3, max_len=30)
+    # A prompt, then a chunk, then one token at a time.
+    pieces = [model(tokens[:, :9], cache), model(tokens[:, 9:14], cache)]
+    pieces += [model(tokens[:, t : t + 1], cache) for t in range(14, 30)]
+    assert cache.length == 30
+    assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        model(tokens[:, :1], cache)
