@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -116,3 +117,223 @@ PRESETS: dict[str, ModelConfig] = {
     "palm-1b": ModelConfig(vocab_size=32_000, d_model=2048, n_layers=16, n_heads=8,
                            head_dim=256, max_seq_len=2048),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Run configuration: data, optimiser and training loop (PaLM §5), loaded from YAML + overrides
+# ---------------------------------------------------------------------------------------------
+
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("palm", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "float32", "bfloat16")
+PARALLEL = ("none", "ddp", "fsdp")
+RESUME = ("auto", "must", "never")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prepared data is and how it is batched."""
+
+    path: str = "data/wikitext-103"  # dataset folder written by download.py (has meta.json)
+    seq_len: int = 0  # tokens per training sequence; 0 = the manifest's (download --seq_len)
+    batch_size: int = 0  # global batch in sequences per optimizer step; 0 = the manifest's
+    micro_batch_size: int = 0  # sequences per forward/backward on one rank; 0 = whole batch
+    seed: int = 1234  # order of the training windows (each epoch is a permutation of it)
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0 (0 = default), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedules; defaults are PaLM §5."""
+
+    name: str = "adafactor"  # "adafactor" (PaLM: unfactorised, parameter-scaled) or "adamw"
+    schedule: str = "palm"  # "palm": lr constant then 1/sqrt(k); "cosine"; "constant"
+    lr: float = 1e-2  # peak learning rate (PaLM: 1e-2)
+    constant_steps: int = 10_000  # "palm": steps at the peak before the 1/sqrt(k) decay
+    warmup_steps: int = 0  # "cosine"/"constant": linear warm-up steps
+    min_lr_ratio: float = 0.1  # "cosine": final lr as a fraction of the peak
+    beta1: float = 0.9  # first-moment decay (PaLM: 0.9)
+    beta2: float = 0.95  # AdamW only; Adafactor uses beta2_k = 1 - k^-0.8 (PaLM §5)
+    weight_decay: str = "lr^2"  # Adafactor: "lr^2" (PaLM) or a number; AdamW: a number
+    grad_clip: float = 1.0  # global gradient-norm clipping (PaLM: 1.0); 0 disables
+    batch_ramp: bool = False  # PaLM's 1/4 -> 1/2 -> full batch ramp (§5), scaled to max_steps
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr <= 0 or self.grad_clip < 0:
+            raise ValueError("optim.lr must be > 0 and optim.grad_clip >= 0")
+        weight_decay_value(self.weight_decay)  # validates
+
+
+def weight_decay_value(value: str | float) -> str | float:
+    """'lr^2' or a non-negative number (YAML may give either as a string)."""
+    if value == "lr^2":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"optim.weight_decay must be 'lr^2' or a number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"optim.weight_decay must be >= 0, got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: length, logging, evaluation, checkpoints, precision."""
+
+    max_steps: int = 10_000  # optimizer steps
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this wall time; 0 = no limit
+    seed: int = 0  # model initialisation and dropout
+    z_loss: float = 1e-4  # z-loss coefficient (PaLM §5)
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    precision: str = "auto"  # "auto" = bfloat16 autocast on GPU, float32 on CPU
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute block activations in backward (PaLM §4)
+    parallel: str = "none"  # data parallelism under torchrun: "ddp" or "fsdp"
+    runs_dir: str = "runs"  # run folders are runs/<name>/
+    name: str = "default"  # run name
+    # "auto": continue the latest complete checkpoint of runs/<name>/ if there is one;
+    # "must": continue it, error if none (--resume); "never": error if one exists.
+    resume: str = "auto"
+    log_every: int = 10  # steps between metric lines
+    eval_every: int = 500  # steps between validation evaluations (0 = only at the end)
+    eval_batches: int = 20  # validation batches per evaluation
+    checkpoint_every: int = 500  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 3  # most recent checkpoints kept (plus the best by validation loss)
+    # Loss spikes (PaLM §5.1): a loss above mean + spike_sigma * std of the last spike_window
+    # steps (and spike_ratio x the mean) rolls back to a checkpoint about rollback_steps earlier
+    # and skips skip_batches batches. Non-finite losses are never applied.
+    spike_detection: bool = True
+    spike_window: int = 100
+    spike_sigma: float = 6.0
+    spike_ratio: float = 1.5
+    rollback_steps: int = 100
+    skip_batches: int = 200
+    max_rollbacks: int = 20  # give up (error) after this many rollbacks in one run
+    sample_tokens: int = 64  # tokens sampled at the end of the run (0 = none)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"train.device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"train.parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if self.resume not in RESUME:
+            raise ValueError(f"train.resume must be one of {RESUME}, got {self.resume!r}")
+        if self.max_steps < 1:
+            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        for name in ("log_every", "keep_checkpoints", "eval_batches", "spike_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"train.name must be a plain folder name, got {self.name!r}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs; saved with the run and with every checkpoint."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
+    """Check a value against the field's declared type; ints are accepted for floats."""
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    where = f"{section}.{field.name}"
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise ValueError(f"{where} must be a {kind}, got {value!r}")
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """A Config from nested mappings {section: {key: value}}; unknown keys are errors."""
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        given = dict(values.get(name) or {})
+        if not isinstance(given, dict):
+            raise ValueError(f"config section {name!r} must be a mapping")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        base = cls()
+        if name == "model" and "preset" in given:
+            base = ModelConfig.preset(given.pop("preset"))
+        bad = sorted(set(given) - set(fields))
+        if bad:
+            extra = "preset, " if name == "model" else ""
+            raise ValueError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; valid {name} keys: "
+                             f"{extra}{', '.join(sorted(fields))}")
+        given = {k: _coerce(name, fields[k], v) for k, v in given.items()}
+        sections[name] = dataclasses.replace(base, **given)
+    return Config(**sections)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """`section.key=value` strings to nested mappings; values are parsed as YAML scalars."""
+    import yaml
+
+    nested: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise ValueError(f"override {item!r} must look like section.key=value, "
+                             f"e.g. train.max_steps=200")
+        value = yaml.safe_load(raw) if raw else ""
+        nested.setdefault(section, {})[field] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < `key=value` overrides; every key checked."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist (see configs/ for examples)") from None
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold sections model/data/optim/train")
+    for section, given in parse_overrides(overrides or []).items():
+        existing = values.setdefault(section, {})
+        if not isinstance(existing, dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        existing.update(given)
+    return build_config(values)

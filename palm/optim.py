@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["PaLMAdafactor", "build_optimizer", "OPTIMIZERS"]
+__all__ = ["OPTIMIZERS", "PaLMAdafactor", "build_optimizer"]
 
 _LR_POWER = re.compile(r"^\s*lr\s*\^\s*([0-9]*\.?[0-9]+)\s*$")
 
@@ -53,8 +53,9 @@ def _parse_weight_decay(weight_decay: float | str) -> tuple[float, float]:
     if isinstance(weight_decay, str):
         match = _LR_POWER.match(weight_decay)
         if match is None:
-            raise ValueError(f"weight_decay must be a float or 'lr^<power>' (e.g. 'lr^2'), got "
-                             f"{weight_decay!r}")
+            raise ValueError(
+                f"weight_decay must be a float or 'lr^<power>' (e.g. 'lr^2'), got {weight_decay!r}"
+            )
         return 1.0, float(match.group(1))
     if not 0.0 <= float(weight_decay) < 1.0:
         raise ValueError(f"weight_decay must be in [0, 1), got {weight_decay}")
@@ -106,10 +107,17 @@ class PaLMAdafactor(torch.optim.Optimizer):
             raise ValueError(f"clip_threshold must be None or > 0, got {clip_threshold}")
         wd, wd_power = _parse_weight_decay(weight_decay)
         # Only numbers, bools and None in the groups, so the state_dict stays weights_only-safe.
-        defaults = dict(lr=lr, beta1=beta1 or 0.0, decay_exponent=decay_exponent, eps1=eps1,
-                        eps2=eps2, clip_threshold=clip_threshold, weight_decay=wd,
-                        weight_decay_lr_power=wd_power,
-                        multiply_by_parameter_scale=multiply_by_parameter_scale)
+        defaults = {
+            "lr": lr,
+            "beta1": beta1 or 0.0,
+            "decay_exponent": decay_exponent,
+            "eps1": eps1,
+            "eps2": eps2,
+            "clip_threshold": clip_threshold,
+            "weight_decay": wd,
+            "weight_decay_lr_power": wd_power,
+            "multiply_by_parameter_scale": multiply_by_parameter_scale,
+        }
         super().__init__(params, defaults)
 
     @staticmethod
@@ -135,11 +143,13 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.tensor(0, dtype=torch.int64)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                           memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.preserve_format
+                    )
                     if group["beta1"] > 0.0:
-                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32,
-                                                            memory_format=torch.preserve_format)
+                        state["exp_avg"] = torch.zeros_like(
+                            p, dtype=torch.float32, memory_format=torch.preserve_format
+                        )
                 state["step"] += 1
                 buckets.setdefault(int(state["step"]), []).append(p)
             for k, params in buckets.items():
@@ -198,7 +208,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 p.copy_(q)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like torch, but keep the moments float32 and copy rather than alias them.
+        """Load like torch (PaLM §5 bitwise resume), but keep float32 moments and copy them.
 
         torch's Optimizer casts floating state to the parameter dtype (which would round the
         float32 moments of bf16 parameters) and may share tensors with `state_dict`.

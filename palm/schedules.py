@@ -12,8 +12,16 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
-    "palm_lr", "cosine_lr", "constant_lr", "LRSchedule", "lr_at", "LR_SCHEDULES",
-    "BatchRamp", "batch_size_at", "samples_before", "micro_batches",
+    "LR_SCHEDULES",
+    "BatchRamp",
+    "LRSchedule",
+    "batch_size_at",
+    "constant_lr",
+    "cosine_lr",
+    "lr_at",
+    "micro_batches",
+    "palm_lr",
+    "samples_before",
 ]
 
 
@@ -35,8 +43,9 @@ def palm_lr(step: int, *, peak: float = 1e-2, constant_steps: int = 10_000) -> f
     return peak * math.sqrt(constant_steps / step)
 
 
-def cosine_lr(step: int, *, peak: float, warmup_steps: int, total_steps: int,
-              min_ratio: float = 0.1) -> float:
+def cosine_lr(
+    step: int, *, peak: float, warmup_steps: int, total_steps: int, min_ratio: float = 0.1
+) -> float:
     """Linear warm-up to `peak`, cosine decay to min_ratio * peak at `total_steps`, then flat.
 
     Not PaLM's schedule (PaLM §5 uses `palm_lr`); the common GPT-style alternative for short runs.
@@ -53,7 +62,7 @@ def cosine_lr(step: int, *, peak: float, warmup_steps: int, total_steps: int,
 
 
 def constant_lr(step: int, *, peak: float, warmup_steps: int = 0) -> float:
-    """`peak` at every step, after an optional linear warm-up (e.g. for fine-tuning)."""
+    """`peak` at every step after an optional linear warm-up (not PaLM §5's; for fine-tuning)."""
     _check_step(step)
     if step < warmup_steps:
         return peak * (step + 1) / warmup_steps
@@ -76,8 +85,9 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.name not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr schedule {self.name!r}; choose one of "
-                             f"{', '.join(LR_SCHEDULES)}")
+            raise ValueError(
+                f"unknown lr schedule {self.name!r}; choose one of {', '.join(LR_SCHEDULES)}"
+            )
         if not self.peak > 0.0:
             raise ValueError(f"peak learning rate must be > 0, got {self.peak}")
         if self.name == "palm" and self.constant_steps < 1:
@@ -85,8 +95,10 @@ class LRSchedule:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.name == "cosine" and not 0 <= self.warmup_steps < self.total_steps:
-            raise ValueError(f"cosine needs 0 <= warmup_steps < total_steps, got "
-                             f"warmup_steps={self.warmup_steps}, total_steps={self.total_steps}")
+            raise ValueError(
+                f"cosine needs 0 <= warmup_steps < total_steps, got "
+                f"warmup_steps={self.warmup_steps}, total_steps={self.total_steps}"
+            )
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
 
@@ -96,8 +108,13 @@ def lr_at(step: int, schedule: LRSchedule) -> float:
     if schedule.name == "palm":
         return palm_lr(step, peak=schedule.peak, constant_steps=schedule.constant_steps)
     if schedule.name == "cosine":
-        return cosine_lr(step, peak=schedule.peak, warmup_steps=schedule.warmup_steps,
-                         total_steps=schedule.total_steps, min_ratio=schedule.min_ratio)
+        return cosine_lr(
+            step,
+            peak=schedule.peak,
+            warmup_steps=schedule.warmup_steps,
+            total_steps=schedule.total_steps,
+            min_ratio=schedule.min_ratio,
+        )
     return constant_lr(step, peak=schedule.peak, warmup_steps=schedule.warmup_steps)
 
 
@@ -122,8 +139,9 @@ class BatchRamp:
         previous = 0
         for until, batch in self.stages:
             if until <= previous:
-                raise ValueError(f"until_step values must be positive and strictly increasing, "
-                                 f"got {self.stages}")
+                raise ValueError(
+                    f"until_step values must be positive and strictly increasing, got {self.stages}"
+                )
             if batch < 1:
                 raise ValueError(f"batch sizes must be >= 1, got {self.stages}")
             previous = until
@@ -139,8 +157,9 @@ class BatchRamp:
         until 115/255, then final (each at least 1). Stages that round to no steps are dropped.
         """
         if final_batch < 1 or total_steps < 1:
-            raise ValueError(f"final_batch and total_steps must be >= 1, got {final_batch}, "
-                             f"{total_steps}")
+            raise ValueError(
+                f"final_batch and total_steps must be >= 1, got {final_batch}, {total_steps}"
+            )
         shape = [
             (total_steps * 50 // 255, max(final_batch // 4, 1)),
             (total_steps * 115 // 255, max(final_batch // 2, 1)),
@@ -180,16 +199,20 @@ def samples_before(step: int, ramp: BatchRamp) -> int:
 
 
 def micro_batches(batch_size: int, micro_batch_size: int) -> int:
-    """Gradient-accumulation steps for one update: batch_size / micro_batch_size, exactly.
+    """Gradient-accumulation steps per update (PaLM §5 batch sizes): batch / micro batch, exactly.
 
     Both in sequences and in the same scope (e.g. both global, the micro batch times the number
     of data-parallel ranks). A remainder would silently change the batch, so it is an error.
     """
     if batch_size < 1 or micro_batch_size < 1:
-        raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}, "
-                         f"micro_batch_size={micro_batch_size}")
+        raise ValueError(
+            f"batch sizes must be >= 1, got batch_size={batch_size}, "
+            f"micro_batch_size={micro_batch_size}"
+        )
     if batch_size % micro_batch_size:
-        raise ValueError(f"batch_size {batch_size} is not a multiple of micro_batch_size "
-                         f"{micro_batch_size}; choose a micro batch that divides every batch "
-                         f"size of the ramp")
+        raise ValueError(
+            f"batch_size {batch_size} is not a multiple of micro_batch_size "
+            f"{micro_batch_size}; choose a micro batch that divides every batch "
+            f"size of the ramp"
+        )
     return batch_size // micro_batch_size

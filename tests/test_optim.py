@@ -14,13 +14,27 @@ from palm.optim import PaLMAdafactor, build_optimizer
 SHAPES = [(), (7,), (4, 6), (2, 3, 5)]
 
 
-def reference_adafactor(params, grads, lrs, *, beta1=0.9, decay_exponent=0.8, eps1=1e-30,
-                        eps2=1e-3, clip_threshold=1.0, wd=lambda lr: lr**2, scale=True):
+def reference_adafactor(
+    params,
+    grads,
+    lrs,
+    *,
+    beta1=0.9,
+    decay_exponent=0.8,
+    eps1=1e-30,
+    eps2=1e-3,
+    clip_threshold=1.0,
+    wd=lambda lr: lr**2,
+    scale=True,
+):
     """T5X's Adafactor (factored=False), written plainly in float64 numpy, one step per lr."""
+
+    def rms(x):
+        return math.sqrt(float(np.mean(x * x)))
+
     params = [np.array(p, dtype=np.float64) for p in params]
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
-    rms = lambda x: math.sqrt(float(np.mean(x * x)))  # noqa: E731
     for k, lr in enumerate(lrs, start=1):
         beta2 = 1.0 - k ** (-decay_exponent)
         for i, p in enumerate(params):
@@ -43,8 +57,13 @@ def make_problem(seed, shapes=SHAPES, steps=8, zero=()):
     params = [np.zeros(s) if i in zero else rng.normal(size=s) for i, s in enumerate(shapes)]
     params = [p.astype(np.float32).astype(np.float64) for p in params]
     # Gradients of very different scales per tensor, so RMS scaling and clipping both matter.
-    grads = [[(rng.normal(size=s) * 10.0 ** rng.uniform(-3, 1)).astype(np.float32)
-              .astype(np.float64) for s in shapes] for _ in range(steps)]
+    grads = [
+        [
+            (rng.normal(size=s) * 10.0 ** rng.uniform(-3, 1)).astype(np.float32).astype(np.float64)
+            for s in shapes
+        ]
+        for _ in range(steps)
+    ]
     return params, grads
 
 
@@ -88,8 +107,9 @@ def test_matches_float64_reference(kwargs, ref_kwargs):
         np.testing.assert_allclose(state["exp_avg_sq"].double().numpy(), v, rtol=2e-6)
         if kwargs.get("beta1", 0.9):
             # m sums updates of both signs: judge its error against the tensor's own scale.
-            np.testing.assert_allclose(state["exp_avg"].double().numpy(), m, rtol=2e-6,
-                                       atol=2e-6 * np.abs(m).max())
+            np.testing.assert_allclose(
+                state["exp_avg"].double().numpy(), m, rtol=2e-6, atol=2e-6 * np.abs(m).max()
+            )
         else:
             assert "exp_avg" not in state
 
@@ -104,9 +124,15 @@ def test_matches_torch_adafactor(foreach, weight_decay):
     params, grads = make_problem(1, shapes=[(5,), (16,), (1,), (3,)], steps=10, zero=(3,))
     ours, _ = run_ours(params, grads, [lr] * 10, beta1=None, weight_decay=weight_decay)
     theirs = [torch.nn.Parameter(torch.tensor(p, dtype=torch.float32)) for p in params]
-    opt = torch.optim.Adafactor(theirs, lr=lr, beta2_decay=-0.8, eps=(1e-30, 1e-3), d=1.0,
-                                weight_decay=0.0 if weight_decay == 0.0 else lr,
-                                foreach=foreach)
+    opt = torch.optim.Adafactor(
+        theirs,
+        lr=lr,
+        beta2_decay=-0.8,
+        eps=(1e-30, 1e-3),
+        d=1.0,
+        weight_decay=0.0 if weight_decay == 0.0 else lr,
+        foreach=foreach,
+    )
     for gs in grads:
         for t, g in zip(theirs, gs):
             t.grad = torch.tensor(g, dtype=torch.float32)
@@ -120,8 +146,9 @@ def test_state_dict_round_trip_is_bit_identical():
     params, grads = make_problem(2, steps=6)
 
     def fresh(values):
-        return [torch.nn.Parameter(torch.tensor(np.asarray(p), dtype=torch.float32))
-                for p in values]
+        return [
+            torch.nn.Parameter(torch.tensor(np.asarray(p), dtype=torch.float32)) for p in values
+        ]
 
     def steps(opt, tensors, gs, lrs):
         for lr, step_grads in zip(lrs, gs):
@@ -145,7 +172,9 @@ def test_state_dict_round_trip_is_bit_identical():
     opt2 = PaLMAdafactor(resumed, weight_decay=0.5)  # hyperparameters come from the checkpoint
     opt2.load_state_dict(ckpt["optim"])
     assert opt2.param_groups[0]["weight_decay_lr_power"] == 2.0
-    steps(opt1, first, grads[3:], LRS[3:])  # the original keeps going: must not share state with opt2
+    steps(
+        opt1, first, grads[3:], LRS[3:]
+    )  # the original keeps going: must not share state with opt2
     steps(opt2, resumed, grads[3:], LRS[3:])
     for a, b, c in zip(straight, first, resumed):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -209,8 +238,9 @@ def test_rejects_bad_arguments():
 
 
 def test_build_optimizer():
-    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4),
-                                torch.nn.Linear(4, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(10, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3)
+    )
     model[1].bias.requires_grad_(False)
     adamw = build_optimizer("adamw", model.parameters(), lr=1e-3, weight_decay=0.2)
     assert isinstance(adamw, torch.optim.AdamW)
@@ -223,3 +253,21 @@ def test_build_optimizer():
     assert isinstance(ada, PaLMAdafactor) and ada.param_groups[0]["weight_decay"] == 0.0
     with pytest.raises(ValueError, match="adafactor, adamw"):
         build_optimizer("sgd", model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    """The fused foreach kernels on GPU (0-D per-tensor scales broadcast) give the CPU result."""
+    params, grads = make_problem(3)
+    cpu, _ = run_ours(params, grads, LRS)
+    tensors = [
+        torch.nn.Parameter(torch.tensor(p, dtype=torch.float32, device="cuda")) for p in params
+    ]
+    opt = PaLMAdafactor(tensors)
+    for lr, gs in zip(LRS, grads):
+        for t, g in zip(tensors, gs):
+            t.grad = torch.tensor(g, dtype=torch.float32, device="cuda")
+        opt.param_groups[0]["lr"] = lr
+        opt.step()
+    for a, b in zip(cpu, tensors):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=1e-9)

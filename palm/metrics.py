@@ -1,0 +1,103 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, the console, and MFU's peak FLOP/s."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
+# torch.cuda.get_device_name(). MFU is reported against these (PaLM Appendix B).
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 756e12,  # an unnamed H100 variant: take the lower (PCIe) figure
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,  # fp16 tensor cores (no bf16)
+}
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The table's peak for a CUDA device name, most specific match first; None if unknown."""
+    for key in sorted(GPU_PEAK_BF16, key=len, reverse=True):
+        if key.lower() in device_name.lower():
+            return GPU_PEAK_BF16[key]
+    return None
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32,
+                        size: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul measured now, on this device: the CPU's practical peak."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * size**3 * count / elapsed
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for MFU; never a hard-coded default."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name)
+        if peak is not None:
+            return peak, f"{name} data sheet"
+        return measure_matmul_peak(device, dtype, size=4096), f"{name} measured matmul"
+    return measure_matmul_peak(device, dtype), f"{device.type} measured matmul"
+
+
+class MetricsLogger:
+    """One JSON object per logged step in metrics.jsonl, mirrored to TensorBoard (tensorboardX)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.jsonl = None
+        self.tensorboard = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                 for k, v in record.items()}
+        self.jsonl.write(json.dumps(clean) + "\n")
+        self.jsonl.flush()
+        step = int(record["step"])
+        kind = record.get("kind", "train")
+        for key, value in record.items():
+            if key not in ("step", "kind", "event") and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.flush()
+            os.fsync(self.jsonl.fileno())
+            self.jsonl.close()
+            self.tensorboard.close()

@@ -1,0 +1,48 @@
+"""`python3 train.py` / `palm train`: train a PaLM model on data prepared by download.py.
+
+    python3 train.py                                   # defaults, data/wikitext-103
+    python3 train.py --config configs/cpu-quickstart.yaml train.max_steps=200 model.n_layers=4
+    python3 train.py --resume                          # continue runs/<name>/ (error if none)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from palm.checkpoint import CheckpointError
+from palm.config import load_config
+from palm.data.errors import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (see configs/); default: built-in "
+                        "defaults, identical to configs/default.yaml")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the latest complete checkpoint; error if there is none "
+                        "(the default, train.resume=auto, continues one if it exists)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config values, e.g. train.max_steps=200")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + (["train.resume=must"] if args.resume else [])
+    try:
+        config = load_config(args.config, overrides)
+        from palm.trainer import train  # imported late: argument errors stay fast
+
+        result = train(config)
+    except (ValueError, CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    ppl = "n/a" if result.val_perplexity is None else f"{result.val_perplexity:.2f}"
+    print(f"finished at step {result.step} ({result.stopped_by}); validation perplexity {ppl}; "
+          f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; run folder {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""The training loop (PaLM §5), reading top to bottom like a table of contents.
+
+    set up (data, model, optimizer, run folder, resume)
+    for each optimizer step k:
+        lr = schedule(k); batch = ramp(k)             # pure functions of k
+        micro-batches: forward, loss (+ z-loss), backward, summed by token count
+        loss spike? -> roll back and skip batches   # PaLM §5.1
+        clip the global gradient norm at 1.0, optimizer step
+        log, evaluate, checkpoint, stop on a signal or the time limit
+
+Every batch is a pure function of (data seed, step, rank, world size) and every checkpoint holds
+the step, the data offset and the RNG states, so a resumed run is bit-identical to one that
+never stopped (PaLM §5 "bitwise determinism").
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from palm.checkpoint import (
+    CheckpointError, TrainingState, capture_rng, check_same_model, list_checkpoints,
+    load_checkpoint, prune_checkpoints, restore_rng, save_checkpoint,
+)
+from palm.config import Config, weight_decay_value
+from palm.flops import flops_per_token
+from palm.loss import IGNORE_INDEX, lm_loss
+from palm.metrics import MetricsLogger, peak_flops
+from palm.model import PaLM
+from palm.optim import build_optimizer
+from palm.run import RunSetup, prepare_run
+from palm.schedules import BatchRamp, LRSchedule, batch_size_at, lr_at, micro_batches, samples_before
+
+# A test hook: (step, micro_step, loss) -> loss, used to inject loss spikes.
+LossHook = Callable[[int, int, Tensor], Tensor]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float | None
+    val_perplexity: float | None
+    tokens_per_s: float
+    mfu: float
+    rollbacks: int
+    stopped_by: str  # "max_steps", "time_limit" or "signal"
+
+
+class SpikeDetector:
+    """PaLM §5.1 loss spikes: a loss far above the recent running statistics, or not finite."""
+
+    def __init__(self, window: int, sigma: float, ratio: float, history: list[float]) -> None:
+        self.sigma, self.ratio = sigma, ratio
+        self.losses: deque[float] = deque(history, maxlen=window)
+
+    def is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        if len(self.losses) < min(20, self.losses.maxlen):
+            return False  # too little history: early losses fall fast, which is no spike
+        recent = np.array(self.losses)
+        mean, std = recent.mean(), recent.std()
+        return loss > mean + self.sigma * std and loss > self.ratio * mean
+
+
+class StopSignal:
+    """SIGINT/SIGTERM ask the loop to finish the current step, checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self.handle)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, config: Config, loss_hook: LossHook | None = None) -> None:
+        self.setup: RunSetup = prepare_run(config)
+        self.config = self.setup.config  # resolved: vocabulary, seq_len, batch from the data
+        self.loss_hook = loss_hook
+        c = self.config
+        self.device = self.setup.device
+        torch.manual_seed(c.train.seed)
+        self.model = PaLM(c.model).to(self.device)
+        if c.train.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.forward = torch.compile(self.model) if c.train.compile else self.model
+        self.optimizer = make_optimizer(c, self.model)
+        self.schedule = LRSchedule(
+            name=c.optim.schedule, peak=c.optim.lr, constant_steps=c.optim.constant_steps,
+            warmup_steps=c.optim.warmup_steps, total_steps=c.train.max_steps,
+            min_ratio=c.optim.min_lr_ratio)
+        batch = c.data.batch_size
+        self.ramp = (BatchRamp.paper_shape(batch, c.train.max_steps) if c.optim.batch_ramp
+                     else BatchRamp.constant(batch, c.train.max_steps))
+        for _, stage_batch in self.ramp.stages:  # fail now, not at the first ramp boundary
+            micro_batches(stage_batch, c.data.micro_batch_size)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.setup.precision == "bfloat16" else nullcontext())
+        self.state = TrainingState(step=0)
+        self.ckpt_root = self.setup.run_dir / "checkpoints"
+        self.flops_per_token = flops_per_token(c.model, c.data.seq_len)
+        self.peak_flops, self.peak_source = peak_flops(self.device, torch.float32
+                                                       if self.setup.precision == "float32"
+                                                       else torch.bfloat16)
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        self.state.rng = capture_rng()
+        path = save_checkpoint(self.ckpt_root, self.model.state_dict(),
+                               self.optimizer.state_dict(), self.state, self.config.to_dict())
+        prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
+        return path
+
+    def load(self, path: Path) -> None:
+        loaded = load_checkpoint(path)
+        check_same_model(path, loaded.config["model"], self.config.to_dict()["model"])
+        self.model.load_state_dict(loaded.model_state)
+        self.optimizer.load_state_dict(loaded.optimizer_state)
+        self.state = loaded.state
+        restore_rng(self.state.rng)
+
+    def resume(self) -> None:
+        checkpoints = list_checkpoints(self.ckpt_root)
+        mode = self.config.train.resume
+        if checkpoints and mode == "never":
+            raise CheckpointError(f"{self.ckpt_root} already holds checkpoints; resume it "
+                                  f"(train.resume=auto) or choose another train.name")
+        if not checkpoints and mode == "must":
+            raise CheckpointError(f"no complete checkpoint in {self.ckpt_root} to resume; "
+                                  f"start a new run without --resume")
+        if checkpoints and mode in ("auto", "must"):
+            self.load(checkpoints[-1])
+            print(f"resumed from {checkpoints[-1]} at step {self.state.step}")
+
+    def roll_back(self, spike_step: int, loss: float, log: MetricsLogger) -> None:
+        """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it."""
+        t = self.config.train
+        if self.state.rollbacks >= t.max_rollbacks:
+            raise RuntimeError(f"loss spiked again at step {spike_step} after {t.max_rollbacks} "
+                               f"rollbacks; lower optim.lr or inspect the data")
+        candidates = list_checkpoints(self.ckpt_root)
+        if not candidates:
+            raise RuntimeError(f"loss spike at step {spike_step} but no checkpoint to roll back to")
+        target = [p for p in candidates if int(p.name[5:]) <= spike_step - t.rollback_steps]
+        path = target[-1] if target else candidates[0]
+        rollbacks = self.state.rollbacks + 1
+        self.load(path)
+        back_to = self.state.step
+        skip = max(t.skip_batches, spike_step - back_to + 1)  # never replay the spiking batch
+        self.state.sample_offset += (samples_before(back_to + skip, self.ramp)
+                                     - samples_before(back_to, self.ramp))
+        self.state.rollbacks = rollbacks
+        log.log({"step": spike_step, "kind": "event", "event": "loss_spike", "loss": loss,
+                 "rolled_back_to": back_to, "skipped_batches": skip})
+        print(f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
+              f"{back_to}, skipping {skip} batches")
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        batch = batch_size_at(step, self.ramp)
+        first = samples_before(step, self.ramp) + self.state.sample_offset
+        return self.setup.rank_indices(first, batch)
+
+    def train_step(self, step: int) -> tuple[float, float, float, int]:
+        """Forward/backward over the micro-batches of one step; returns (loss, ce, z, tokens)."""
+        indices = self.batch_indices(step)
+        micro = self.config.data.micro_batch_size
+        n_micro = micro_batches(len(indices), micro)
+        batches = [self.setup.train.batch(indices[i * micro:(i + 1) * micro])
+                   for i in range(n_micro)]
+        # Weight each micro-batch by its share of the step's target tokens, so the gradient is
+        # that of the mean over the whole batch (padding excluded), however it is split.
+        n_total = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        ce_sum = z_sum = 0.0
+        for micro_step, (x, y) in enumerate(batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast:
+                logits = self.forward(x)
+            out = lm_loss(logits, y, z_loss_coef=self.config.train.z_loss)
+            loss = out.loss
+            if self.loss_hook is not None:
+                loss = self.loss_hook(step, micro_step, loss)
+            weight = out.n_tokens / max(n_total, 1)
+            (loss * weight).backward()
+            ce_sum += float((out.cross_entropy * weight).detach())
+            z_sum += float((out.z_loss * weight).detach())
+            if self.loss_hook is not None:
+                ce_sum += float(((loss - out.loss) * weight).detach())
+        return ce_sum + z_sum, ce_sum, z_sum, n_total
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation cross-entropy over a fixed set of windows (the same every time)."""
+        valid = self.setup.valid
+        if valid is None:
+            return None
+        self.model.eval()
+        micro = self.config.data.micro_batch_size
+        n = min(self.config.train.eval_batches * micro, len(valid))
+        total, count = 0.0, 0
+        for start in range(0, n, micro):
+            x, y = valid.batch(np.arange(start, min(start + micro, n)))
+            with self.autocast:
+                logits = self.forward(x.to(self.device))
+            out = lm_loss(logits, y.to(self.device), z_loss_coef=0.0)
+            total += float(out.cross_entropy) * float(out.n_tokens)
+            count += int(out.n_tokens)
+        self.model.train()
+        return total / max(count, 1)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        c, t = self.config, self.config.train
+        self.resume()
+        is_main = self.setup.is_main
+        log = MetricsLogger(self.setup.run_dir, enabled=is_main)
+        if t.spike_detection and not list_checkpoints(self.ckpt_root) and is_main:
+            self.save()  # something to roll back to before the first regular checkpoint
+        detector = SpikeDetector(t.spike_window, t.spike_sigma, t.spike_ratio,
+                                 self.state.recent_losses)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        start_time = interval_start = time.perf_counter()
+        interval_tokens, tokens_per_s, mfu, stopped_by = 0, 0.0, 0.0, "max_steps"
+        val_loss = None
+        progress = self.setup.progress(initial=self.state.step, total=t.max_steps)
+        self.model.train()
+        with StopSignal() as stop:
+            while self.state.step < t.max_steps:
+                step = self.state.step
+                lr = lr_at(step, self.schedule)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss, ce, z, n_tokens = self.train_step(step)
+                if t.spike_detection and detector.is_spike(loss):
+                    self.optimizer.zero_grad(set_to_none=True)  # never applied
+                    self.roll_back(step, loss, log)
+                    detector = SpikeDetector(t.spike_window, t.spike_sigma, t.spike_ratio,
+                                             self.state.recent_losses)
+                    progress.n = self.state.step
+                    continue
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    params, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")))
+                if not math.isfinite(grad_norm) or not math.isfinite(loss):
+                    raise RuntimeError(f"non-finite loss or gradient at step {step} "
+                                       f"(enable train.spike_detection to roll back instead)")
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                detector.losses.append(loss)
+                self.state.step = step = step + 1
+                self.state.tokens_seen += n_tokens * self.setup.world_size
+                self.state.recent_losses = list(detector.losses)
+                interval_tokens += n_tokens * self.setup.world_size
+                progress.update(1)
+                if step % t.log_every == 0 or step == t.max_steps:
+                    elapsed = time.perf_counter() - interval_start
+                    tokens_per_s = interval_tokens / max(elapsed, 1e-9)
+                    mfu = tokens_per_s * self.flops_per_token / self.peak_flops
+                    record = {"step": step, "kind": "train", "tokens": self.state.tokens_seen, "loss": loss,
+                              "cross_entropy": ce, "z_loss": z, "lr": lr,
+                              "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
+                    log.log(record)
+                    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                                         tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+                    interval_start, interval_tokens = time.perf_counter(), 0
+                over_time = t.max_minutes and time.perf_counter() - start_time > 60 * t.max_minutes
+                stopped_by = ("signal" if stop.received is not None
+                              else "time_limit" if over_time else stopped_by)
+                finished = step >= t.max_steps or stopped_by != "max_steps"
+                if (t.eval_every and step % t.eval_every == 0) or finished:
+                    val_loss = self.evaluate()
+                    self.state.val_loss = val_loss
+                    if val_loss is not None:
+                        log.log({"step": step, "kind": "eval", "val_loss": val_loss,
+                                 "val_perplexity": math.exp(min(val_loss, 700))})
+                if ((t.checkpoint_every and step % t.checkpoint_every == 0) or finished) and is_main:
+                    self.save()
+                self.state.val_loss = None
+                if finished:
+                    break
+        progress.close()
+        log.close()
+        return TrainResult(self.setup.run_dir, self.state.step, val_loss,
+                           None if val_loss is None else math.exp(min(val_loss, 700)),
+                           tokens_per_s, mfu, self.state.rollbacks, stopped_by)
+
+
+def make_optimizer(config: Config, model: PaLM) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "adafactor":
+        return build_optimizer("adafactor", model.parameters(), lr=o.lr, beta1=o.beta1,
+                               weight_decay=weight_decay_value(o.weight_decay))
+    decay = weight_decay_value(o.weight_decay)
+    if decay == "lr^2":
+        raise ValueError("optim.weight_decay 'lr^2' is Adafactor's (PaLM §5); give AdamW a "
+                         "number, e.g. optim.weight_decay=0.1")
+    return build_optimizer("adamw", model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                           weight_decay=decay)
+
+
+def enable_activation_checkpointing(model: PaLM) -> None:
+    """Recompute each block's activations during backward instead of storing them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        plain = block.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def train(config: Config, loss_hook: LossHook | None = None) -> TrainResult:
+    return Trainer(config, loss_hook).fit()
+

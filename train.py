@@ -1,0 +1,8 @@
+"""Train a PaLM model: `python3 train.py [--config FILE] [section.key=value ...]`."""
+
+import sys
+
+from palm.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
