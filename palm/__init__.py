@@ -1,8 +1,27 @@
-"""palm: a faithful, fast PyTorch implementation of PaLM (Chowdhery et al., 2022)."""
+"""palm: a faithful, fast PyTorch implementation of PaLM (Chowdhery et al., 2022).
 
-from palm.config import PRESETS, ModelConfig
-from palm.loss import LossOutput, lm_loss
-from palm.model import KVCache, PaLM
+Public names are imported lazily, so commands that need no torch (download.py --help, the
+data pipeline) start fast.
+"""
 
-__all__ = ["PRESETS", "KVCache", "LossOutput", "ModelConfig", "PaLM", "lm_loss"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelConfig": "palm.config",
+    "PRESETS": "palm.config",
+    "PaLM": "palm.model",
+    "KVCache": "palm.model",
+    "lm_loss": "palm.loss",
+    "LossOutput": "palm.loss",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'palm' has no attribute {name!r}")

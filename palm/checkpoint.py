@@ -60,22 +60,22 @@ def restore_rng(states: dict[str, list[int]]) -> None:
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state -> (tensors for safetensors, JSON-able rest)."""
+    """Optimizer state keyed by parameter name -> (tensors for safetensors, JSON-able rest)."""
     tensors, scalars = {}, {}
-    for index, per_param in state_dict["state"].items():
+    for param_name, per_param in state_dict["state"].items():
         for name, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{param_name}.{name}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{index}.{name}"] = value
+                scalars[f"{param_name}.{name}"] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(rest["scalars"].items()):
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        param_name, name = key.rsplit(".", 1)  # state names (exp_avg, step) have no dots
+        state.setdefault(param_name, {})[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
 
 

@@ -31,6 +31,13 @@ class ModelConfig:
     # Pre-softmax logits times 1/sqrt(d_model) (PaLM §5: needed because embeddings are shared and
     # initialised N(0, 1)); False for models converted from peers that do not scale.
     scale_logits: bool = True
+    # xPos (Sun et al. 2022, "A Length-Extrapolatable Transformer"): RoPE with queries scaled by
+    # zeta^(n/gamma) and keys by zeta^(-n/gamma), gamma = this value in positions; 0 = plain RoPE
+    # (PaLM). Converted palm-rlhf-pytorch models (conceptofmind's checkpoints) use 512.
+    xpos_scale_base: float = 0.0
+    # Final LayerNorm before the output projection (PaLM and every peer apply it); False only for
+    # checkpoints trained without it (palm-rlhf-pytorch <= 0.2.0 skipped it by mistake).
+    final_norm: bool = True
     # --- ablation switches; defaults are PaLM's ---
     parallel_block: bool = True  # y = x + MLP(LN(x)) + Attn(LN(x)); False: the serial block
     multi_query: bool = True  # one shared key/value head; False: one per query head
@@ -52,6 +59,9 @@ class ModelConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.xpos_scale_base < 0:
+            raise ValueError(f"model.xpos_scale_base must be >= 0 (0 = plain RoPE), got "
+                             f"{self.xpos_scale_base}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -199,6 +209,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute block activations in backward (PaLM §4)
     parallel: str = "none"  # data parallelism under torchrun: "ddp" or "fsdp"
+    meta_init: bool = False  # fsdp: build on the meta device, initialise each rank's shard only
     runs_dir: str = "runs"  # run folders are runs/<name>/
     name: str = "default"  # run name
     # "auto": continue the latest complete checkpoint of runs/<name>/ if there is one;
@@ -220,6 +231,7 @@ class TrainConfig:
     skip_batches: int = 200
     max_rollbacks: int = 20  # give up (error) after this many rollbacks in one run
     sample_tokens: int = 64  # tokens sampled at the end of the run (0 = none)
+    sample_prompt: str = ""  # prompt of that sample ("" = start of a document)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:

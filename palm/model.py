@@ -50,6 +50,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def xpos_scales(positions: Tensor, head_dim: int, scale_base: float, center: int) -> Tensor:
+    """xPos factors (T, head_dim) (Sun et al. 2022): zeta_i ** ((n - center) / scale_base).
+
+    zeta_i = (2i + 0.4 d) / 1.4 d per frequency pair, laid out in halves like `rope_angles`.
+    Queries are multiplied by these, keys divided, so q.k decays with the distance n - m only;
+    `center` cancels and just keeps the factors near 1 (float range), as palm-rlhf-pytorch does
+    with seq_len // 2.
+    """
+    zeta = (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+            + 0.4 * head_dim) / (1.4 * head_dim)
+    power = (positions.to(torch.float32) - center) / scale_base  # (T,)
+    scale = zeta[None, :] ** power[:, None]  # (T, head_dim/2)
+    return torch.cat((scale, scale), dim=-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Key/value cache for incremental decoding
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +81,9 @@ class KVCache:
     keys: list[Tensor]  # per layer: (B, n_kv_heads, max_len, head_dim)
     values: list[Tensor]
     length: int = 0  # tokens already stored
+    # (B, max_len) bool, False at left-padding of batched prompts of different lengths: those
+    # keys are never attended. RoPE is relative, so a row's shifted positions change nothing.
+    key_mask: Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -110,22 +128,28 @@ class PaLMBlock(nn.Module):
         self.mlp_norm = (
             None if c.parallel_block else nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=False)
         )
+        # Rows of the fused input projection: q, k, v, then the MLP's (value, gate) or one.
+        mlp_rows = (c.ffn_hidden,) * (2 if c.activation == "swiglu" else 1)
+        self.row_sizes = (self.q_dim, self.kv_dim, self.kv_dim, *mlp_rows)
         in_dim = self.q_dim + 2 * self.kv_dim + self.mlp_in_dim
         self.in_proj = nn.Linear(c.d_model, in_dim, bias=False)
         self.attn_out = nn.Linear(self.q_dim, c.d_model, bias=False)
         self.mlp_out = nn.Linear(c.ffn_hidden, c.d_model, bias=False)
 
     def attention(
-        self, qkv: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+        cache: KVCache | None, layer: int,
     ) -> Tensor:
-        """Causal multi-query attention on the fused q|k|v activations (B, T, q+2kv)."""
+        """Causal multi-query attention on q (B, T, H*Q) and k, v (B, T, KH*Q)."""
         c = self.config
-        B, T, _ = qkv.shape
-        q, k, v = qkv.split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+        B, T, _ = q.shape
         q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Q)
         k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
         v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos.dim() == 3:  # xPos: tables stacked (2, T, Q), [0] for queries, [1] for keys
+            q, k = apply_rope(q, cos[0], sin[0]), apply_rope(k, cos[1], sin[1])
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.length
@@ -139,6 +163,8 @@ class PaLMBlock(nn.Module):
             key_pos = torch.arange(past + T, device=q.device)
             query_pos = torch.arange(past, past + T, device=q.device)
             mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        if cache is not None and cache.key_mask is not None:
+            mask, causal = self.padding_mask(cache.key_mask, past, T), False
         if c.n_kv_heads != c.n_heads:
             # Broadcast the shared head: expand() is a view, no copy of the keys/values.
             k = k.expand(B, c.n_heads, k.shape[2], c.head_dim)
@@ -146,11 +172,25 @@ class PaLMBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return out.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*Q)
 
-    def activation(self, h: Tensor) -> Tensor:
+    @staticmethod
+    def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:
+        """(B, 1, T, past + T) mask: the causal one, minus padding keys (key_mask False).
+
+        A padding query still sees itself, so no row is fully masked (which would give NaN that
+        later layers would write into the cache).
+        """
+        key_pos = torch.arange(past + T, device=key_mask.device)
+        query_pos = torch.arange(past, past + T, device=key_mask.device)
+        causal = key_pos[None, :] <= query_pos[:, None]  # (T, past + T)
+        keep = key_mask[:, None, None, : past + T] | (key_pos[None, :] == query_pos[:, None])
+        return keep & causal  # (B, 1, T, past + T)
+
+    def activation(self, *pieces: Tensor) -> Tensor:
+        """MLP hidden activations from the MLP's input rows: (value, gate) or one piece."""
         if self.config.activation == "swiglu":
-            value, gate = h.chunk(2, dim=-1)  # PaLM §2: Swish(xW) * (xV)
+            value, gate = pieces  # PaLM §2: Swish(xW) * (xV)
             return F.silu(gate) * value
-        return F.gelu(h)
+        return F.gelu(pieces[0])
 
     def residual_dropout(self, h: Tensor) -> Tensor:
         return F.dropout(h, self.config.dropout, self.training) if self.config.dropout else h
@@ -162,14 +202,18 @@ class PaLMBlock(nn.Module):
         if self.mlp_norm is None:
             # Parallel block: one LayerNorm, one fused input matmul for both branches.
             fused = self.in_proj(self.norm(x))  # (B, T, q + 2kv + mlp_in)
-            attn = self.attention(fused[..., :qkv_rows], cos, sin, cache, layer)
-            mlp = self.activation(fused[..., qkv_rows:])
+            # One split() into views, not slices: its backward is one cat of the pieces'
+            # gradients, where each slice's would allocate and add a zero-filled (B, T, rows).
+            q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
+            attn = self.attention(q, k, v, cos, sin, cache, layer)
+            mlp = self.activation(*mlp_in)
             return x + self.residual_dropout(self.attn_out(attn) + self.mlp_out(mlp))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         weight = self.in_proj.weight
-        qkv = F.linear(self.norm(x), weight[:qkv_rows])
-        x = x + self.residual_dropout(self.attn_out(self.attention(qkv, cos, sin, cache, layer)))
-        mlp = self.activation(F.linear(self.mlp_norm(x), weight[qkv_rows:]))
+        q, k, v = F.linear(self.norm(x), weight[:qkv_rows]).split(self.row_sizes[:3], dim=-1)
+        x = x + self.residual_dropout(self.attn_out(self.attention(q, k, v, cos, sin, cache, layer)))
+        mlp_in = F.linear(self.mlp_norm(x), weight[qkv_rows:]).split(self.row_sizes[3:], dim=-1)
+        mlp = self.activation(*mlp_in)
         return x + self.residual_dropout(self.mlp_out(mlp))
 
 
@@ -241,13 +285,18 @@ class PaLM(nn.Module):
             )
         positions = torch.arange(past, past + T, device=tokens.device)
         cos, sin = rope_angles(positions, c.head_dim, c.rope_base)  # shared by all layers
+        if c.xpos_scale_base:
+            # xPos: queries get cos*s, sin*s and keys cos/s, sin/s (s from xpos_scales).
+            s = xpos_scales(positions, c.head_dim, c.xpos_scale_base, c.max_seq_len // 2)
+            cos, sin = torch.stack((cos * s, cos / s)), torch.stack((sin * s, sin / s))
         x = self.embedding(tokens)  # (B, T, D); PaLM: no scaling, no LayerNorm on embeddings
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer)
         if cache is not None:
             cache.length += T
-        x = self.final_norm(x)
+        if c.final_norm:
+            x = self.final_norm(x)
         if c.scale_logits:
             # PaLM §5: pre-softmax logits times 1/sqrt(d_model); applied to the (B, T, D)
             # activations rather than the (B, T, V) logits, which is the same and cheaper.

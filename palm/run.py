@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from palm.config import Config
+from palm.distributed import Distributed
 
 TOKENS_PER_MICRO_BATCH = 8192  # automatic micro-batch: about this many tokens per forward
 
@@ -109,6 +110,7 @@ def write_atomic_bytes(path: Path, data: bytes) -> None:
 
 
 def prepare_run_dir(config: Config) -> Path:
+    """runs/<name>/, created and checked writable (every rank checks: they may not share a disk)."""
     run_dir = Path(config.train.runs_dir) / config.train.name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,19 +123,16 @@ def prepare_run_dir(config: Config) -> Path:
     return run_dir
 
 
-def prepare_run(config: Config, rank: int = 0, world_size: int = 1) -> RunSetup:
+def prepare_run(config: Config, ctx: Distributed) -> RunSetup:
     from palm.data import TokenWindows, load_manifest
 
-    if config.train.parallel != "none" and world_size == 1:
-        raise ValueError(f"train.parallel={config.train.parallel} needs several processes under "
-                         f"torchrun, which this version does not support yet; use "
-                         f"train.parallel=none")
-    device = pick_device(config.train.device)
+    rank, world_size = ctx.rank, ctx.world_size
+    device = ctx.device(pick_device(config.train.device).type)
     precision = pick_precision(config.train.precision, device)
     manifest = load_manifest(config.data.path)
     config = resolve_config(config, manifest, world_size)
     run_dir = prepare_run_dir(config)
-    if rank == 0:
+    if ctx.is_main:
         write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     train = TokenWindows(config.data.path, "train", config.data.seq_len, config.data.seed)
     tokenizer = Path(config.data.path) / "tokenizer.model"
@@ -141,7 +140,7 @@ def prepare_run(config: Config, rank: int = 0, world_size: int = 1) -> RunSetup:
     if tokenizer.is_file():
         blob = tokenizer.read_bytes()
         tokenizer_sha256 = hashlib.sha256(blob).hexdigest()
-        if rank == 0:  # the run carries its tokenizer, so generate.py needs nothing else
+        if ctx.is_main:  # the run carries its tokenizer, so generate.py needs nothing else
             write_atomic_bytes(run_dir / "tokenizer.model", blob)
     train.check_compatible(tokenizer_sha256, config.model.vocab_size)
     valid = None

@@ -2,14 +2,30 @@
 
 Under multi-query attention the cache is one head wide (PaLM §2), so each new token costs one
 forward of a single position against the cached keys/values: cost per token stays flat.
+
+Prompts of different lengths are left-padded into one batch; the cache's `key_mask` hides the
+padding keys. RoPE only sees relative positions, so a padded row decodes exactly as it would
+alone (up to float rounding of the batched matmuls).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from palm.model import PaLM
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Reject sampling options that would silently mean something else."""
+    if not temperature >= 0:  # also catches NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -44,40 +60,101 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Token lists of different lengths -> (tokens (B, T), mask (B, T)); mask False = padding."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with <eod>)")
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = True
+    return tokens, mask
+
+
+def _masked_cache(model: PaLM, mask: Tensor | None, max_len: int):
+    """A cache of max_len whose key mask is the prompt mask, then True for new tokens."""
+    cache = model.new_cache(mask.shape[0] if mask is not None else 1, max_len)
+    if mask is not None:
+        key_mask = torch.ones(mask.shape[0], max_len, dtype=torch.bool, device=mask.device)
+        key_mask[:, : mask.shape[1]] = mask
+        cache.key_mask = key_mask
+    return cache
+
+
+@torch.no_grad()
+def stream(
+    model: PaLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+    top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None,
+    generator: torch.Generator | None = None, use_cache: bool = True,
+    prompt_mask: Tensor | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token (B,) of each row of prompt (B, T), step by step.
+
+    `prompt_mask` (B, T), False at left padding, allows prompts of different lengths. Rows that
+    produced `eod_id` keep emitting it; the stream ends once every row has, or after
+    max_new_tokens. The caller may stop early (stop strings) by leaving the loop.
+    Without the cache every step re-runs the whole sequence (for tests and benchmarks).
+    """
+    check_sampling(temperature, top_k, top_p)
+    batch, length = prompt.shape
+    total = length + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                         f"exceeds the model's context of {model.config.max_seq_len} tokens; "
+                         f"shorten the prompt or lower max_new_tokens")
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.to(prompt.device)
+        if bool(prompt_mask.all()):
+            prompt_mask = None  # no padding: the plain causal path is exact and faster
+    was_training = model.training
+    model.eval()
+    try:
+        cache = None
+        if use_cache:
+            cache = (_masked_cache(model, prompt_mask, total) if prompt_mask is not None
+                     else model.new_cache(batch, total))
+        sequence = prompt
+        logits = _full_forward(model, sequence, prompt_mask, cache)
+        finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+        for step in range(max_new_tokens):
+            token = next_token(logits, temperature, top_k, top_p, generator)
+            if eod_id is not None:
+                token = token.masked_fill(finished, eod_id)
+                finished |= token == eod_id
+            yield token
+            if step == max_new_tokens - 1 or (eod_id is not None and bool(finished.all())):
+                return
+            if use_cache:
+                logits = model(token[:, None], cache)[:, -1]
+            else:
+                sequence = torch.cat([sequence, token[:, None]], dim=1)
+                logits = _full_forward(model, sequence, prompt_mask, None)
+    finally:
+        model.train(was_training)
+
+
+def _full_forward(model: PaLM, sequence: Tensor, prompt_mask: Tensor | None, cache) -> Tensor:
+    """Last-position logits (B, V) of a whole sequence, hiding prompt padding if any."""
+    if cache is None and prompt_mask is not None:
+        # Recomputation with padding still needs the key mask; a throwaway cache carries it.
+        cache = _masked_cache(model, prompt_mask, sequence.shape[1])
+    return model(sequence, cache)[:, -1]
+
+
 @torch.no_grad()
 def generate(
     model: PaLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
     top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None,
     generator: torch.Generator | None = None, use_cache: bool = True,
+    prompt_mask: Tensor | None = None,
 ) -> Tensor:
     """Continue prompt (B, T) by up to max_new_tokens tokens; returns only the new ones (B, N).
 
     Rows that produced `eod_id` keep emitting it; decoding stops early once every row has.
-    Without the cache every step re-runs the whole sequence (kept for tests and benchmarks).
     """
-    was_training = model.training
-    model.eval()
-    batch, length = prompt.shape
-    total = length + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({length}) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds the model's context of {model.config.max_seq_len} tokens")
-    cache = model.new_cache(batch, total) if use_cache else None
-    sequence, new_tokens = prompt, []
-    logits = model(prompt, cache)[:, -1]
-    finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
-    for _ in range(max_new_tokens):
-        token = next_token(logits, temperature, top_k, top_p, generator)
-        if eod_id is not None:
-            token = token.masked_fill(finished, eod_id)
-            finished |= token == eod_id
-        new_tokens.append(token)
-        if eod_id is not None and bool(finished.all()):
-            break
-        if use_cache:
-            logits = model(token[:, None], cache)[:, -1]
-        else:
-            sequence = torch.cat([sequence, token[:, None]], dim=1)
-            logits = model(sequence)[:, -1]
-    model.train(was_training)
-    return torch.stack(new_tokens, dim=1) if new_tokens else prompt[:, :0]
+    tokens = list(stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, eod_id=eod_id, generator=generator, use_cache=use_cache,
+                         prompt_mask=prompt_mask))
+    return torch.stack(tokens, dim=1) if tokens else prompt[:, :0]

@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if result.sample is not None:
+        print("sample:\n" + result.sample)
     ppl = "n/a" if result.val_perplexity is None else f"{result.val_perplexity:.2f}"
     print(f"finished at step {result.step} ({result.stopped_by}); validation perplexity {ppl}; "
           f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; run folder {result.run_dir}")

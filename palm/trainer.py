@@ -38,7 +38,11 @@ from palm.loss import IGNORE_INDEX, lm_loss
 from palm.metrics import MetricsLogger, peak_flops
 from palm.model import PaLM
 from palm.optim import build_optimizer
-from palm.run import RunSetup, prepare_run
+from palm.distributed import (
+    Distributed, full_state_dicts, gradient_sync, init_distributed, load_full_state_dicts,
+    wrap_model,
+)
+from palm.run import RunSetup, pick_device, prepare_run
 from palm.schedules import BatchRamp, LRSchedule, batch_size_at, lr_at, micro_batches, samples_before
 
 # A test hook: (step, micro_step, loss) -> loss, used to inject loss spikes.
@@ -55,6 +59,7 @@ class TrainResult:
     mfu: float
     rollbacks: int
     stopped_by: str  # "max_steps", "time_limit" or "signal"
+    sample: str | None = None  # text generated at the end (train.sample_tokens)
 
 
 class SpikeDetector:
@@ -99,16 +104,18 @@ class StopSignal:
 
 class Trainer:
     def __init__(self, config: Config, loss_hook: LossHook | None = None) -> None:
-        self.setup: RunSetup = prepare_run(config)
+        self.dist = init_distributed(config.train.parallel, pick_device(config.train.device).type)
+        self.setup: RunSetup = prepare_run(config, self.dist)
         self.config = self.setup.config  # resolved: vocabulary, seq_len, batch from the data
         self.loss_hook = loss_hook
         c = self.config
         self.device = self.setup.device
-        torch.manual_seed(c.train.seed)
-        self.model = PaLM(c.model).to(self.device)
-        if c.train.activation_checkpointing:
-            enable_activation_checkpointing(self.model)
-        self.forward = torch.compile(self.model) if c.train.compile else self.model
+        torch.manual_seed(c.train.seed)  # the same initial weights on every rank
+        self.model = build_model(c, self.dist, self.device)
+        # What runs forward/backward: the model, wrapped by DDP (FSDP2 shards it in place).
+        self.wrapped = (self.model if self.dist.parallel == "fsdp"
+                        else wrap_model(self.model, self.dist, self.device))
+        self.forward = torch.compile(self.wrapped) if c.train.compile else self.wrapped
         self.optimizer = make_optimizer(c, self.model)
         self.schedule = LRSchedule(
             name=c.optim.schedule, peak=c.optim.lr, constant_steps=c.optim.constant_steps,
@@ -118,7 +125,7 @@ class Trainer:
         self.ramp = (BatchRamp.paper_shape(batch, c.train.max_steps) if c.optim.batch_ramp
                      else BatchRamp.constant(batch, c.train.max_steps))
         for _, stage_batch in self.ramp.stages:  # fail now, not at the first ramp boundary
-            micro_batches(stage_batch, c.data.micro_batch_size)
+            micro_batches(stage_batch // self.dist.world_size, c.data.micro_batch_size)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.setup.precision == "bfloat16" else nullcontext())
         self.state = TrainingState(step=0)
@@ -130,18 +137,21 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def save(self) -> Path:
+    def save(self) -> None:
+        """Every rank helps gather the full state (FSDP); rank 0 writes it."""
         self.state.rng = capture_rng()
-        path = save_checkpoint(self.ckpt_root, self.model.state_dict(),
-                               self.optimizer.state_dict(), self.state, self.config.to_dict())
-        prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
-        return path
+        model_state, optimizer_state = full_state_dicts(self.wrapped, self.optimizer)
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_root, model_state, optimizer_state, self.state,
+                            self.config.to_dict())
+            prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
+        self.dist.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
 
     def load(self, path: Path) -> None:
         loaded = load_checkpoint(path)
         check_same_model(path, loaded.config["model"], self.config.to_dict()["model"])
-        self.model.load_state_dict(loaded.model_state)
-        self.optimizer.load_state_dict(loaded.optimizer_state)
+        load_full_state_dicts(self.wrapped, self.optimizer, loaded.model_state,
+                              loaded.optimizer_state)
         self.state = loaded.state
         restore_rng(self.state.rng)
 
@@ -156,7 +166,8 @@ class Trainer:
                                   f"start a new run without --resume")
         if checkpoints and mode in ("auto", "must"):
             self.load(checkpoints[-1])
-            print(f"resumed from {checkpoints[-1]} at step {self.state.step}")
+            if self.dist.is_main:
+                print(f"resumed from {checkpoints[-1]} at step {self.state.step}")
 
     def roll_back(self, spike_step: int, loss: float, log: MetricsLogger) -> None:
         """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it."""
@@ -178,8 +189,9 @@ class Trainer:
         self.state.rollbacks = rollbacks
         log.log({"step": spike_step, "kind": "event", "event": "loss_spike", "loss": loss,
                  "rolled_back_to": back_to, "skipped_batches": skip})
-        print(f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
-              f"{back_to}, skipping {skip} batches")
+        if self.dist.is_main:
+                print(f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
+                  f"{back_to}, skipping {skip} batches")
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -189,30 +201,36 @@ class Trainer:
         return self.setup.rank_indices(first, batch)
 
     def train_step(self, step: int) -> tuple[float, float, float, int]:
-        """Forward/backward over the micro-batches of one step; returns (loss, ce, z, tokens)."""
+        """Forward/backward over this rank's micro-batches of one step.
+
+        Returns the step's (loss, cross-entropy, z-loss, target tokens) over the global batch.
+        """
         indices = self.batch_indices(step)
         micro = self.config.data.micro_batch_size
         n_micro = micro_batches(len(indices), micro)
         batches = [self.setup.train.batch(indices[i * micro:(i + 1) * micro])
                    for i in range(n_micro)]
-        # Weight each micro-batch by its share of the step's target tokens, so the gradient is
-        # that of the mean over the whole batch (padding excluded), however it is split.
-        n_total = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        # Weight each micro-batch by its share of the global batch's target tokens, so the
+        # gradient is that of the mean over the whole batch (padding excluded), however it is
+        # split over micro-batches and ranks. DDP/FSDP average over ranks, hence the world size.
+        local_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
+        n_total = int(self.dist.all_reduce_sum([local_tokens], self.device)[0])
+        scale = self.dist.world_size / max(n_total, 1)
         ce_sum = z_sum = 0.0
         for micro_step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.autocast:
-                logits = self.forward(x)
-            out = lm_loss(logits, y, z_loss_coef=self.config.train.z_loss)
-            loss = out.loss
-            if self.loss_hook is not None:
-                loss = self.loss_hook(step, micro_step, loss)
-            weight = out.n_tokens / max(n_total, 1)
-            (loss * weight).backward()
-            ce_sum += float((out.cross_entropy * weight).detach())
-            z_sum += float((out.z_loss * weight).detach())
-            if self.loss_hook is not None:
-                ce_sum += float(((loss - out.loss) * weight).detach())
+            with gradient_sync(self.wrapped, self.dist, micro_step == n_micro - 1):
+                with self.autocast:
+                    logits = self.forward(x)
+                out = lm_loss(logits, y, z_loss_coef=self.config.train.z_loss)
+                loss = out.loss
+                if self.loss_hook is not None:
+                    loss = self.loss_hook(step, micro_step, loss)
+                (loss * (out.n_tokens * scale)).backward()
+            share = out.n_tokens / max(n_total, 1)
+            ce_sum += float(((out.cross_entropy + loss - out.loss) * share).detach())
+            z_sum += float((out.z_loss * share).detach())
+        ce_sum, z_sum = self.dist.all_reduce_sum([ce_sum, z_sum], self.device)
         return ce_sum + z_sum, ce_sum, z_sum, n_total
 
     @torch.no_grad()
@@ -223,15 +241,21 @@ class Trainer:
             return None
         self.model.eval()
         micro = self.config.data.micro_batch_size
-        n = min(self.config.train.eval_batches * micro, len(valid))
+        n = min(self.config.train.eval_batches * micro * self.dist.world_size, len(valid))
+        mine = np.arange(self.dist.rank, n, self.dist.world_size)  # each rank scores a share
         total, count = 0.0, 0
-        for start in range(0, n, micro):
-            x, y = valid.batch(np.arange(start, min(start + micro, n)))
+        for start in range(0, max(len(mine), 1), micro):
+            chunk = mine[start:start + micro]
+            if len(chunk) == 0:  # FSDP: every rank must run the same number of forwards
+                chunk = np.arange(1)
+            x, y = valid.batch(chunk)
             with self.autocast:
                 logits = self.forward(x.to(self.device))
             out = lm_loss(logits, y.to(self.device), z_loss_coef=0.0)
-            total += float(out.cross_entropy) * float(out.n_tokens)
-            count += int(out.n_tokens)
+            if start < len(mine):
+                total += float(out.cross_entropy) * float(out.n_tokens)
+                count += int(out.n_tokens)
+        total, count = self.dist.all_reduce_sum([total, count], self.device)
         self.model.train()
         return total / max(count, 1)
 
@@ -240,9 +264,9 @@ class Trainer:
     def fit(self) -> TrainResult:
         c, t = self.config, self.config.train
         self.resume()
-        is_main = self.setup.is_main
+        is_main = self.dist.is_main
         log = MetricsLogger(self.setup.run_dir, enabled=is_main)
-        if t.spike_detection and not list_checkpoints(self.ckpt_root) and is_main:
+        if t.spike_detection and not list_checkpoints(self.ckpt_root):
             self.save()  # something to roll back to before the first regular checkpoint
         detector = SpikeDetector(t.spike_window, t.spike_sigma, t.spike_ratio,
                                  self.state.recent_losses)
@@ -266,8 +290,7 @@ class Trainer:
                                              self.state.recent_losses)
                     progress.n = self.state.step
                     continue
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                    params, c.optim.grad_clip if c.optim.grad_clip > 0 else float("inf")))
+                grad_norm = clip_gradients(params, c.optim.grad_clip)
                 if not math.isfinite(grad_norm) or not math.isfinite(loss):
                     raise RuntimeError(f"non-finite loss or gradient at step {step} "
                                        f"(enable train.spike_detection to roll back instead)")
@@ -279,28 +302,39 @@ class Trainer:
                 self.state.recent_losses = list(detector.losses)
                 interval_tokens += n_tokens * self.setup.world_size
                 progress.update(1)
-                if step % t.log_every == 0 or step == t.max_steps:
+                over_time = t.max_minutes and time.perf_counter() - start_time > 60 * t.max_minutes
+                # All ranks stop together: a signal or the clock seen by any rank counts.
+                signalled, over_time = self.dist.all_reduce_sum(
+                    [float(stop.received is not None), float(over_time)], self.device)
+                stopped_by = ("signal" if signalled else "time_limit" if over_time
+                              else stopped_by)
+                finished = step >= t.max_steps or stopped_by != "max_steps"
+                if step % t.log_every == 0 or finished:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_tokens / max(elapsed, 1e-9)
                     mfu = tokens_per_s * self.flops_per_token / self.peak_flops
-                    record = {"step": step, "kind": "train", "tokens": self.state.tokens_seen, "loss": loss,
-                              "cross_entropy": ce, "z_loss": z, "lr": lr,
-                              "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu}
-                    log.log(record)
-                    progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                                         tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+                    log.log({"step": step, "kind": "train", "tokens": self.state.tokens_seen,
+                             "loss": loss, "cross_entropy": ce, "z_loss": z, "lr": lr,
+                             "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu})
+                    report = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                                  tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+                    if not progress.disable:
+                        progress.set_postfix(report)
+                    elif is_main:  # no terminal (a log file, CI): one line per logged step
+                        print(f"step {step}/{t.max_steps} " + " ".join(
+                            f"{k} {v}" for k, v in report.items()), flush=True)
                     interval_start, interval_tokens = time.perf_counter(), 0
-                over_time = t.max_minutes and time.perf_counter() - start_time > 60 * t.max_minutes
-                stopped_by = ("signal" if stop.received is not None
-                              else "time_limit" if over_time else stopped_by)
-                finished = step >= t.max_steps or stopped_by != "max_steps"
                 if (t.eval_every and step % t.eval_every == 0) or finished:
                     val_loss = self.evaluate()
                     self.state.val_loss = val_loss
                     if val_loss is not None:
+                        perplexity = math.exp(min(val_loss, 700))
                         log.log({"step": step, "kind": "eval", "val_loss": val_loss,
-                                 "val_perplexity": math.exp(min(val_loss, 700))})
-                if ((t.checkpoint_every and step % t.checkpoint_every == 0) or finished) and is_main:
+                                 "val_perplexity": perplexity})
+                        if is_main:
+                            progress.write(f"step {step}: validation loss {val_loss:.4f}, "
+                                           f"perplexity {perplexity:.2f}")
+                if (t.checkpoint_every and step % t.checkpoint_every == 0) or finished:
                     self.save()
                 self.state.val_loss = None
                 if finished:
@@ -309,7 +343,52 @@ class Trainer:
         log.close()
         return TrainResult(self.setup.run_dir, self.state.step, val_loss,
                            None if val_loss is None else math.exp(min(val_loss, 700)),
-                           tokens_per_s, mfu, self.state.rollbacks, stopped_by)
+                           tokens_per_s, mfu, self.state.rollbacks, stopped_by,
+                           self.sample() if is_main or self.dist.parallel == "fsdp" else None)
+
+    def sample(self) -> str | None:
+        """A short sample from the trained model, so a run shows what it learned."""
+        t = self.config.train
+        path = self.setup.run_dir / "tokenizer.model"
+        if t.sample_tokens <= 0 or not path.is_file():
+            return None
+        from palm.sampling import generate
+        from palm.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(path)
+        prompt = [tokenizer.eod_id] + tokenizer.encode(t.sample_prompt)
+        room = self.config.model.max_seq_len - len(prompt)
+        generator = torch.Generator(self.device).manual_seed(t.seed)
+        new = generate(self.model, torch.tensor([prompt], device=self.device),
+                       min(t.sample_tokens, room), temperature=0.8, top_k=40,
+                       eod_id=tokenizer.eod_id, generator=generator)
+        return t.sample_prompt + tokenizer.decode(new[0].tolist())
+
+
+def build_model(config: Config, ctx: Distributed, device: torch.device) -> PaLM:
+    """The model on its device. Under FSDP with train.meta_init, built on the meta device and
+    materialised shard by shard, so a model larger than one rank's memory can be built."""
+    if ctx.parallel == "fsdp" and config.train.meta_init:
+        with torch.device("meta"):
+            model = PaLM(config.model)
+        wrap_model(model, ctx, device)  # shards the (empty) parameters
+        model.to_empty(device=device)
+        model.reset_parameters()  # PaLM §5 init, drawn per shard
+    else:
+        model = PaLM(config.model).to(device)
+        if ctx.parallel == "fsdp":
+            wrap_model(model, ctx, device)  # shards in place
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def clip_gradients(params: list[Tensor], max_norm: float) -> float:
+    """Global gradient-norm clipping (PaLM §5: 1.0); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def make_optimizer(config: Config, model: PaLM) -> torch.optim.Optimizer:
@@ -339,5 +418,9 @@ def enable_activation_checkpointing(model: PaLM) -> None:
 
 
 def train(config: Config, loss_hook: LossHook | None = None) -> TrainResult:
-    return Trainer(config, loss_hook).fit()
+    trainer = Trainer(config, loss_hook)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.dist.close()
 

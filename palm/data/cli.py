@@ -1,0 +1,303 @@
+"""`python3 download.py ...` / `palm download ...`: download, tokenize and pack a corpus.
+
+Exit status: 0 done; 1 a step failed (one `error:` line says which file and the fix);
+2 bad command line; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from palm.data.download import FetchConfig
+from palm.data.errors import DataError
+from palm.data.pipeline import PrepareConfig, prepare
+from palm.pretrained import (
+    DEFAULT_PRETRAINED,
+    FINAL_NORM_CHOICES,
+    NEOX_TOKENIZER,
+    PRETRAINED,
+    hub_download,
+    install,
+    progress_config,
+)
+from palm.data.sources import SourceOptions
+from palm.tokenizer import TokenizerError
+
+MIRRORS_ENV = "PALM_DATA_MIRRORS"  # comma-separated base addresses, like --mirror
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def str2bool(value: str) -> bool:
+    """True/False/true/false/1/0/yes/no; anything else is a usage error."""
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True/False/true/false/1/0/yes/no, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="download.py",
+        allow_abbrev=False,
+        description="Download a corpus, train a lossless SentencePiece tokenizer (PaLM §2) and "
+        "pack it into flat token files with a manifest (PaLM §5). Outputs go to "
+        "PATH/DATASET/: tokenizer.model, train.bin, validation.bin, test.bin, "
+        "meta.json. Raw downloads go to PATH/raw/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b = {"type": str2bool, "metavar": "BOOL"}
+    p.add_argument("--path", type=Path, default=Path("data"), help="data root folder")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="wikitext-103 | wikitext-2 (raw text) | wikitext-103-v1 | wikitext-2-v1 "
+        "(<unk>-tokenized variants) | python-stdlib (offline: this Python's "
+        "standard library) | a .txt/.tokens/.raw/.jsonl file or folder (gzip ok)",
+    )
+    p.add_argument(
+        "--download_data",
+        default=True,
+        **b,
+        help="fetch the raw dataset; with False the raw files must already be under "
+        "PATH/raw/ (the error says exactly where)",
+    )
+    p.add_argument(
+        "--tokenize",
+        default=True,
+        **b,
+        help="train a SentencePiece tokenizer on the training split (or take "
+        "--tokenizer) and write tokenizer.model (and --vocab_file)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="use this SentencePiece .model instead of training one",
+    )
+    p.add_argument(
+        "--vocab_size",
+        type=int,
+        default=32768,
+        help="pieces of the trained tokenizer, 4 specials and 256 bytes included",
+    )
+    p.add_argument(
+        "--vocab_file",
+        type=Path,
+        default=None,
+        help="also write the vocabulary here: one piece per line in id order "
+        "(newline and backslash escaped as \\n and \\\\)",
+    )
+    p.add_argument(
+        "--model_type",
+        choices=("unigram", "bpe"),
+        default="unigram",
+        help="SentencePiece algorithm (unigram encodes ~4x faster here)",
+    )
+    p.add_argument(
+        "--tokenizer_sample_bytes",
+        type=int,
+        default=64_000_000,
+        help="train the tokenizer on a deterministic sample of at most this many "
+        "bytes of training lines, which bounds its memory and time",
+    )
+    p.add_argument(
+        "--combine",
+        default=True,
+        **b,
+        help="PaLM §5: concatenate documents with <eod> between them and cut "
+        "windows anywhere (no padding). False: every document starts a new "
+        "sequence of seq_len+1 tokens, the rest padded and left out of the loss",
+    )
+    p.add_argument(
+        "--split",
+        default=False,
+        **b,
+        help="carve validation and test splits, by document hash, from a corpus "
+        "that has none (an error for WikiText, which has official splits)",
+    )
+    p.add_argument(
+        "--valid_fraction",
+        type=float,
+        default=0.01,
+        help="fraction of documents for validation when --split True",
+    )
+    p.add_argument(
+        "--test_fraction",
+        type=float,
+        default=0.01,
+        help="fraction of documents for test when --split True",
+    )
+    p.add_argument(
+        "--documents",
+        default="auto",
+        choices=("auto", "file", "line", "paragraph", "wikitext"),
+        help="how text files are cut into documents; auto: WikiText articles for "
+        "WikiText, one document per file otherwise (.jsonl: one per record)",
+    )
+    p.add_argument("--process", default=True, **b, help="write the token files and meta.json")
+    p.add_argument(
+        "--seq_len",
+        type=int,
+        default=256,
+        help="default training sequence length recorded in meta.json (and the row "
+        "length of the --combine False layout)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=256,
+        help="default global batch size (sequences) recorded in meta.json",
+    )
+    p.add_argument(
+        "--n_workers",
+        type=int,
+        default=max(1, min(8, os.cpu_count() or 1)),
+        help="threads for tokenizer training and encoding (SentencePiece's own "
+        "thread pool, which releases the GIL)",
+    )
+    p.add_argument(
+        "--max_bytes",
+        type=int,
+        default=16_000_000,
+        help="python-stdlib: bytes of library text to collect (deterministic choice)",
+    )
+    p.add_argument(
+        "--mirror",
+        action="append",
+        default=None,
+        metavar="URL",
+        help=f"base address to download from instead of the built-in ones (repeat "
+        f"for fallbacks; also ${MIRRORS_ENV}, comma-separated)",
+    )
+    p.add_argument("--retries", type=int, default=5, help="attempts per mirror")
+    p.add_argument("--force", action="store_true", help="redo finished steps")
+    p.add_argument(
+        "--download_models",
+        default=False,
+        **b,
+        help="use the published tokenizer of --pretrained (the GPT-NeoX-20B tokenizer.json, "
+        "from the Hugging Face hub) instead of training one, so the data fits the pretrained "
+        "weights (fine-tuning)",
+    )
+    p.add_argument(
+        "--download_scripts",
+        default=False,
+        **b,
+        help="reserved: there are no extra scripts to fetch, so True is an error",
+    )
+    p.add_argument(
+        "--download_pretrained",
+        default=False,
+        **b,
+        help="after preparing the data, fetch the --pretrained weights and their tokenizer, "
+        "convert them and write the run folder PATH/pretrained/NAME/ (checkpoints/step_00000000 "
+        "+ tokenizer) for generate.py, evaluate.py and fine-tuning",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=DEFAULT_PRETRAINED,
+        choices=sorted(PRETRAINED),
+        help="published checkpoint (conceptofmind/PaLM: C4, 8k context, GPT-NeoX tokenizer); "
+        "hub access honours HF_ENDPOINT, HF_HOME/HF_HUB_CACHE and HF_HUB_OFFLINE=1",
+    )
+    p.add_argument(
+        "--pretrained_final_norm",
+        default="auto",
+        choices=FINAL_NORM_CHOICES,
+        help="apply the final LayerNorm; auto: only if its gain was trained (checkpoints trained "
+        "with palm-rlhf-pytorch <= 0.2.0 never used it)",
+    )
+    return p
+
+
+def download_pretrained(args: argparse.Namespace) -> int:
+    """Fetch, verify and convert the --pretrained weights into PATH/pretrained/NAME/."""
+    try:
+        install(args.pretrained, args.path, dict(os.environ), progress_config(args.retries),
+                args.pretrained_final_norm)
+    except DataError as error:  # PretrainedError included
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def download_tokenizer(args: argparse.Namespace) -> Path:
+    """--download_models True: the published tokenizer.json, through the Hugging Face cache."""
+    path, _ = hub_download(NEOX_TOKENIZER, dict(os.environ), progress_config(args.retries))
+    return path
+
+
+def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> PrepareConfig:
+    mirrors = args.mirror or [u for u in environ.get(MIRRORS_ENV, "").split(",") if u.strip()]
+    source = SourceOptions(
+        download=args.download_data,
+        mirrors=mirrors or None,
+        fetch=FetchConfig(retries=max(1, args.retries), progress=sys.stderr.isatty()),
+        documents=args.documents,
+        max_bytes=args.max_bytes,
+        force=args.force,
+    )
+    return PrepareConfig(
+        root=args.path,
+        dataset=args.dataset,
+        source=source,
+        tokenize=args.tokenize,
+        process=args.process,
+        combine=args.combine,
+        split=args.split,
+        valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        tokenizer_path=args.tokenizer,
+        tokenizer_sample_bytes=args.tokenizer_sample_bytes,
+        vocab_file=args.vocab_file,
+        n_workers=args.n_workers,
+        force=args.force,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.download_models and (args.tokenizer is not None or not args.tokenize):
+        parser.error("--download_models True supplies the tokenizer: it needs --tokenize True "
+                     "and no --tokenizer PATH")
+    if args.download_scripts:
+        parser.error(
+            "--download_scripts True: there are no scripts to fetch; every "
+            "preparation step is built into palm.data, so pass False"
+        )
+    if args.tokenizer is not None and not args.tokenize:
+        parser.error("--tokenizer PATH needs --tokenize True (it replaces training)")
+    try:
+        if args.download_models:
+            args.tokenizer = download_tokenizer(args)
+        config = config_from_args(args, dict(os.environ))
+        prepare(config)
+    except (DataError, TokenizerError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "interrupted: finished files are intact, unfinished ones were left under "
+            "temporary names and are removed on the next run",
+            file=sys.stderr,
+        )
+        return 130
+    if args.download_pretrained:
+        return download_pretrained(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Turning `--dataset` into a `Corpus`: fetch or find the raw files, then describe them.
+
+Raw files live under `<path>/raw/`:
+    raw/wikitext-103-raw-v1.zip                        the verified download
+    raw/wikitext-103-raw-v1/wikitext-103-raw/wiki.{train,valid,test}.raw   its extraction
+    raw/python-stdlib/python-stdlib.jsonl              the collected standard-library corpus
+Local-path datasets are read where they are and never copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from palm.data.corpus import Corpus, local_corpus, stdlib_documents
+from palm.data.download import WIKITEXT_FILES, FetchConfig, fetch, mirror_urls, safe_extract
+from palm.data.errors import DataError
+
+
+@dataclass(frozen=True)
+class WikiText:
+    variant: str  # key of WIKITEXT_FILES
+    inner: str  # folder inside the zip
+    suffix: str  # "raw" or "tokens"
+
+
+# Bare names mean the raw variants: SentencePiece must see the real words, not <unk>.
+WIKITEXT_NAMES = {
+    "wikitext-103": WikiText("wikitext-103-raw-v1", "wikitext-103-raw", "raw"),
+    "wikitext-103-raw-v1": WikiText("wikitext-103-raw-v1", "wikitext-103-raw", "raw"),
+    "wikitext-103-v1": WikiText("wikitext-103-v1", "wikitext-103", "tokens"),
+    "wikitext-2": WikiText("wikitext-2-raw-v1", "wikitext-2-raw", "raw"),
+    "wikitext-2-raw-v1": WikiText("wikitext-2-raw-v1", "wikitext-2-raw", "raw"),
+    "wikitext-2-v1": WikiText("wikitext-2-v1", "wikitext-2", "tokens"),
+}
+_WIKITEXT_SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    download: bool  # --download_data
+    mirrors: list[str] | None  # base addresses replacing the defaults
+    fetch: FetchConfig
+    documents: str  # --documents
+    max_bytes: int  # python-stdlib budget (and a cap on nothing else)
+    force: bool
+
+
+def resolve(dataset: str, root: Path, options: SourceOptions) -> Corpus:
+    """The corpus `dataset` names, with its raw files present and verified."""
+    if dataset in WIKITEXT_NAMES:
+        return wikitext_corpus(dataset, root / "raw", options)
+    if dataset == "python-stdlib":
+        return stdlib_corpus(root / "raw" / "python-stdlib", options)
+    path = Path(dataset).expanduser()
+    if not path.exists() and "/" not in dataset and "." not in dataset:
+        names = ", ".join([*WIKITEXT_NAMES, "python-stdlib"])
+        raise DataError(
+            f"unknown dataset {dataset!r}: use one of {names}, or the path of a "
+            ".txt/.jsonl file or folder"
+        )
+    return local_corpus(path, options.documents)
+
+
+def wikitext_corpus(name: str, raw: Path, options: SourceOptions) -> Corpus:
+    spec = WIKITEXT_NAMES[name]
+    remote = WIKITEXT_FILES[spec.variant]
+    folder = raw / spec.variant / spec.inner
+    files = {
+        split: folder / f"wiki.{stem}.{spec.suffix}"
+        for split, stem in _WIKITEXT_SPLIT_FILES.items()
+    }
+    zip_path = raw / remote.name
+    if not all(f.exists() for f in files.values()) or options.force:
+        if not zip_path.exists() and not options.download:
+            missing = (
+                next(f for f in files.values() if not f.exists()) if not options.force else zip_path
+            )
+            raise DataError(
+                f"{missing} not found and --download_data is False: place {remote.name} "
+                f"(sha256 {remote.sha256}) at {zip_path}, or its extracted folder "
+                f"{spec.inner}/ under {raw / spec.variant}, or rerun with --download_data True"
+            )
+        print(f"download: {remote.name} ({remote.size / 1e6:.1f} MB)")
+        fetch(remote, raw, mirror_urls(remote, options.mirrors), options.fetch)
+        safe_extract(zip_path, raw / spec.variant)
+        for f in files.values():
+            if not f.exists():
+                raise DataError(f"{zip_path}: archive lacks {f.name}; delete it and re-download")
+    else:
+        print(f"download: {folder} already holds the {name} splits (skipping)")
+    return Corpus(
+        name,
+        {s: (f,) for s, f in files.items()},
+        True,
+        "wikitext" if options.documents == "auto" else options.documents,
+        {"archive": remote.name, "archive_sha256": remote.sha256},
+    )
+
+
+def stdlib_corpus(folder: Path, options: SourceOptions) -> Corpus:
+    """Collect the standard-library corpus once into a .jsonl file (one document per line).
+
+    Collecting needs no network, so --download_data does not apply. The file is the raw source
+    the manifest hashes; a rerun with the same budget and Python version reuses it.
+    """
+    out = folder / "python-stdlib.jsonl"
+    info_path = folder / "python-stdlib.json"
+    docs, info = stdlib_documents(options.max_bytes)
+    if not docs:
+        raise DataError(
+            f"python-stdlib: no standard-library sources found under "
+            f"{info['stdlib']}; use another --dataset"
+        )
+    if out.exists() and info_path.exists() and not options.force:
+        try:
+            if json.loads(info_path.read_text()) == info:
+                print(f"download: {out} is up to date (skipping)")
+                return Corpus("python-stdlib", {"train": (out,)}, False, "file", info)
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable sidecar: rebuild
+    folder.mkdir(parents=True, exist_ok=True)
+    print(
+        f"download: collecting {info['n_files']} standard-library texts "
+        f"({info['n_bytes'] / 1e6:.1f} MB, Python {info['python_version']}) into {out}"
+    )
+    write_atomic(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    write_atomic(info_path, json.dumps(info, indent=2) + "\n")
+    return Corpus("python-stdlib", {"train": (out,)}, False, "file", info)
+
+
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers never see a partial file."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise DataError(
+            f"{path}: cannot write ({error.strerror}); free disk space or choose another --path"
+        ) from None
