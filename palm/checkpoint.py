@@ -174,6 +174,15 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
     )
 
 
+def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Only the weights of a checkpoint folder (e.g. to fine-tune from it)."""
+    try:
+        return load_file(path / "model.safetensors")
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{path / 'model.safetensors'} is unreadable ({error}); "
+                              f"re-create that checkpoint") from None
+
+
 def check_same_model(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to load weights of another model shape, naming the differing keys."""
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)

@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("palm.train", "train a PaLM model"),
     "generate": ("palm.generate", "sample text from a checkpoint"),
     "evaluate": ("palm.evaluate", "perplexity and benchmark evaluation of a checkpoint"),
+    "export": ("palm.export", "a checkpoint as a palm-rlhf-pytorch or palm-pytorch state dict"),
 }
 
 

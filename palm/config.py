@@ -215,6 +215,9 @@ class TrainConfig:
     # "auto": continue the latest complete checkpoint of runs/<name>/ if there is one;
     # "must": continue it, error if none (--resume); "never": error if one exists.
     resume: str = "auto"
+    # Fine-tuning: start from the weights of this checkpoint or run folder (e.g. a converted
+    # pretrained model); the model shape comes from it, the optimizer starts fresh.
+    init_from: str = ""
     log_every: int = 10  # steps between metric lines
     eval_every: int = 500  # steps between validation evaluations (0 = only at the end)
     eval_batches: int = 20  # validation batches per evaluation

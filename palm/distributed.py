@@ -83,8 +83,18 @@ def init_distributed(parallel: str, device_kind: str) -> Distributed:
         raise ValueError("train.parallel needs torch.distributed, which this torch build lacks")
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
+        timeout = timedelta(minutes=30)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            # After an elastic restart (torchrun --max-restarts) the rendezvous store still
+            # holds the dead workers' addresses; a prefix per attempt keeps gloo/NCCL from
+            # dialing them.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  world_size, is_master=rank == 0 and not agent_hosts,
+                                  timeout=timeout, wait_for_workers=False)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"palm/{attempt}", store),
+                                    rank=rank, world_size=world_size, timeout=timeout)
         else:  # one process without torchrun: a private rendezvous on the loopback interface
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1)

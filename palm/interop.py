@@ -67,6 +67,9 @@ def to_palm_pytorch(model: PaLM) -> dict[str, Tensor]:
     if c.scale_logits:
         raise ValueError("palm_pytorch does not scale logits by 1/sqrt(d_model); "
                          "this model's outputs would differ (config.scale_logits is True)")
+    if c.xpos_scale_base or not c.final_norm:
+        raise ValueError("palm_pytorch has plain RoPE and a final LayerNorm; this model uses "
+                         "xPos or no final norm (export it to palm-rlhf-pytorch instead)")
     state = model.state_dict()
     out = {"0.weight": state["embedding.weight"]}
     for layer in range(c.n_layers):
@@ -121,7 +124,8 @@ def palm_rlhf_pytorch_config(
         ffn_hidden = sd["layers.0.fn.ff_out.2.weight"].shape[1]
         half = sd["layers.0.fn.rotary_emb.inv_freq"].shape[0]
     except KeyError as missing:
-        raise ValueError(f"not a palm_rlhf_pytorch.PaLM state dict: key {missing} is missing") from None
+        raise ValueError(f"not a palm_rlhf_pytorch.PaLM state dict: key {missing} is "
+                         "missing") from None
     if any(".q_scale" in k or ".k_scale" in k for k in sd):
         raise ValueError("palm_rlhf_pytorch state dict trained with qk_rmsnorm=True: not "
                          "supported (the published checkpoints use qk_rmsnorm=False)")

@@ -30,13 +30,23 @@ Differences from `torch.optim.Adafactor` (torch 2.5+), which has no momentum and
 rho = min(lr, 1/sqrt(k)) and decay (1 - lr * weight_decay); eps1 there clamps sqrt(v) instead of
 being added to g^2. With beta1 = 0, lr <= 1/sqrt(k), 1-D parameters and its weight_decay = lr the
 two coincide (tests/test_optim.py checks this).
+
+DTensor parameters (FSDP2 `fully_shard`: Shard(0); tensor parallel; Replicate) are supported and
+give the single-process result: the elementwise math runs on each rank's local shard
+(`to_local()`), and the two per-tensor norms (RMS(p) and RMS(u)) are sums of squares over the
+whole parameter, so the local sums are all-reduced over the mesh dimensions the parameter is
+sharded on, all tensors of a step in one collective. The state (`exp_avg_sq`, `exp_avg`) are
+DTensors placed like their parameter, so `torch.distributed.checkpoint.state_dict`'s
+`get_optimizer_state_dict` / `set_optimizer_state_dict` (full or sharded) work.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
 
@@ -46,6 +56,83 @@ from torch import Tensor
 __all__ = ["OPTIMIZERS", "PaLMAdafactor", "build_optimizer"]
 
 _LR_POWER = re.compile(r"^\s*lr\s*\^\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def _dtensor_type() -> type | None:
+    """torch's DTensor class if it is loaded; if not, no parameter can be a DTensor (and importing
+    torch.distributed.tensor would cost seconds for single-process runs)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+@functools.cache
+def _sharded_mesh_dims(placements: tuple[Any, ...]) -> tuple[int, ...]:
+    """The mesh dimensions a DTensor with these placements is split over (Shard, _StridedShard)."""
+    if any(pl.is_partial() for pl in placements):
+        raise RuntimeError(f"PaLMAdafactor: parameters cannot be Partial, got {placements}")
+    return tuple(d for d, pl in enumerate(placements) if pl.is_shard())
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard, the tensor itself (writes go through). `to_local()` is the same
+    tensor behind an autograd function that costs microseconds per call, four calls per
+    parameter per step."""
+    local = getattr(t, "_local_tensor", None)
+    return t.to_local() if local is None else local
+
+
+def _global_norms(layouts: list[tuple[Any, Any]]) -> Callable[..., list[list[Tensor] | None]]:
+    """For DTensor parameters laid out as `layouts` ((mesh, placements) each): a function mapping
+    per-shard norms to whole-tensor norms.
+
+    Each argument is None or a list of 0-D norms of the local shards, aligned with `layouts`. The
+    squares are summed over every mesh dimension where the parameter is sharded (Replicate needs
+    nothing), in float64, with one all-reduce per (mesh, sharded dims) for all lists together.
+    """
+    import torch.distributed as dist
+
+    plans: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
+    for i, (mesh, placements) in enumerate(layouts):
+        dims = _sharded_mesh_dims(placements)
+        if dims:
+            plans.setdefault((mesh, dims), []).append(i)
+
+    def reduce(*norm_lists: list[Tensor] | None) -> list[list[Tensor] | None]:
+        out = [None if norms is None else list(norms) for norms in norm_lists]
+        lists = [norms for norms in out if norms is not None]
+        for (mesh, dims), idx in plans.items():
+            flat = torch.stack([norms[i] for norms in lists for i in idx])
+            wide = torch.float32 if flat.device.type == "mps" else torch.float64
+            squares = flat.to(wide).square_()
+            for dim in dims:
+                dist.all_reduce(squares, group=mesh.get_group(dim))
+            values = squares.sqrt_().to(torch.float32).unbind()
+            j = 0
+            for norms in lists:
+                for i in idx:
+                    norms[i] = values[j]
+                    j += 1
+        return out
+
+    return reduce
+
+
+def _any_nonzero(tensors: list[Tensor]) -> bool:
+    """Whether any element of `tensors` (plain or DTensor, over all ranks holding them) is != 0."""
+    dtensor = _dtensor_type()
+    local = [t.to_local() if dtensor and isinstance(t, dtensor) else t for t in tensors]
+    flag = torch.stack([t.ne(0).any() for t in local]).any().to(torch.int32)
+    meshes = []
+    for t in tensors:
+        if dtensor and isinstance(t, dtensor) and t.device_mesh not in meshes:
+            meshes.append(t.device_mesh)
+    if meshes:  # the same decision on every rank, or the collectives in the step would hang
+        import torch.distributed as dist
+
+        for mesh in meshes:
+            for dim in range(mesh.ndim):
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return bool(flag)
 
 
 def _parse_weight_decay(weight_decay: float | str) -> tuple[float, float]:
@@ -132,49 +219,133 @@ class PaLMAdafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        dtensor = _dtensor_type()
         for group in self.param_groups:
-            # Parameters skipped on some steps have fewer updates; bucket by their own k.
-            buckets: dict[int, list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 if p.grad.is_sparse or p.is_complex():
                     raise RuntimeError("PaLMAdafactor supports dense real parameters only")
+            if self._only_initialise(group, params):
+                continue
+            # Parameters skipped on some steps have fewer updates; bucket by their own k (and
+            # DTensor or not: those need the norms reduced across ranks).
+            buckets: dict[tuple[int, bool], list[Tensor]] = {}
+            for p in params:
                 state = self.state[p]
                 if len(state) == 0:
-                    state["step"] = torch.tensor(0, dtype=torch.int64)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.preserve_format
-                    )
-                    if group["beta1"] > 0.0:
-                        state["exp_avg"] = torch.zeros_like(
-                            p, dtype=torch.float32, memory_format=torch.preserve_format
-                        )
+                    self._init_state(group, p)
                 state["step"] += 1
-                buckets.setdefault(int(state["step"]), []).append(p)
-            for k, params in buckets.items():
-                self._update(group, k, params)
+                is_dtensor = dtensor is not None and isinstance(p, dtensor)
+                buckets.setdefault((int(state["step"]), is_dtensor), []).append(p)
+            for (k, is_dtensor), bucket in buckets.items():
+                if is_dtensor:
+                    self._update_dtensors(group, k, bucket)
+                else:
+                    self._update(group, k, bucket)
         return loss
 
+    def _init_state(self, group: dict[str, Any], p: Tensor) -> None:
+        """step 0 and zero float32 moments, DTensors placed like `p` when `p` is one."""
+        state = self.state[p]
+        state["step"] = torch.tensor(0, dtype=torch.int64)
+        state["exp_avg_sq"] = torch.zeros_like(
+            p, dtype=torch.float32, memory_format=torch.preserve_format
+        )
+        if group["beta1"] > 0.0:
+            state["exp_avg"] = torch.zeros_like(
+                p, dtype=torch.float32, memory_format=torch.preserve_format
+            )
+
+    def _only_initialise(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """torch.distributed.checkpoint's `_init_optim_state` (get/set_optimizer_state_dict on an
+        optimizer without state) steps once with lr = 0 and all-zero gradients to create the
+        state. That must not touch the parameters (a constant weight decay would, and eps1 = 0
+        would give 0/0), nor count as an update: create the state at step 0 and stop. A real
+        first step always has some non-zero gradient; the check runs only on a first step at
+        lr = 0, never in training.
+        """
+        if float(group["lr"]) != 0.0 or any(self.state.get(p) for p in params):
+            return False
+        if _any_nonzero([p.grad for p in params]):
+            return False
+        for p in params:
+            self._init_state(group, p)
+        return True
+
     def _update(self, group: dict[str, Any], k: int, params: list[Tensor]) -> None:
-        """The T5X update for parameters that all take their k-th step; float32 math."""
-        lr = float(group["lr"])
-        beta1, eps2, d = group["beta1"], group["eps2"], group["clip_threshold"]
-        beta2 = 1.0 - k ** -group["decay_exponent"]  # 0 at k = 1: v starts at g^2 (no bias fix)
+        """The T5X update for plain-tensor parameters that all take their k-th step."""
         # float32 views of params and grads: the same tensors when already float32.
         p32 = [p if p.dtype == torch.float32 else p.float() for p in params]
         g32 = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
+        m = [self.state[p]["exp_avg"] for p in params] if group["beta1"] > 0.0 else None
         numel_sqrt = [math.sqrt(max(p.numel(), 1)) for p in params]
+        self._apply(group, k, p32, g32, v, m, numel_sqrt)
+        for p, q in zip(params, p32):
+            if q is not p:  # low-precision parameter: round once, at the end, as T5X does
+                p.copy_(q)
 
-        # Step size per tensor, a 0-D tensor on its device (no host sync): lr * max(RMS(p), eps2).
-        if group["multiply_by_parameter_scale"]:
-            scale = torch._foreach_norm(p32)
-            torch._foreach_div_(scale, numel_sqrt)
-            torch._foreach_clamp_min_(scale, eps2)
-            torch._foreach_mul_(scale, lr)
-        else:
-            scale = [torch.full((), lr, dtype=torch.float32, device=p.device) for p in p32]
+    def _update_dtensors(self, group: dict[str, Any], k: int, params: list[Tensor]) -> None:
+        """The same update for DTensor parameters (FSDP2, TP, Replicate): elementwise math on the
+        local shards, the per-tensor norms reduced over the whole (global) parameter."""
+        p_local, g_local, v_local, m_local, layouts = [], [], [], [], []
+        for p in params:
+            grad, mesh, placements = p.grad, p.device_mesh, p.placements
+            if grad.placements != placements or (
+                grad.device_mesh is not mesh and grad.device_mesh != mesh
+            ):
+                grad = grad.redistribute(mesh, placements)  # e.g. Partial (unreduced) gradients
+            layouts.append((mesh, placements))
+            state = self.state[p]
+            p_local.append(_local(p))
+            g_local.append(_local(grad))
+            v_local.append(_local(state["exp_avg_sq"]))
+            if group["beta1"] > 0.0:
+                m_local.append(_local(state["exp_avg"]))
+        p32 = [p if p.dtype == torch.float32 else p.float() for p in p_local]
+        g32 = [g if g.dtype == torch.float32 else g.float() for g in g_local]
+        numel_sqrt = [math.sqrt(max(p.numel(), 1)) for p in params]  # global sizes
+        m = m_local if group["beta1"] > 0.0 else None
+        self._apply(group, k, p32, g32, v_local, m, numel_sqrt, _global_norms(layouts))
+        for p, q in zip(p_local, p32):
+            if q is not p:
+                p.copy_(q)
+
+    @staticmethod
+    def _placed_like(value: Tensor, p: Tensor) -> Tensor:
+        """`value` as a float32 DTensor with `p`'s mesh and placements (a no-op when it is)."""
+        dtensor = _dtensor_type()
+        if isinstance(value, dtensor):
+            if value.device_mesh == p.device_mesh and tuple(value.placements) == tuple(
+                p.placements
+            ):
+                return value
+            return value.redistribute(p.device_mesh, p.placements)
+        # A full plain tensor (a checkpoint loaded without DCP): keep this rank's shard, no comms.
+        from torch.distributed.tensor import distribute_tensor
+
+        local = value.to(p.to_local().device, torch.float32)
+        return distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None)
+
+    def _apply(
+        self,
+        group: dict[str, Any],
+        k: int,
+        p32: list[Tensor],
+        g32: list[Tensor],
+        v: list[Tensor],
+        m: list[Tensor] | None,
+        numel_sqrt: list[float],
+        global_norms: Callable[..., list[list[Tensor] | None]] | None = None,
+    ) -> None:
+        """The T5X update on float32 tensors (whole tensors, or local shards with
+        `global_norms` turning shard norms into whole-tensor norms); p32, v and m in place."""
+        lr = float(group["lr"])
+        beta1, eps2, d = group["beta1"], group["eps2"], group["clip_threshold"]
+        beta2 = 1.0 - k ** -group["decay_exponent"]  # 0 at k = 1: v starts at g^2 (no bias fix)
+        scaled = group["multiply_by_parameter_scale"]
 
         # v = beta2 v + (1 - beta2)(g^2 + eps1)
         g2 = torch._foreach_mul(g32, g32)
@@ -186,16 +357,30 @@ class PaLMAdafactor(torch.optim.Optimizer):
         torch._foreach_copy_(u, v)
         torch._foreach_rsqrt_(u)
         torch._foreach_mul_(u, g32)
+
+        # Per-tensor norms as 0-D tensors on their device (no host sync); p is still the old p.
+        p_norm = torch._foreach_norm(p32) if scaled else None
+        u_norm = torch._foreach_norm(u) if d is not None else None
+        if global_norms is not None:
+            p_norm, u_norm = global_norms(p_norm, u_norm)
+
+        # Step size per tensor: lr * max(RMS(p), eps2).
+        if scaled:
+            scale = p_norm
+            torch._foreach_div_(scale, numel_sqrt)
+            torch._foreach_clamp_min_(scale, eps2)
+            torch._foreach_mul_(scale, lr)
+        else:
+            scale = [torch.full((), lr, dtype=torch.float32, device=p.device) for p in p32]
         # Adafactor update clipping: u / max(1, RMS(u) / d), one factor per tensor.
         if d is not None:
-            denom = torch._foreach_norm(u)
+            denom = u_norm
             torch._foreach_div_(denom, [n * d for n in numel_sqrt])
             torch._foreach_clamp_min_(denom, 1.0)
             torch._foreach_div_(scale, denom)
         torch._foreach_mul_(u, scale)  # u is now the scaled update s
 
-        if beta1 > 0.0:
-            m = [self.state[p]["exp_avg"] for p in params]
+        if m is not None:
             torch._foreach_mul_(m, beta1)
             torch._foreach_add_(m, u, alpha=1.0 - beta1)
             u = m
@@ -203,16 +388,16 @@ class PaLMAdafactor(torch.optim.Optimizer):
         if wd != 0.0:
             torch._foreach_mul_(p32, 1.0 - wd)  # decoupled: (1 - wd) p, from the old p as in T5X
         torch._foreach_sub_(p32, u)
-        for p, q in zip(params, p32):
-            if q is not p:  # low-precision parameter: round once, at the end, as T5X does
-                p.copy_(q)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch (PaLM §5 bitwise resume), but keep float32 moments and copy them.
 
         torch's Optimizer casts floating state to the parameter dtype (which would round the
-        float32 moments of bf16 parameters) and may share tensors with `state_dict`.
+        float32 moments of bf16 parameters) and may share tensors with `state_dict`. For DTensor
+        parameters the moments become DTensors placed like the parameter (a full plain tensor is
+        cut to this rank's shard; DCP's set_optimizer_state_dict already hands DTensors).
         """
+        dtensor = _dtensor_type()
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -220,6 +405,9 @@ class PaLMAdafactor(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(pid, {}).items():
                 if key == "step":
                     self.state[p][key] = value.detach().to("cpu", torch.int64, copy=True)
+                elif dtensor is not None and isinstance(p, dtensor):
+                    placed = self._placed_like(value.detach(), p)
+                    self.state[p][key] = placed.to(torch.float32, copy=True)
                 else:
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
 

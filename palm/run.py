@@ -86,9 +86,10 @@ def resolve_config(config: Config, manifest: Any, world_size: int) -> Config:
     if batch % world_size:
         raise ValueError(f"data.batch_size {batch} is not divisible by the {world_size} ranks")
     micro = data.micro_batch_size or auto_micro_batch(batch // world_size, seq_len)
-    model = dataclasses.replace(config.model, vocab_size=manifest.vocab_size,
+    vocab = config.model.vocab_size if config.train.init_from else manifest.vocab_size
+    model = dataclasses.replace(config.model, vocab_size=vocab,
                                 max_seq_len=max(config.model.max_seq_len, seq_len))
-    if config.model.vocab_size != manifest.vocab_size:
+    if config.model.vocab_size != vocab:
         print(f"note: model.vocab_size {config.model.vocab_size} replaced by the data's "
               f"{manifest.vocab_size} (the vocabulary always comes from the data)")
     data = dataclasses.replace(data, seq_len=seq_len, batch_size=batch, micro_batch_size=micro)
@@ -123,6 +124,18 @@ def prepare_run_dir(config: Config) -> Path:
     return run_dir
 
 
+def model_from_checkpoint(config: Config) -> tuple[Config, Path | None]:
+    """For train.init_from: the model shape of that checkpoint (dropout stays the run's)."""
+    from palm.checkpoint import read_meta
+    from palm.config import ModelConfig
+    from palm.inference import find_tokenizer, resolve_checkpoint
+
+    path = resolve_checkpoint(config.train.init_from, "latest")
+    saved = ModelConfig.from_dict(read_meta(path)["config"]["model"])
+    model = dataclasses.replace(saved, dropout=config.model.dropout)
+    return dataclasses.replace(config, model=model), find_tokenizer(path)
+
+
 def prepare_run(config: Config, ctx: Distributed) -> RunSetup:
     from palm.data import TokenWindows, load_manifest
 
@@ -130,6 +143,9 @@ def prepare_run(config: Config, ctx: Distributed) -> RunSetup:
     device = ctx.device(pick_device(config.train.device).type)
     precision = pick_precision(config.train.precision, device)
     manifest = load_manifest(config.data.path)
+    init_tokenizer = None
+    if config.train.init_from:
+        config, init_tokenizer = model_from_checkpoint(config)
     config = resolve_config(config, manifest, world_size)
     run_dir = prepare_run_dir(config)
     if ctx.is_main:
@@ -142,6 +158,12 @@ def prepare_run(config: Config, ctx: Distributed) -> RunSetup:
         tokenizer_sha256 = hashlib.sha256(blob).hexdigest()
         if ctx.is_main:  # the run carries its tokenizer, so generate.py needs nothing else
             write_atomic_bytes(run_dir / "tokenizer.model", blob)
+    if init_tokenizer is not None and tokenizer_sha256 is not None:
+        wanted = hashlib.sha256(init_tokenizer.read_bytes()).hexdigest()
+        if wanted != tokenizer_sha256:
+            raise ValueError(f"{config.data.path} was tokenized with another tokenizer than "
+                             f"{config.train.init_from} ({init_tokenizer}); prepare the data "
+                             f"with it: download.py --tokenizer {init_tokenizer} ...")
     train.check_compatible(tokenizer_sha256, config.model.vocab_size)
     valid = None
     if "validation" in manifest.splits and manifest.splits["validation"]["n_tokens"] > config.data.seq_len:

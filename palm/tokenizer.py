@@ -191,7 +191,7 @@ class Tokenizer:
                                  "the `tokenizers` package: pip install tokenizers") from None
         try:
             self._hf = HFTokenizer.from_str(model_bytes.decode("utf-8"))
-        except Exception as error:  # tokenizers raises a plain Exception on bad JSON
+        except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception on bad JSON
             raise TokenizerError(f"{path or 'the given bytes'} is not a valid tokenizer.json "
                                  f"({str(error).splitlines()[0][:120]}); delete it and download "
                                  "it again (--download_models True)") from None

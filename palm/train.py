@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    if not result.is_main:
+        return 0
     if result.sample is not None:
         print("sample:\n" + result.sample)
     ppl = "n/a" if result.val_perplexity is None else f"{result.val_perplexity:.2f}"

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from palm.checkpoint import (
     CheckpointError, TrainingState, capture_rng, check_same_model, list_checkpoints,
-    load_checkpoint, prune_checkpoints, restore_rng, save_checkpoint,
+    load_checkpoint, load_checkpoint_weights, prune_checkpoints, restore_rng, save_checkpoint,
 )
 from palm.config import Config, weight_decay_value
 from palm.flops import flops_per_token
@@ -60,6 +60,7 @@ class TrainResult:
     rollbacks: int
     stopped_by: str  # "max_steps", "time_limit" or "signal"
     sample: str | None = None  # text generated at the end (train.sample_tokens)
+    is_main: bool = True  # rank 0 (the only one that prints)
 
 
 class SpikeDetector:
@@ -164,10 +165,22 @@ class Trainer:
         if not checkpoints and mode == "must":
             raise CheckpointError(f"no complete checkpoint in {self.ckpt_root} to resume; "
                                   f"start a new run without --resume")
+        if not checkpoints and self.config.train.init_from:
+            self.init_weights(self.config.train.init_from)
         if checkpoints and mode in ("auto", "must"):
             self.load(checkpoints[-1])
             if self.dist.is_main:
                 print(f"resumed from {checkpoints[-1]} at step {self.state.step}")
+
+    def init_weights(self, source: str) -> None:
+        """Fine-tuning: the weights of another checkpoint, with a fresh optimizer and step 0."""
+        from palm.inference import resolve_checkpoint
+
+        path = resolve_checkpoint(source, "latest")
+        weights = load_checkpoint_weights(path)
+        load_full_state_dicts(self.wrapped, self.optimizer, weights, {"state": {}})
+        if self.dist.is_main:
+            print(f"initialised from {path}")
 
     def roll_back(self, spike_step: int, loss: float, log: MetricsLogger) -> None:
         """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it."""
@@ -241,7 +254,8 @@ class Trainer:
             return None
         self.model.eval()
         micro = self.config.data.micro_batch_size
-        n = min(self.config.train.eval_batches * micro * self.dist.world_size, len(valid))
+        # The same windows whatever the number of ranks, shared out among them.
+        n = min(self.config.train.eval_batches * micro, len(valid))
         mine = np.arange(self.dist.rank, n, self.dist.world_size)  # each rank scores a share
         total, count = 0.0, 0
         for start in range(0, max(len(mine), 1), micro):
@@ -344,7 +358,8 @@ class Trainer:
         return TrainResult(self.setup.run_dir, self.state.step, val_loss,
                            None if val_loss is None else math.exp(min(val_loss, 700)),
                            tokens_per_s, mfu, self.state.rollbacks, stopped_by,
-                           self.sample() if is_main or self.dist.parallel == "fsdp" else None)
+                           self.sample() if is_main or self.dist.parallel == "fsdp" else None,
+                           is_main)
 
     def sample(self) -> str | None:
         """A short sample from the trained model, so a run shows what it learned."""

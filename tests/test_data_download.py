@@ -157,6 +157,10 @@ def test_documented_command_against_local_mirror(tmp_path: Path, monkeypatch, ca
     monkeypatch.setattr(sources, "WIKITEXT_FILES", download.WIKITEXT_FILES)
     srv = Server({"wikitext-2-raw-v1.zip": data})
     monkeypatch.setenv("PALM_DATA_MIRRORS", f"{srv.url}/missing,{srv.url}/cut")
+    # The weights step (tested against a local hub in test_pretrained.py) must not reach the
+    # network here: offline with an empty cache it fails cleanly after the data work is done.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     try:
         code = main(
             [
@@ -196,7 +200,8 @@ def test_documented_command_against_local_mirror(tmp_path: Path, monkeypatch, ca
         )
     finally:
         srv.close()
-    assert code == 3 and "not available in this version" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "HF_HUB_OFFLINE" in err and "palm-410m" in err
     m = load_manifest(tmp_path / "wikitext-2")
     assert set(m.splits) == {"train", "validation", "test"} and m.splits["train"]["n_tokens"]
     assert (tmp_path / "raw" / "wikitext-2-raw-v1.zip").exists()

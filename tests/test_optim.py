@@ -271,3 +271,229 @@ def test_cuda_matches_cpu():
         opt.step()
     for a, b in zip(cpu, tensors):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-6, atol=1e-9)
+
+
+def test_lr_zero_step_on_zero_grads_only_creates_state():
+    """torch.distributed.checkpoint's `_init_optim_state` (run by get/set_optimizer_state_dict on
+    an optimizer without state) steps at lr = 0 with all-zero gradients: the parameters must not
+    move, even with a constant weight decay or eps1 = 0 (0/0), and the step does not count."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(3,), (2, 4)]]
+    before = [p.detach().clone() for p in params]
+    opt = PaLMAdafactor(params, lr=0.0, weight_decay=0.01, eps1=0.0)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+        state = opt.state[p]
+        assert int(state["step"]) == 0
+        assert not state["exp_avg_sq"].any() and not state["exp_avg"].any()
+    # A real step at lr = 0 (non-zero gradients, e.g. warm-up from 0) still updates the state.
+    fresh = torch.nn.Parameter(torch.ones(3))
+    opt = PaLMAdafactor([fresh], lr=0.0, weight_decay=0.0)
+    fresh.grad = torch.tensor([1.0, 0.0, -2.0])
+    opt.step()
+    assert int(opt.state[fresh]["step"]) == 1 and torch.equal(fresh, torch.ones(3))
+    assert torch.equal(opt.state[fresh]["exp_avg_sq"], fresh.grad**2 + 1e-30)
+
+
+# ---- DTensor / FSDP2: two gloo processes on CPU against one plain process ---------------------
+
+
+def _fsdp_worker() -> None:
+    """Run by each of the two ranks that `test_fsdp2_matches_single_process` starts."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from palm import ModelConfig, PaLM
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    kwargs = {"beta1": 0.9, "weight_decay": "lr^2", "clip_threshold": 0.5}
+    lrs = [3e-2, 2e-2, 1e-2, 2e-2, 1e-2]
+    # vocab 63: the tied embedding is sharded unevenly (32 + 31 rows).
+    config = ModelConfig(vocab_size=63, d_model=32, n_layers=2, n_heads=2, head_dim=16)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 63, (2, 9), generator=gen) for _ in lrs]
+
+    def make(shard):
+        torch.manual_seed(0)
+        model = PaLM(config)
+        if shard:
+            for block in model.blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        return model, build_optimizer("adafactor", model.parameters(), **kwargs)
+
+    def train(model, opt, steps):
+        for i in steps:
+            tokens = batches[i]
+            logits = model(tokens[:, :-1]).float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            assert float(norm) > 0.05  # global gradient clipping is active
+            opt.param_groups[0]["lr"] = lrs[i]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def full_params(model):
+        return {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            for n, p in model.named_parameters()
+        }
+
+    def assert_params_equal(a, b):
+        a, b = full_params(a), full_params(b)
+        assert a.keys() == b.keys()
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-6, msg=n)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def assert_optim_equal(a, b):
+        assert a["state"].keys() == b["state"].keys() and len(a["state"]) == 10
+        for n in a["state"]:
+            assert a["state"][n].keys() == b["state"][n].keys() == {"step", "exp_avg", "exp_avg_sq"}
+            for key, value in a["state"][n].items():
+                other = b["state"][n][key]
+                assert type(value) is torch.Tensor and type(other) is torch.Tensor, (n, key)
+                torch.testing.assert_close(value, other, rtol=1e-6, atol=1e-6, msg=f"{n} {key}")
+
+    # 3 steps sharded == 3 steps in one process: parameters and the gathered optimizer state.
+    ref, ref_opt = make(shard=False)
+    train(ref, ref_opt, range(3))
+    sharded, opt = make(shard=True)
+    train(sharded, opt, range(3))
+    for p in sharded.parameters():
+        assert p.placements == (Shard(0),)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key].placements == (Shard(0),)
+    assert_params_equal(sharded, ref)
+    gathered = get_optimizer_state_dict(sharded, opt, options=full)  # on rank 0 only
+    if rank == 0:
+        assert_optim_equal(gathered, get_optimizer_state_dict(ref, ref_opt))
+    box = [gathered]  # every rank loads the full state, as from a checkpoint file
+    dist.broadcast_object_list(box, src=0)
+    gathered = box[0]
+    model_state = full_params(ref)
+
+    # Load the gathered state into fresh optimizers (DCP first runs a dummy lr = 0 step on them,
+    # which must not move the parameters): one process and 2-rank FSDP both continue identically.
+    one, one_opt = make(shard=False)
+    set_model_state_dict(one, model_state)
+    set_optimizer_state_dict(one, one_opt, gathered)
+    assert_params_equal(one, ref)
+    two, two_opt = make(shard=True)
+    set_model_state_dict(two, model_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(two, two_opt, gathered, options=StateDictOptions(full_state_dict=True))
+    assert_params_equal(two, ref)
+    # Without DCP: torch's plain state_dict (full tensors) loads into sharded params.
+    three, three_opt = make(shard=True)
+    set_model_state_dict(three, model_state, options=StateDictOptions(full_state_dict=True))
+    three_opt.load_state_dict(ref_opt.state_dict())
+    for p in three.parameters():
+        assert {three_opt.state[p][key].placements for key in ("exp_avg", "exp_avg_sq")} == {
+            (Shard(0),)
+        }
+    trained = [(ref, ref_opt), (sharded, opt), (one, one_opt), (two, two_opt), (three, three_opt)]
+    for model, optim in trained:
+        train(model, optim, range(3, 5))
+    for model, _ in trained[1:]:
+        assert_params_equal(model, ref)
+    ref_state = get_optimizer_state_dict(ref, ref_opt)
+    for model, optim in trained[1:]:
+        state = get_optimizer_state_dict(model, optim, options=full)
+        if rank == 0:
+            assert_optim_equal(state, ref_state)
+
+    # Bare DTensors: uneven Shard(0) (a rank may hold no rows) and Replicate, against plain tensors.
+    params, grads = make_problem(4, shapes=[(5,), (1, 4), (7, 3), (), (4, 6)], steps=6)
+    placements = [Shard(0), Shard(0), Shard(0), Replicate(), Replicate()]
+    plain, plain_opt = run_ours(params, grads, LRS[:6], **kwargs)
+    dts = [
+        torch.nn.Parameter(distribute_tensor(torch.tensor(p, dtype=torch.float32), mesh, [pl]))
+        for p, pl in zip(params, placements)
+    ]
+    dt_opt = PaLMAdafactor(dts, **kwargs)
+    for lr, gs in zip(LRS[:6], grads):
+        for t, g, pl in zip(dts, gs, placements):
+            t.grad = distribute_tensor(torch.tensor(g, dtype=torch.float32), mesh, [pl])
+        dt_opt.param_groups[0]["lr"] = lr
+        dt_opt.step()
+    for a, b, pl in zip(plain, dts, placements):
+        torch.testing.assert_close(b.full_tensor(), a.detach(), rtol=0, atol=1e-6)
+        for key, value in plain_opt.state[a].items():
+            theirs = dt_opt.state[b][key]
+            if key != "step":
+                assert theirs.placements == (pl,)
+                theirs = theirs.full_tensor()
+            torch.testing.assert_close(theirs, value, rtol=1e-6, atol=1e-9)
+
+    dist.destroy_process_group()
+    print(f"rank {rank} ok", flush=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with the gloo backend",
+)
+def test_fsdp2_matches_single_process():
+    """FSDP2 (DTensor Shard(0)) over 2 gloo CPU ranks == one process: parameters after 3 steps
+    with momentum, lr^2 weight decay and both clippings active; the full optimizer state that
+    DCP gathers; and resuming from it into 1 process or 2 ranks. Also bare DTensors, uneven
+    Shard(0) and Replicate."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env["OMP_NUM_THREADS"] = "1"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__],
+            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=240)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0 and f"rank {rank} ok" in out, f"rank {rank}:\n{out[-6000:]}"
+
+
+if __name__ == "__main__":  # one rank of test_fsdp2_matches_single_process
+    _fsdp_worker()

@@ -268,3 +268,17 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(dataset, tmp_path
                      "--resume", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"at step {last}" in result.stdout and f"finished at step {last + 2}" in result.stdout
+
+
+def test_fine_tuning_starts_from_another_runs_weights(dataset, tmp_path):
+    source = train(tiny_config(dataset, tmp_path / "pre", "train.max_steps=4"))
+    # The model shape comes from the checkpoint, not from this run's (different) model section.
+    tuned = train(tiny_config(dataset, tmp_path / "ft", "train.max_steps=2",
+                              f"train.init_from={source.run_dir}", "model.d_model=64",
+                              "model.dropout=0.1"))
+    start = load_file(list_checkpoints(tuned.run_dir / "checkpoints")[0] / "model.safetensors")
+    assert list_checkpoints(tuned.run_dir / "checkpoints")[0].name == "step_00000000"
+    for key, value in final_weights(source.run_dir).items():
+        assert torch.equal(start[key], value), key
+    saved = load_config(tuned.run_dir / "config.yaml")
+    assert saved.model.d_model == 32 and saved.model.dropout == 0.1

@@ -14,6 +14,7 @@ from pathlib import Path
 from palm.data.download import FetchConfig
 from palm.data.errors import DataError
 from palm.data.pipeline import PrepareConfig, prepare
+from palm.data.sources import SourceOptions
 from palm.pretrained import (
     DEFAULT_PRETRAINED,
     FINAL_NORM_CHOICES,
@@ -23,7 +24,6 @@ from palm.pretrained import (
     install,
     progress_config,
 )
-from palm.data.sources import SourceOptions
 from palm.tokenizer import TokenizerError
 
 MIRRORS_ENV = "PALM_DATA_MIRRORS"  # comma-separated base addresses, like --mirror

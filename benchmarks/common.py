@@ -1,0 +1,58 @@
+"""Shared helpers for the CPU benchmarks: medians, the fp32 matmul peak, process memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def matmul_peak_flops(n: int = 3072, repeats: int = 5) -> float:
+    """Best fp32 GEMM FLOP/s of a square torch.mm (n x n) @ (n x n) at the current thread count.
+
+    The best of `repeats` rather than the median: this is the machine's achievable peak, the
+    denominator of MFU, and on a shared machine the slower repeats only measure the neighbours.
+    """
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up: page in, pick the kernel
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best
+
+
+def _status_kib(field: str) -> int:
+    """A `VmRSS`/`VmHWM`-style field of /proc/self/status, in KiB (Linux only)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now."""
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of the resident set since the process began or `reset_peak_rss()`."""
+    return _status_kib("VmHWM") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,302 @@
+"""One training step (forward, loss, backward, AdamW), float32 on 2 CPU threads: ours vs peers.
+
+Peers at the same sizes, with the same parameters taking part in the same matmuls:
+- palm-pytorch: lucidrains' `palm_pytorch.PaLM` (PyPI palm-pytorch 0.2.2), the same PaLM block;
+- litgpt: `litgpt.model.GPT` configured PaLM-like (parallel residual, one shared LayerNorm,
+  multi-query attention, SwiGLU "LLaMAMLP", no biases, full RoPE), its output head tied to the
+  embedding as PaLM's is, so it has the same parameters (and optimizer work) as the others.
+
+Timing: all models live in one process and are alternated step by step for several rounds
+(the order rotated each round); each model's figure is the median of its step times. On a
+shared machine this keeps the ratios steady where separate processes swing by +-30%.
+MFU = tokens/s * model FLOPs per token (PaLM Appendix B, palm.flops) / fp32 matmul peak, the
+best large torch.mm measured at 2 threads in the same run (before and after the steps).
+
+Memory: each model trains in a fresh subprocess; we report the resident set's high-water mark
+over a few steady steps (VmHWM, reset via /proc/self/clear_refs after the warm-up steps) minus
+the RSS after imports, i.e. what that model's training adds to the process: weights, gradients,
+AdamW moments, activations and allocator slack. The whole-run peak (VmHWM including the first
+step and, with --compile, compilation) is reported beside it.
+
+    python benchmarks/train_step.py --sizes S,M --rounds 5 --steps-per-round 1 --json out.json
+    python benchmarks/train_step.py --quick          # smoke test, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks.common import (
+    matmul_peak_flops,
+    median,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+)
+from palm.config import ModelConfig
+from palm.flops import flops_per_token
+
+THREADS = 2
+SIZES = {
+    "S": dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, seq_len=256,
+              batch_size=8),
+    "M": dict(vocab_size=32_000, d_model=512, n_layers=8, n_heads=8, head_dim=64, seq_len=512,
+              batch_size=4),
+}
+MODELS = ("ours", "palm-pytorch", "litgpt")
+COMPILED = ("ours", "litgpt")  # the variants --compile adds, as "<name>+compile"
+
+
+def palm_config(size: dict) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=size["vocab_size"], d_model=size["d_model"], n_layers=size["n_layers"],
+        n_heads=size["n_heads"], head_dim=size["head_dim"], ffn_mult=4.0,
+        max_seq_len=size["seq_len"],
+    )
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def build(name: str, size: dict) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
+    """The model and its loss (logits, targets) -> scalar; mean cross-entropy for all."""
+    s = size
+    if name == "ours":
+        from palm.loss import lm_loss
+        from palm.model import PaLM
+
+        # PaLM's loss: cross-entropy + 1e-4 * log(Z)^2 (z-loss, PaLM §5); a few (B, T) ops more.
+        return PaLM(palm_config(s)), lambda logits, targets: lm_loss(logits, targets).loss
+    if name == "palm-pytorch":
+        from palm_pytorch import PaLM as PeerPaLM
+
+        model = PeerPaLM(num_tokens=s["vocab_size"], dim=s["d_model"], depth=s["n_layers"],
+                         dim_head=s["head_dim"], heads=s["n_heads"], ff_mult=4)
+        return model, cross_entropy
+    if name == "litgpt":
+        from litgpt.config import Config
+        from litgpt.model import GPT
+
+        config = Config(
+            name="palm-like", block_size=s["seq_len"], vocab_size=s["vocab_size"],
+            padded_vocab_size=s["vocab_size"], n_layer=s["n_layers"], n_head=s["n_heads"],
+            n_embd=s["d_model"], head_size=s["head_dim"], n_query_groups=1,
+            rotary_percentage=1.0, parallel_residual=True, shared_attention_norm=True,
+            bias=False, norm_class_name="LayerNorm", mlp_class_name="LLaMAMLP",
+            intermediate_size=4 * s["d_model"],
+        )
+        model = GPT(config)
+        model.lm_head.weight = model.transformer.wte.weight  # tied, as PaLM (same parameters)
+        return model, lambda logits, targets: cross_entropy(logits, targets)
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied one once
+
+
+def make_step(model: nn.Module, loss_fn: Callable, compile: bool) -> Callable[[Tensor, Tensor], float]:
+    """A full training step: forward, loss, backward, AdamW step, zero the gradients."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # fused/foreach: the default
+
+    def forward_loss(tokens: Tensor, targets: Tensor) -> Tensor:
+        return loss_fn(model(tokens), targets)
+
+    forward = torch.compile(forward_loss) if compile else forward_loss
+
+    def step(tokens: Tensor, targets: Tensor) -> float:
+        loss = forward(tokens, targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def split_label(label: str) -> tuple[str, bool]:
+    name, _, suffix = label.partition("+")
+    return name, suffix == "compile"
+
+
+def batch(size: dict) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(0, size["vocab_size"], (size["batch_size"], size["seq_len"] + 1),
+                         generator=generator)
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def time_models(labels: list[str], size: dict, rounds: int, steps_per_round: int,
+                warmup: int) -> dict[str, dict]:
+    """Build every model, warm each up, then alternate them step by step; median step times."""
+    tokens, targets = batch(size)
+    steps, results = {}, {}
+    for label in labels:
+        name, compiled = split_label(label)
+        torch.manual_seed(0)
+        model, loss_fn = build(name, size)
+        steps[label] = make_step(model, loss_fn, compiled)
+        results[label] = {"params": parameter_count(model), "times": [], "losses": []}
+        start = time.perf_counter()
+        for _ in range(warmup + (1 if compiled else 0)):  # compiled: one more, for compilation
+            results[label]["losses"].append(steps[label](tokens, targets))
+        results[label]["warmup_s"] = time.perf_counter() - start
+    for r in range(rounds):
+        order = labels[r % len(labels):] + labels[: r % len(labels)]  # rotate the order
+        for label in order:
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                loss = steps[label](tokens, targets)
+                results[label]["times"].append(time.perf_counter() - start)
+                results[label]["losses"].append(loss)
+    n_tokens = size["batch_size"] * size["seq_len"]
+    for label, res in results.items():
+        res["step_s"] = median(res["times"])
+        res["tokens_per_s"] = n_tokens / res["step_s"]
+    return results
+
+
+def memory_worker(label: str, size_name: str, warmup: int, steps: int) -> dict:
+    """Run in a fresh process: what training `label` adds to the resident set."""
+    torch.set_num_threads(THREADS)
+    size = SIZES[size_name]
+    name, compiled = split_label(label)
+    tokens, targets = batch(size)
+    build(name, size)  # import the peer's modules before the baseline, then drop the model
+    baseline = rss_bytes()
+    torch.manual_seed(0)
+    model, loss_fn = build(name, size)
+    step = make_step(model, loss_fn, compiled)
+    for _ in range(warmup + (1 if compiled else 0)):  # allocates the AdamW moments, compiles
+        step(tokens, targets)
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a worker would
+    # report its (large) parent's peak; VmHWM belongs to the process's own address space.
+    warmup_peak = peak_rss_bytes()
+    reset = reset_peak_rss()
+    for _ in range(steps):
+        step(tokens, targets)
+    steady = peak_rss_bytes()
+    return {
+        "baseline_rss": baseline,
+        "steady_peak": (steady - baseline) if reset else None,
+        "run_peak": max(warmup_peak, steady) - baseline,
+    }
+
+
+def measure_memory(label: str, size_name: str, warmup: int, steps: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", label,
+           "--sizes", size_name, "--warmup", str(warmup), "--memory-steps", str(steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f}"
+
+
+def report(size_name: str, size: dict, results: dict, peak: float, reference: str) -> str:
+    config = palm_config(size)
+    fpt = flops_per_token(config, size["seq_len"])
+    ref = results[reference]["tokens_per_s"] if reference in results else None
+    pp = results["palm-pytorch"]["tokens_per_s"] if "palm-pytorch" in results else None
+    lines = [
+        f"**{size_name}**: vocab {size['vocab_size']}, d_model {size['d_model']}, "
+        f"{size['n_layers']} layers, {size['n_heads']} heads x {size['head_dim']}, ffn 4x, "
+        f"seq {size['seq_len']}, batch {size['batch_size']}; "
+        f"{fpt / 1e6:.1f} MFLOP/token (6N + 12LHQT)",
+        "",
+        "| model | params | step (s, median) | tokens/s | MFU | vs palm-pytorch | vs litgpt "
+        "eager | peak mem, steady (MiB) | peak mem, whole run (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratio = lambda tps, base: f"{tps / base:.2f}x" if base else "-"
+    for label, res in results.items():
+        tps = res["tokens_per_s"]
+        mem = res.get("memory", {})
+        lines.append(
+            f"| {label} | {res['params'] / 1e6:.2f}M | {res['step_s']:.3f} | {tps:,.0f} | "
+            f"{tps * fpt / peak:.1%} | {ratio(tps, pp)} | {ratio(tps, ref)} | "
+            f"{mib(mem.get('steady_peak'))} | {mib(mem.get('run_peak'))} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="S,M", help="comma-separated: S, M")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps-per-round", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
+    parser.add_argument("--compile", action="store_true",
+                        help=f"also time torch.compile'd {', '.join(COMPILED)}")
+    parser.add_argument("--memory-steps", type=int, default=2,
+                        help="steady steps per memory subprocess (0: skip memory)")
+    parser.add_argument("--json", type=Path, help="write all figures here")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: size S, 2 rounds of 1 step, 1 memory step")
+    parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.memory_worker:
+        print(json.dumps(memory_worker(args.memory_worker, args.sizes, args.warmup,
+                                       args.memory_steps)))
+        return
+    if args.quick:
+        args.sizes, args.rounds, args.steps_per_round, args.memory_steps = "S", 2, 1, 1
+
+    torch.set_num_threads(THREADS)
+    labels = args.models.split(",")
+    if args.compile:
+        labels += [f"{name}+compile" for name in COMPILED if name in labels]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
+          f"models: {', '.join(labels)}", flush=True)
+    peak_before = matmul_peak_flops()
+    print(f"fp32 matmul peak (before): {peak_before / 1e9:.1f} GFLOP/s", flush=True)
+    all_results, tables = {}, []
+    for size_name in args.sizes.split(","):
+        size = SIZES[size_name]
+        results = time_models(labels, size, args.rounds, args.steps_per_round, args.warmup)
+        for label, res in results.items():
+            print(f"  {size_name} {label}: {res['params']:,} params, median step "
+                  f"{res['step_s']:.3f}s of {[round(t, 3) for t in res['times']]}", flush=True)
+        all_results[size_name] = results
+    peak_after = matmul_peak_flops()
+    peak = max(peak_before, peak_after)
+    print(f"fp32 matmul peak (after): {peak_after / 1e9:.1f} GFLOP/s", flush=True)
+    if args.memory_steps:
+        for size_name, results in all_results.items():
+            for label in results:
+                results[label]["memory"] = measure_memory(label, size_name, args.warmup,
+                                                          args.memory_steps)
+    for size_name, results in all_results.items():
+        tables.append(report(size_name, SIZES[size_name], results, peak, "litgpt"))
+    print(f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of torch.mm 3072^3, "
+          f"{THREADS} threads; before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})\n")
+    print("\n\n".join(tables))
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"threads": THREADS, "torch": torch.__version__, "matmul_peak_flops": peak,
+             "matmul_peak_before": peak_before, "matmul_peak_after": peak_after,
+             "command": " ".join(sys.argv), "sizes": {k: SIZES[k] for k in all_results},
+             "results": all_results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""`python3 generate.py ...` / `palm generate ...`: sample text from a checkpoint.
+
+    palm generate runs/wt103 --prompt "The meaning of life" --max_new_tokens 100 --top_p 0.9
+    echo "def fib(n):" | palm generate runs/code/checkpoints/step_00002000 --temperature 0
+
+Every prompt is conditioned on <eod> first, i.e. read as the start of a document, as in the
+packed training data (PaLM §5). A single sequence is streamed as it is made; several (more
+prompts, or --num_samples > 1) decode as one left-padded batch and print when done.
+Exit status: 0 done; 1 an error (one `error:` line naming the file or option and the fix);
+2 bad command line; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from palm.checkpoint import CheckpointError
+from palm.inference import WHICH, LoadedModel, load_model_for_inference
+from palm.sampling import check_sampling, pad_left, stream
+from palm.tokenizer import Tokenizer, TokenizerError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate.py", allow_abbrev=False,
+        description="Sample text from a PaLM checkpoint with the key/value cache.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a "
+                                      "run folder (runs/NAME: its --which checkpoint)")
+    p.add_argument("--which", choices=WHICH, default="best",
+                   help="for a run folder: lowest validation loss, or highest step")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the "
+                                                     "run's own")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeat for a batch of prompts); '' = unconditional")
+    p.add_argument("--prompt_file", action="append", default=None,
+                   help="file whose whole text is one prompt (repeatable); '-' = standard input")
+    p.add_argument("--interactive", action="store_true",
+                   help="read prompts line by line until end of input or 'exit'")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest; 0 = all")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same output")
+    p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop a sample at this string (repeatable; not printed)")
+    p.add_argument("--ignore_eod", action="store_true",
+                   help="keep going after the end-of-document token instead of stopping")
+    p.add_argument("--echo", action="store_true", help="print each prompt before its sample")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                   help="weights and cache dtype")
+    return p
+
+
+class TextStream:
+    """Turns one row's token ids into printable text, cut at the first stop string.
+
+    Text is re-decoded from all ids each step (SentencePiece pieces can merge bytes), and text
+    that could still become a stop string, or a half-decoded UTF-8 character, is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already handed out
+        self.done = False
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly printable text."""
+        if self.done:
+            return ""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.done = self.text[: min(hits)], True
+            return self.flush()
+        safe = len(self.text) - max((len(s) - 1 for s in self.stops), default=0)
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+            safe -= 1  # an incomplete UTF-8 sequence: wait for its remaining bytes
+        out = self.text[self.emitted: max(safe, self.emitted)]
+        self.emitted += len(out)
+        return out
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    for name in args.prompt_file or []:
+        if name == "-":
+            prompts.append(sys.stdin.read())
+            continue
+        try:
+            with open(name, encoding="utf-8") as handle:
+                prompts.append(handle.read())
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"--prompt_file {name}: cannot read it ({error}); pass a UTF-8 "
+                             f"text file") from None
+    if not prompts:
+        if sys.stdin.isatty():
+            raise ValueError("no prompt: pass --prompt TEXT, --prompt_file FILE, --interactive, "
+                             "or pipe text on standard input")
+        prompts.append(sys.stdin.read())
+    return prompts
+
+
+def sample(
+    loaded: LoadedModel, prompts: Sequence[str], args: argparse.Namespace,
+    generator: torch.Generator, out=None,
+) -> list[str]:
+    """Generate for every prompt x num_samples; stream when there is one sequence."""
+    out = sys.stdout if out is None else out
+    tokenizer, model = loaded.tokenizer, loaded.model
+    device = next(model.parameters()).device
+    encoded = [[tokenizer.eod_id] + tokenizer.encode(p) for p in prompts]
+    context = model.config.max_seq_len
+    for text, ids in zip(prompts, encoded):
+        if len(ids) + args.max_new_tokens > context:
+            raise ValueError(f"prompt {text[:30]!r}... is {len(ids)} tokens; with "
+                             f"--max_new_tokens {args.max_new_tokens} that exceeds the model's "
+                             f"context of {context}; shorten it or lower --max_new_tokens")
+    rows = [ids for ids in encoded for _ in range(args.num_samples)]
+    tokens, mask = pad_left(rows, pad_id=max(tokenizer.pad_id, 0))
+    streams = [TextStream(tokenizer, args.stop) for _ in rows]
+    live = len(rows) == 1
+    if live and args.echo:
+        out.write(prompts[0])
+    start, produced = time.perf_counter(), 0
+    for token in stream(model, tokens.to(device), args.max_new_tokens,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        eod_id=None if args.ignore_eod else tokenizer.eod_id,
+                        generator=generator, prompt_mask=mask.to(device)):
+        for row, text_stream in enumerate(streams):
+            if not text_stream.done and not args.ignore_eod and token[row] == tokenizer.eod_id:
+                text_stream.done = True
+            piece = text_stream.push(int(token[row]))
+            if live and piece:
+                out.write(piece)
+                out.flush()
+        produced += len(rows)
+        if all(s.done for s in streams):
+            break
+    texts = []
+    for text_stream in streams:
+        tail = text_stream.flush()
+        if live:
+            out.write(tail + "\n")
+        texts.append(text_stream.text)
+    if not live:
+        for row, text in enumerate(texts):
+            prompt_index, sample_index = divmod(row, args.num_samples)
+            out.write(f"=== prompt {prompt_index + 1}, sample {sample_index + 1} ===\n")
+            out.write((prompts[prompt_index] if args.echo else "") + text + "\n")
+    seconds = time.perf_counter() - start
+    print(f"[{produced} tokens in {seconds:.2f} s, {produced / max(seconds, 1e-9):,.1f} tokens/s]",
+          file=sys.stderr)
+    return texts
+
+
+def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.Generator) -> None:
+    print("interactive: one prompt per line; end with Ctrl-D or 'exit'", file=sys.stderr)
+    while True:
+        sys.stderr.write("> ")  # the prompt marker goes to stderr: stdout holds only samples
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line or line.strip() == "exit":  # end of input or an explicit exit
+            return
+        line = line.rstrip("\n")
+        try:
+            sample(loaded, [line.replace("\\n", "\n")], args, generator)
+        except ValueError as error:  # e.g. a prompt too long: report it and keep the loop
+            print(f"error: {error}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+        if args.max_new_tokens < 1 or args.num_samples < 1:
+            raise ValueError("--max_new_tokens and --num_samples must be >= 1")
+        if args.interactive and (args.prompt or args.prompt_file):
+            raise ValueError("--interactive reads prompts itself; drop --prompt/--prompt_file")
+        prompts = [] if args.interactive else read_prompts(args)
+        loaded = load_model_for_inference(args.checkpoint, args.which, args.device,
+                                          DTYPES[args.dtype], args.tokenizer)
+        print(f"loaded {loaded.path} (step {loaded.step})", file=sys.stderr)
+        device = next(loaded.model.parameters()).device
+        generator = torch.Generator(device).manual_seed(args.seed)
+        if args.interactive:
+            interactive(loaded, args, generator)
+        else:
+            sample(loaded, prompts, args, generator)
+    except (CheckpointError, TokenizerError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

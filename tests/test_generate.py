@@ -1,0 +1,218 @@
+"""Sampling and generate.py: cached == uncached, padded batches == single prompts, filters
+against brute force, seeds, streaming, stop strings, run-folder resolution, clear errors."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from inference_helpers import one_thread, prepare_dataset, tiny_model_config, write_run  # noqa: F401
+
+from palm.generate import TextStream, main
+from palm.inference import load_model_for_inference, resolve_checkpoint
+from palm.model import PaLM
+from palm.sampling import generate, pad_left, top_k_filter, top_p_filter
+from palm.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gen")
+    return write_run(root, prepare_dataset(root))
+
+
+def small_model(seed: int = 0, **overrides) -> PaLM:
+    torch.manual_seed(seed)
+    config = tiny_model_config(vocab_size=97, max_seq_len=96)
+    config = type(config)(**{**config.to_dict(), **overrides})
+    return PaLM(config).eval()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
+def test_greedy_with_cache_equals_greedy_without(overrides):
+    model = small_model(**overrides)
+    prompt = torch.randint(0, 97, (3, 7))
+    cached = generate(model, prompt, 40, temperature=0.0)
+    uncached = generate(model, prompt, 40, temperature=0.0, use_cache=False)
+    assert cached.shape == (3, 40)
+    assert torch.equal(cached, uncached)
+
+
+def test_decoding_feeds_one_token_per_step():
+    """Flat cost per token: after the prompt every forward sees one position (the cache)."""
+    model = small_model()
+    widths = []
+    original = model.forward
+    model.forward = lambda tokens, cache=None: widths.append(tokens.shape[1]) or original(
+        tokens, cache)
+    generate(model, torch.randint(0, 97, (2, 9)), 20, temperature=0.0)
+    assert widths == [9] + [1] * 19
+
+
+def test_left_padded_batch_matches_each_prompt_alone():
+    model = small_model(1)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42, 43]]
+    tokens, mask = pad_left(prompts)
+    # Logits at real positions equal those of the prompt alone (RoPE is relative).
+    cache = model.new_cache(3, tokens.shape[1])
+    cache.key_mask = mask
+    batched_logits = model(tokens, cache)
+    for row, prompt in enumerate(prompts):
+        alone = model(torch.tensor([prompt]))[0]
+        torch.testing.assert_close(batched_logits[row, -len(prompt):], alone, atol=1e-5,
+                                   rtol=1e-5)
+    for use_cache in (True, False):
+        batched = generate(model, tokens, 25, temperature=0.0, prompt_mask=mask,
+                           use_cache=use_cache)
+        for row, prompt in enumerate(prompts):
+            alone = generate(model, torch.tensor([prompt]), 25, temperature=0.0)
+            assert torch.equal(batched[row], alone[0]), (use_cache, row)
+
+
+def brute_force_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep-set of nucleus sampling by its definition: add tokens by falling probability until
+    their mass reaches p."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for row in range(logits.shape[0]):
+        probs = torch.softmax(logits[row].double(), -1)
+        mass = 0.0
+        for index in torch.argsort(probs, descending=True).tolist():
+            keep[row, index] = True
+            mass += float(probs[index])
+            if mass >= p:
+                break
+    return keep
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9, 0.999])
+def test_top_p_filter_matches_brute_force(p):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    kept = top_p_filter(logits, p) > float("-inf")
+    assert torch.equal(kept, brute_force_top_p(logits, p))
+
+
+def test_top_k_filter_keeps_exactly_the_k_largest():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 30)
+    kept = top_k_filter(logits, 5) > float("-inf")
+    expected = torch.zeros_like(kept)
+    expected.scatter_(1, logits.topk(5, dim=-1).indices, True)
+    assert torch.equal(kept, expected)
+
+
+def test_same_seed_same_samples_and_top_k_1_is_greedy():
+    model = small_model(2)
+    prompt = torch.randint(0, 97, (2, 5))
+
+    def draw(seed, **kw):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, prompt, 30, temperature=1.0, generator=g, **kw)
+
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+    assert torch.equal(draw(3, top_k=1), generate(model, prompt, 30, temperature=0.0))
+
+
+def test_eod_stops_rows_and_pads_them_with_eod():
+    model = small_model(3)
+    prompt = torch.randint(0, 97, (1, 4))
+    first = int(generate(model, prompt, 1, temperature=0.0)[0, 0])
+    out = generate(model, prompt, 10, temperature=0.0, eod_id=first)
+    assert out.tolist() == [[first]]  # stopped at once: the only row finished
+
+
+def test_text_stream_holds_back_a_stop_string_split_across_tokens(run):
+    tok = Tokenizer.load(run / "tokenizer.model")
+    ids = tok.encode("the world and the people")
+    stream = TextStream(tok, ["and the"])
+    printed = "".join(stream.push(i) for i in ids) + stream.flush()
+    assert printed == "the world " and stream.done
+
+
+def test_run_folder_resolves_to_best_or_latest(run):
+    assert resolve_checkpoint(run, "best").name == "step_00000200"  # val_loss 1.5
+    assert resolve_checkpoint(run, "latest").name == "step_00000300"
+    step = run / "checkpoints" / "step_00000100"
+    assert resolve_checkpoint(step) == step
+
+
+def cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_greedy_output_is_the_models_greedy_decoding(run, capsys):
+    rc, out, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 12,
+                     "--temperature", 0)
+    assert rc == 0
+    loaded = load_model_for_inference(run)
+    tok = loaded.tokenizer
+    prompt = torch.tensor([[tok.eod_id] + tok.encode("the world")])
+    new = generate(loaded.model, prompt, 12, temperature=0.0, eod_id=tok.eod_id)[0].tolist()
+    expected = tok.decode(new[: new.index(tok.eod_id)] if tok.eod_id in new else new)
+    assert out == expected + "\n"
+
+
+def test_cli_seed_batches_stdin_stop_and_samples(run, capsys, monkeypatch):
+    args = (run, "--prompt", "the", "--prompt", "a long prompt of many words", "--seed", 3,
+            "--num_samples", 2, "--max_new_tokens", 15, "--top_p", 0.9, "--top_k", 50)
+    rc, first, _ = cli(capsys, *args)
+    rc2, second, _ = cli(capsys, *args)
+    assert rc == rc2 == 0 and first == second
+    assert first.count("=== prompt") == 4 and "=== prompt 2, sample 2 ===" in first
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the world"))
+    rc, piped, _ = cli(capsys, run, "--max_new_tokens", 12, "--temperature", 0)
+    rc2, direct, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 12,
+                         "--temperature", 0)
+    assert rc == rc2 == 0 and piped == direct
+    stop = direct.strip()[3:6]
+    if stop:
+        rc, cut, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 12,
+                         "--temperature", 0, "--stop", stop)
+        assert cut == direct[: direct.index(stop)] + "\n"
+
+
+def test_cli_streams_a_single_sequence(run):
+    loaded = load_model_for_inference(run)
+    from palm.generate import build_parser, sample
+
+    args = build_parser().parse_args([str(run), "--max_new_tokens", "20", "--ignore_eod"])
+    writes = []
+
+    class Out(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return super().write(text)
+
+    sample(loaded, ["the"], args, torch.Generator().manual_seed(0), out=Out())
+    assert len([w for w in writes if w]) > 3  # pieces appear as they are made
+
+
+def test_cli_interactive_loop(run, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the world\nexit\n"))
+    rc, out, err = cli(capsys, run, "--interactive", "--max_new_tokens", 5, "--temperature", 0)
+    rc2, direct, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 5,
+                         "--temperature", 0)
+    assert rc == rc2 == 0 and "interactive" in err and out == direct
+
+
+def test_cli_errors_are_one_clear_line(run, capsys, tmp_path):
+    rc, _, err = cli(capsys, tmp_path / "nope", "--prompt", "x")
+    assert rc == 1 and "nope" in err and "no such checkpoint" in err
+    rc, _, err = cli(capsys, run, "--prompt", "the " * 400, "--max_new_tokens", 10)
+    assert rc == 1 and "exceeds the model's context of 320" in err
+    rc, _, err = cli(capsys, run, "--prompt", "x", "--top_p", 1.5)
+    assert rc == 1 and "top_p" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(run), "--prompt", "x", "--typical_p", "0.9"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --typical_p" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    rc, _, err = cli(capsys, empty, "--prompt", "x")
+    assert rc == 1 and "no complete checkpoint" in err
