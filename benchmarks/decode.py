@@ -49,11 +49,17 @@ def neox(size: str):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     s = SIZES[size]
-    config = GPTNeoXConfig(vocab_size=s["vocab_size"], hidden_size=s["d_model"],
-                           num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"],
-                           intermediate_size=4 * s["d_model"], rotary_pct=1.0,
-                           use_parallel_residual=True, max_position_embeddings=1024,
-                           tie_word_embeddings=False)
+    config = GPTNeoXConfig(
+        vocab_size=s["vocab_size"],
+        hidden_size=s["d_model"],
+        num_hidden_layers=s["n_layers"],
+        num_attention_heads=s["n_heads"],
+        intermediate_size=4 * s["d_model"],
+        rotary_pct=1.0,
+        use_parallel_residual=True,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return GPTNeoXForCausalLM(config).eval()
 
@@ -84,8 +90,15 @@ def time_recompute(model: PaLM, prompt: torch.Tensor, new: int, every: int) -> f
 @torch.no_grad()
 def time_neox(model, prompt: torch.Tensor, new: int) -> float:
     start = time.perf_counter()
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                         min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0)
+    out = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+    )
     assert out.shape[1] == PROMPT + new
     return time.perf_counter() - start
 
@@ -95,19 +108,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", default=["S", "M"], choices=tuple(SIZES))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--new_tokens", nargs="+", type=int, default=[128, 512])
-    p.add_argument("--recompute_every", type=int, default=1,
-                   help="time every K-th recompute step and scale by K (1 = all, exact)")
+    p.add_argument(
+        "--recompute_every",
+        type=int,
+        default=1,
+        help="time every K-th recompute step and scale by K (1 = all, exact)",
+    )
     p.add_argument("--skip_hf", action="store_true", help="no transformers baseline")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, float32, CPU")
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, float32, CPU"
+    )
     rows = []
-    print("| size | batch | new | ours+cache tok/s | ours recompute tok/s | speed-up | "
-          "hf gpt-neox tok/s | ours/hf |")
+    print(
+        "| size | batch | new | ours+cache tok/s | ours recompute tok/s | speed-up | "
+        "hf gpt-neox tok/s | ours/hf |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         model = ours(size)
@@ -123,13 +144,21 @@ def main(argv: list[str] | None = None) -> int:
                 recompute = tokens / time_recompute(model, prompt, new, args.recompute_every)
                 hf_rate = tokens / time_neox(hf, prompt, new) if hf is not None else float("nan")
                 note = "" if args.recompute_every == 1 else " (est.)"
-                row = {"size": size, "batch": batch, "new_tokens": new, "cached": cached,
-                       "recompute": recompute, "hf": hf_rate,
-                       "recompute_estimated": args.recompute_every > 1}
+                row = {
+                    "size": size,
+                    "batch": batch,
+                    "new_tokens": new,
+                    "cached": cached,
+                    "recompute": recompute,
+                    "hf": hf_rate,
+                    "recompute_estimated": args.recompute_every > 1,
+                }
                 rows.append(row)
-                print(f"| {size} | {batch} | {new} | {cached:,.0f} | {recompute:,.0f}{note} | "
-                      f"{cached / recompute:.1f}x | {hf_rate:,.0f} | {cached / hf_rate:.2f}x |",
-                      flush=True)
+                print(
+                    f"| {size} | {batch} | {new} | {cached:,.0f} | {recompute:,.0f}{note} | "
+                    f"{cached / recompute:.1f}x | {hf_rate:,.0f} | {cached / hf_rate:.2f}x |",
+                    flush=True,
+                )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

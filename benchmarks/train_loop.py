@@ -45,9 +45,18 @@ def write_random_dataset(folder: Path, vocab: int, n_tokens: int) -> None:
     for split, n in (("train", n_tokens), ("validation", n_tokens // 10)):
         rng.integers(3, vocab, size=n, dtype=np.uint16).tofile(folder / f"{split}.bin")
         splits[split] = {"path": f"{split}.bin", "n_tokens": n, "n_documents": 1, "sha256": ""}
-    manifest = Manifest(dataset="random", vocab_size=vocab, dtype="uint16", eod_id=1, pad_id=0,
-                        seq_len=256, batch_size=8, layout="combined", splits=splits,
-                        tokenizer_sha256="")
+    manifest = Manifest(
+        dataset="random",
+        vocab_size=vocab,
+        dtype="uint16",
+        eod_id=1,
+        pad_id=0,
+        seq_len=256,
+        batch_size=8,
+        layout="combined",
+        splits=splits,
+        tokenizer_sha256="",
+    )
     (folder / "meta.json").write_text(manifest.to_json())
 
 
@@ -71,8 +80,12 @@ def loop_steps(trainer: Trainer, steps: int) -> float:
     """Seconds per step of the real loop, `steps` more steps (logging and a checkpoint in)."""
     c = trainer.config
     start_step = trainer.state.step
-    trainer.config = type(c)(c.model, c.data, c.optim, type(c.train)(
-        **{**c.train.__dict__, "max_steps": start_step + steps}))
+    trainer.config = type(c)(
+        c.model,
+        c.data,
+        c.optim,
+        type(c.train)(**{**c.train.__dict__, "max_steps": start_step + steps}),
+    )
     start = time.perf_counter()
     trainer.fit()
     return (time.perf_counter() - start) / steps
@@ -84,16 +97,29 @@ def run(size: str, rounds: int, steps: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_random_dataset(data, s["vocab"], 2_000_000)
-        config = load_config(None, [
-            f"data.path={data}", f"train.runs_dir={tmp}/runs", "train.name=bench",
-            f"model.d_model={s['d_model']}", f"model.n_layers={s['n_layers']}",
-            f"model.n_heads={s['n_heads']}", f"model.head_dim={s['head_dim']}",
-            f"data.seq_len={s['seq_len']}", f"data.batch_size={s['batch']}",
-            f"data.micro_batch_size={s['batch']}", "train.log_every=10", "train.eval_every=0",
-            f"train.checkpoint_every={steps}", "train.keep_checkpoints=2",
-            "train.sample_tokens=0", "train.spike_detection=true", "train.max_steps=1",
-            "train.resume=auto",
-        ])
+        config = load_config(
+            None,
+            [
+                f"data.path={data}",
+                f"train.runs_dir={tmp}/runs",
+                "train.name=bench",
+                f"model.d_model={s['d_model']}",
+                f"model.n_layers={s['n_layers']}",
+                f"model.n_heads={s['n_heads']}",
+                f"model.head_dim={s['head_dim']}",
+                f"data.seq_len={s['seq_len']}",
+                f"data.batch_size={s['batch']}",
+                f"data.micro_batch_size={s['batch']}",
+                "train.log_every=10",
+                "train.eval_every=0",
+                f"train.checkpoint_every={steps}",
+                "train.keep_checkpoints=2",
+                "train.sample_tokens=0",
+                "train.spike_detection=true",
+                "train.max_steps=1",
+                "train.resume=auto",
+            ],
+        )
         trainer = Trainer(config)
         bare_steps(trainer, 2)  # warm-up
         bare, loop = [], []
@@ -104,15 +130,24 @@ def run(size: str, rounds: int, steps: int, threads: int) -> dict:
         peak = measure_matmul_peak(torch.device("cpu"))
         fpt = flops_per_token(trainer.config.model, s["seq_len"])
         bare_tps, loop_tps = tokens / statistics.median(bare), tokens / statistics.median(loop)
-        return {"size": size, "threads": threads, "rounds": rounds, "steps": steps,
-                "bare_tokens_per_s": bare_tps, "loop_tokens_per_s": loop_tps,
-                "loop_over_bare": loop_tps / bare_tps, "matmul_peak_flops": peak,
-                "bare_mfu": bare_tps * fpt / peak, "loop_mfu": loop_tps * fpt / peak}
+        return {
+            "size": size,
+            "threads": threads,
+            "rounds": rounds,
+            "steps": steps,
+            "bare_tokens_per_s": bare_tps,
+            "loop_tokens_per_s": loop_tps,
+            "loop_over_bare": loop_tps / bare_tps,
+            "matmul_peak_flops": peak,
+            "bare_mfu": bare_tps * fpt / peak,
+            "loop_mfu": loop_tps * fpt / peak,
+        }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="S,M")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20, help="steps per round and mode")
@@ -123,8 +158,10 @@ def main() -> None:
     print("| size | bare step tokens/s | whole loop tokens/s | loop / bare | loop MFU |")
     print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['size']} | {r['bare_tokens_per_s']:,.0f} | {r['loop_tokens_per_s']:,.0f} | "
-              f"{r['loop_over_bare']:.1%} | {r['loop_mfu']:.1%} |")
+        print(
+            f"| {r['size']} | {r['bare_tokens_per_s']:,.0f} | {r['loop_tokens_per_s']:,.0f} | "
+            f"{r['loop_over_bare']:.1%} | {r['loop_mfu']:.1%} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

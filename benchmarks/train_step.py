@@ -52,10 +52,18 @@ from palm.flops import flops_per_token
 
 THREADS = 2
 SIZES = {
-    "S": dict(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, seq_len=256,
-              batch_size=8),
-    "M": dict(vocab_size=32_000, d_model=512, n_layers=8, n_heads=8, head_dim=64, seq_len=512,
-              batch_size=4),
+    "S": dict(
+        vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, seq_len=256, batch_size=8
+    ),
+    "M": dict(
+        vocab_size=32_000,
+        d_model=512,
+        n_layers=8,
+        n_heads=8,
+        head_dim=64,
+        seq_len=512,
+        batch_size=4,
+    ),
 }
 MODELS = ("ours", "palm-pytorch", "litgpt")
 COMPILED = ("ours", "litgpt")  # the variants --compile adds, as "<name>+compile"
@@ -63,8 +71,12 @@ COMPILED = ("ours", "litgpt")  # the variants --compile adds, as "<name>+compile
 
 def palm_config(size: dict) -> ModelConfig:
     return ModelConfig(
-        vocab_size=size["vocab_size"], d_model=size["d_model"], n_layers=size["n_layers"],
-        n_heads=size["n_heads"], head_dim=size["head_dim"], ffn_mult=4.0,
+        vocab_size=size["vocab_size"],
+        d_model=size["d_model"],
+        n_layers=size["n_layers"],
+        n_heads=size["n_heads"],
+        head_dim=size["head_dim"],
+        ffn_mult=4.0,
         max_seq_len=size["seq_len"],
     )
 
@@ -85,19 +97,35 @@ def build(name: str, size: dict) -> tuple[nn.Module, Callable[[Tensor, Tensor], 
     if name == "palm-pytorch":
         from palm_pytorch import PaLM as PeerPaLM
 
-        model = PeerPaLM(num_tokens=s["vocab_size"], dim=s["d_model"], depth=s["n_layers"],
-                         dim_head=s["head_dim"], heads=s["n_heads"], ff_mult=4)
+        model = PeerPaLM(
+            num_tokens=s["vocab_size"],
+            dim=s["d_model"],
+            depth=s["n_layers"],
+            dim_head=s["head_dim"],
+            heads=s["n_heads"],
+            ff_mult=4,
+        )
         return model, cross_entropy
     if name == "litgpt":
         from litgpt.config import Config
         from litgpt.model import GPT
 
         config = Config(
-            name="palm-like", block_size=s["seq_len"], vocab_size=s["vocab_size"],
-            padded_vocab_size=s["vocab_size"], n_layer=s["n_layers"], n_head=s["n_heads"],
-            n_embd=s["d_model"], head_size=s["head_dim"], n_query_groups=1,
-            rotary_percentage=1.0, parallel_residual=True, shared_attention_norm=True,
-            bias=False, norm_class_name="LayerNorm", mlp_class_name="LLaMAMLP",
+            name="palm-like",
+            block_size=s["seq_len"],
+            vocab_size=s["vocab_size"],
+            padded_vocab_size=s["vocab_size"],
+            n_layer=s["n_layers"],
+            n_head=s["n_heads"],
+            n_embd=s["d_model"],
+            head_size=s["head_dim"],
+            n_query_groups=1,
+            rotary_percentage=1.0,
+            parallel_residual=True,
+            shared_attention_norm=True,
+            bias=False,
+            norm_class_name="LayerNorm",
+            mlp_class_name="LLaMAMLP",
             intermediate_size=4 * s["d_model"],
         )
         model = GPT(config)
@@ -110,7 +138,9 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied one once
 
 
-def make_step(model: nn.Module, loss_fn: Callable, compile: bool) -> Callable[[Tensor, Tensor], float]:
+def make_step(
+    model: nn.Module, loss_fn: Callable, compile: bool
+) -> Callable[[Tensor, Tensor], float]:
     """A full training step: forward, loss, backward, AdamW step, zero the gradients."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # fused/foreach: the default
@@ -137,13 +167,15 @@ def split_label(label: str) -> tuple[str, bool]:
 
 def batch(size: dict) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(0)
-    data = torch.randint(0, size["vocab_size"], (size["batch_size"], size["seq_len"] + 1),
-                         generator=generator)
+    data = torch.randint(
+        0, size["vocab_size"], (size["batch_size"], size["seq_len"] + 1), generator=generator
+    )
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
-def time_models(labels: list[str], size: dict, rounds: int, steps_per_round: int,
-                warmup: int) -> dict[str, dict]:
+def time_models(
+    labels: list[str], size: dict, rounds: int, steps_per_round: int, warmup: int
+) -> dict[str, dict]:
     """Build every model, warm each up, then alternate them step by step; median step times."""
     tokens, targets = batch(size)
     steps, results = {}, {}
@@ -158,7 +190,7 @@ def time_models(labels: list[str], size: dict, rounds: int, steps_per_round: int
             results[label]["losses"].append(steps[label](tokens, targets))
         results[label]["warmup_s"] = time.perf_counter() - start
     for r in range(rounds):
-        order = labels[r % len(labels):] + labels[: r % len(labels)]  # rotate the order
+        order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate the order
         for label in order:
             for _ in range(steps_per_round):
                 start = time.perf_counter()
@@ -166,7 +198,7 @@ def time_models(labels: list[str], size: dict, rounds: int, steps_per_round: int
                 results[label]["times"].append(time.perf_counter() - start)
                 results[label]["losses"].append(loss)
     n_tokens = size["batch_size"] * size["seq_len"]
-    for label, res in results.items():
+    for res in results.values():
         res["step_s"] = median(res["times"])
         res["tokens_per_s"] = n_tokens / res["step_s"]
     return results
@@ -200,8 +232,18 @@ def memory_worker(label: str, size_name: str, warmup: int, steps: int) -> dict:
 
 
 def measure_memory(label: str, size_name: str, warmup: int, steps: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", label,
-           "--sizes", size_name, "--warmup", str(warmup), "--memory-steps", str(steps)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-worker",
+        label,
+        "--sizes",
+        size_name,
+        "--warmup",
+        str(warmup),
+        "--memory-steps",
+        str(steps),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -244,19 +286,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
-    parser.add_argument("--compile", action="store_true",
-                        help=f"also time torch.compile'd {', '.join(COMPILED)}")
-    parser.add_argument("--memory-steps", type=int, default=2,
-                        help="steady steps per memory subprocess (0: skip memory)")
+    parser.add_argument(
+        "--compile", action="store_true", help=f"also time torch.compile'd {', '.join(COMPILED)}"
+    )
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=2,
+        help="steady steps per memory subprocess (0: skip memory)",
+    )
     parser.add_argument("--json", type=Path, help="write all figures here")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: size S, 2 rounds of 1 step, 1 memory step")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: size S, 2 rounds of 1 step, 1 memory step"
+    )
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, args.sizes, args.warmup,
-                                       args.memory_steps)))
+        print(
+            json.dumps(
+                memory_worker(args.memory_worker, args.sizes, args.warmup, args.memory_steps)
+            )
+        )
         return
     if args.quick:
         args.sizes, args.rounds, args.steps_per_round, args.memory_steps = "S", 2, 1, 1
@@ -265,8 +316,11 @@ def main() -> None:
     labels = args.models.split(",")
     if args.compile:
         labels += [f"{name}+compile" for name in COMPILED if name in labels]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
-          f"models: {', '.join(labels)}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
+        f"models: {', '.join(labels)}",
+        flush=True,
+    )
     peak_before = matmul_peak_flops()
     print(f"fp32 matmul peak (before): {peak_before / 1e9:.1f} GFLOP/s", flush=True)
     all_results, tables = {}, []
@@ -274,8 +328,11 @@ def main() -> None:
         size = SIZES[size_name]
         results = time_models(labels, size, args.rounds, args.steps_per_round, args.warmup)
         for label, res in results.items():
-            print(f"  {size_name} {label}: {res['params']:,} params, median step "
-                  f"{res['step_s']:.3f}s of {[round(t, 3) for t in res['times']]}", flush=True)
+            print(
+                f"  {size_name} {label}: {res['params']:,} params, median step "
+                f"{res['step_s']:.3f}s of {[round(t, 3) for t in res['times']]}",
+                flush=True,
+            )
         all_results[size_name] = results
     peak_after = matmul_peak_flops()
     peak = max(peak_before, peak_after)
@@ -283,19 +340,32 @@ def main() -> None:
     if args.memory_steps:
         for size_name, results in all_results.items():
             for label in results:
-                results[label]["memory"] = measure_memory(label, size_name, args.warmup,
-                                                          args.memory_steps)
+                results[label]["memory"] = measure_memory(
+                    label, size_name, args.warmup, args.memory_steps
+                )
     for size_name, results in all_results.items():
         tables.append(report(size_name, SIZES[size_name], results, peak, "litgpt"))
-    print(f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of torch.mm 3072^3, "
-          f"{THREADS} threads; before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})\n")
+    print(
+        f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of torch.mm 3072^3, "
+        f"{THREADS} threads; before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})\n"
+    )
     print("\n\n".join(tables))
     if args.json:
-        args.json.write_text(json.dumps(
-            {"threads": THREADS, "torch": torch.__version__, "matmul_peak_flops": peak,
-             "matmul_peak_before": peak_before, "matmul_peak_after": peak_after,
-             "command": " ".join(sys.argv), "sizes": {k: SIZES[k] for k in all_results},
-             "results": all_results}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "threads": THREADS,
+                    "torch": torch.__version__,
+                    "matmul_peak_flops": peak,
+                    "matmul_peak_before": peak_before,
+                    "matmul_peak_after": peak_after,
+                    "command": " ".join(sys.argv),
+                    "sizes": {k: SIZES[k] for k in all_results},
+                    "results": all_results,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,11 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 
 def save_checkpoint(
-    root: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-    state: TrainingState, config: dict[str, Any],
+    root: Path,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: TrainingState,
+    config: dict[str, Any],
 ) -> Path:
     """Write one checkpoint atomically under `root`; returns its folder."""
     final = checkpoint_dir(root, state.step)
@@ -125,10 +128,14 @@ def save_checkpoint(
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if error.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing checkpoint {final}; free space "
-                                  f"(older checkpoints are intact) and resume") from None
-        raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}; "
-                              f"check that {root} is writable") from None
+            raise CheckpointError(
+                f"disk full while writing checkpoint {final}; free space "
+                f"(older checkpoints are intact) and resume"
+            ) from None
+        raise CheckpointError(
+            f"cannot write checkpoint {final}: {error.strerror or error}; "
+            f"check that {root} is writable"
+        ) from None
     return final
 
 
@@ -136,17 +143,22 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders are never listed)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
-             and all((p / name).is_file() for name in FILES)]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and all((p / name).is_file() for name in FILES)
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "meta.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({error}); delete that folder "
-                              f"to resume from the one before it") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({error}); delete that folder "
+            f"to resume from the one before it"
+        ) from None
 
 
 @dataclass
@@ -165,12 +177,16 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         model_state = load_file(path / "model.safetensors")
         optimizer_tensors = load_file(path / "optimizer.safetensors")
     except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"checkpoint {path} is corrupt ({error}); delete that folder to "
-                              f"resume from the one before it") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({error}); delete that folder to "
+            f"resume from the one before it"
+        ) from None
     return LoadedCheckpoint(
-        path=path, model_state=model_state,
+        path=path,
+        model_state=model_state,
         optimizer_state=_unflatten_optimizer(optimizer_tensors, meta["optimizer"]),
-        state=TrainingState(**meta["state"]), config=meta["config"],
+        state=TrainingState(**meta["state"]),
+        config=meta["config"],
     )
 
 
@@ -179,19 +195,24 @@ def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path / "model.safetensors")
     except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{path / 'model.safetensors'} is unreadable ({error}); "
-                              f"re-create that checkpoint") from None
+        raise CheckpointError(
+            f"{path / 'model.safetensors'} is unreadable ({error}); re-create that checkpoint"
+        ) from None
 
 
 def check_same_model(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Refuse to load weights of another model shape, naming the differing keys."""
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k)
-                    and k != "dropout")
+    differ = sorted(
+        k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "dropout"
+    )
     if differ:
-        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
-                            for k in differ)
-        raise CheckpointError(f"checkpoint {path} is for another model ({details}); use the "
-                              f"matching model config or another run name (train.name=...)")
+        details = ", ".join(
+            f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in differ
+        )
+        raise CheckpointError(
+            f"checkpoint {path} is for another model ({details}); use the "
+            f"matching model config or another run name (train.name=...)"
+        )
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

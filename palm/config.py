@@ -58,10 +58,13 @@ class ModelConfig:
                 f"{self.ffn_mult} * {self.d_model}"
             )
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(
+                f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}"
+            )
         if self.xpos_scale_base < 0:
-            raise ValueError(f"model.xpos_scale_base must be >= 0 (0 = plain RoPE), got "
-                             f"{self.xpos_scale_base}")
+            raise ValueError(
+                f"model.xpos_scale_base must be >= 0 (0 = plain RoPE), got {self.xpos_scale_base}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -102,30 +105,41 @@ class ModelConfig:
 def _paper(n_layers: int, n_heads: int, d_model: int) -> ModelConfig:
     # PaLM Table 1: head size 256, d_ff = 4 d_model, 256k vocabulary, sequence length 2048.
     return ModelConfig(
-        vocab_size=256_000, d_model=d_model, n_layers=n_layers, n_heads=n_heads, head_dim=256,
-        ffn_mult=4.0, max_seq_len=2048,
+        vocab_size=256_000,
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        head_dim=256,
+        ffn_mult=4.0,
+        max_seq_len=2048,
     )
 
 
-# Parameter counts (tied embeddings) are printed by `palm info --preset NAME`; the README lists them.
+# Parameter counts (tied embeddings): `palm info --preset NAME`; the README lists them.
 PRESETS: dict[str, ModelConfig] = {
     # Table 1 of the paper: 8.63B, 62.50B, 540.35B parameters.
     "palm-8b": _paper(32, 16, 4096),
     "palm-62b": _paper(64, 32, 8192),
     "palm-540b": _paper(118, 48, 18432),
     # Small presets for CPUs and single GPUs (vocabulary is replaced by the data's at training).
-    "palm-tiny": ModelConfig(vocab_size=8192, d_model=128, n_layers=4, n_heads=4, head_dim=32,
-                             max_seq_len=256),
-    "palm-s": ModelConfig(vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64,
-                          max_seq_len=256),
-    "palm-m": ModelConfig(vocab_size=32_000, d_model=512, n_layers=8, n_heads=8, head_dim=64,
-                          max_seq_len=512),
-    "palm-150m": ModelConfig(vocab_size=32_000, d_model=768, n_layers=12, n_heads=12,
-                             head_dim=64, max_seq_len=1024),
-    "palm-350m": ModelConfig(vocab_size=32_000, d_model=1024, n_layers=24, n_heads=16,
-                             head_dim=64, max_seq_len=2048),
-    "palm-1b": ModelConfig(vocab_size=32_000, d_model=2048, n_layers=16, n_heads=8,
-                           head_dim=256, max_seq_len=2048),
+    "palm-tiny": ModelConfig(
+        vocab_size=8192, d_model=128, n_layers=4, n_heads=4, head_dim=32, max_seq_len=256
+    ),
+    "palm-s": ModelConfig(
+        vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, max_seq_len=256
+    ),
+    "palm-m": ModelConfig(
+        vocab_size=32_000, d_model=512, n_layers=8, n_heads=8, head_dim=64, max_seq_len=512
+    ),
+    "palm-150m": ModelConfig(
+        vocab_size=32_000, d_model=768, n_layers=12, n_heads=12, head_dim=64, max_seq_len=1024
+    ),
+    "palm-350m": ModelConfig(
+        vocab_size=32_000, d_model=1024, n_layers=24, n_heads=16, head_dim=64, max_seq_len=2048
+    ),
+    "palm-1b": ModelConfig(
+        vocab_size=32_000, d_model=2048, n_layers=16, n_heads=8, head_dim=256, max_seq_len=2048
+    ),
 }
 
 
@@ -154,7 +168,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "micro_batch_size"):
             if getattr(self, name) < 0:
-                raise ValueError(f"data.{name} must be >= 0 (0 = default), got {getattr(self, name)}")
+                raise ValueError(
+                    f"data.{name} must be >= 0 (0 = default), got {getattr(self, name)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -308,8 +324,10 @@ def build_config(values: dict[str, Any]) -> Config:
         bad = sorted(set(given) - set(fields))
         if bad:
             extra = "preset, " if name == "model" else ""
-            raise ValueError(f"unknown key(s) {[f'{name}.{k}' for k in bad]}; valid {name} keys: "
-                             f"{extra}{', '.join(sorted(fields))}")
+            raise ValueError(
+                f"unknown key(s) {[f'{name}.{k}' for k in bad]}; valid {name} keys: "
+                f"{extra}{', '.join(sorted(fields))}"
+            )
         given = {k: _coerce(name, fields[k], v) for k, v in given.items()}
         sections[name] = dataclasses.replace(base, **given)
     return Config(**sections)
@@ -324,8 +342,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         section, dot, field = key.partition(".")
         if not sep or not dot or not field:
-            raise ValueError(f"override {item!r} must look like section.key=value, "
-                             f"e.g. train.max_steps=200")
+            raise ValueError(
+                f"override {item!r} must look like section.key=value, e.g. train.max_steps=200"
+            )
         value = yaml.safe_load(raw) if raw else ""
         nested.setdefault(section, {})[field] = value
     return nested
@@ -341,7 +360,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist (see configs/ for examples)") from None
+            raise ValueError(
+                f"config file {path} does not exist (see configs/ for examples)"
+            ) from None
         except yaml.YAMLError as error:
             raise ValueError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(values, dict):

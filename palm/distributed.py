@@ -74,8 +74,10 @@ def init_distributed(parallel: str, device_kind: str) -> Distributed:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and parallel == "none":
-        raise ValueError(f"running {world_size} processes (torchrun) but train.parallel=none; "
-                         f"set train.parallel=ddp or train.parallel=fsdp")
+        raise ValueError(
+            f"running {world_size} processes (torchrun) but train.parallel=none; "
+            f"set train.parallel=ddp or train.parallel=fsdp"
+        )
     ctx = Distributed(rank, world_size, local_rank, parallel)
     if parallel == "none":
         return ctx
@@ -90,14 +92,25 @@ def init_distributed(parallel: str, device_kind: str) -> Distributed:
             # dialing them.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                  world_size, is_master=rank == 0 and not agent_hosts,
-                                  timeout=timeout, wait_for_workers=False)
-            dist.init_process_group(backend, store=dist.PrefixStore(f"palm/{attempt}", store),
-                                    rank=rank, world_size=world_size, timeout=timeout)
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                world_size,
+                is_master=rank == 0 and not agent_hosts,
+                timeout=timeout,
+                wait_for_workers=False,
+            )
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore(f"palm/{attempt}", store),
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+            )
         else:  # one process without torchrun: a private rendezvous on the loopback interface
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                    rank=0, world_size=1)
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            )
         ctx.initialized = True
     return ctx
 
@@ -131,15 +144,19 @@ def gradient_sync(model: nn.Module, ctx: Distributed, enabled: bool):
     return nullcontext()
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def full_state_dicts(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Unsharded model and optimizer state (optimizer keyed by parameter name), on the CPU.
 
     Collective under FSDP: every rank must call it. Keyed by names, so a checkpoint written by N
     ranks loads into M ranks (or one process) unchanged.
     """
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -150,11 +167,17 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
     return model_state, get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer,
-                          model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+def load_full_state_dicts(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+) -> None:
     """Inverse of `full_state_dicts`: every rank loads (and shards) the full states."""
     from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
 
     options = StateDictOptions(full_state_dict=True, strict=True)

@@ -19,14 +19,22 @@ TARGETS = ("palm-rlhf-pytorch", "palm-pytorch")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="palm export", allow_abbrev=False,
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, type=Path,
-                   help="checkpoint folder, or a run folder (its best checkpoint)")
+    p = argparse.ArgumentParser(
+        prog="palm export", allow_abbrev=False, description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="checkpoint folder, or a run folder (its best checkpoint)",
+    )
     p.add_argument("--to", required=True, choices=TARGETS, help="peer implementation")
-    p.add_argument("--peer_version", default="0.2.1",
-                   help="palm-rlhf-pytorch release to load it with: from 0.2.4 its LayerNorm "
-                        "stores gain - 1, which the file then does too")
+    p.add_argument(
+        "--peer_version",
+        default="0.2.1",
+        help="palm-rlhf-pytorch release to load it with: from 0.2.4 its LayerNorm "
+        "stores gain - 1, which the file then does too",
+    )
     p.add_argument("out", type=Path, help="output .pt file (written atomically)")
     return p
 
@@ -40,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from palm.interop import to_palm_pytorch, to_palm_rlhf_pytorch
 
     try:
-        model = load_model_for_inference(args.checkpoint, device="cpu", dtype=torch.float32,
-                                         require_tokenizer=False).model
+        model = load_model_for_inference(
+            args.checkpoint, device="cpu", dtype=torch.float32, require_tokenizer=False
+        ).model
         if args.to == "palm-rlhf-pytorch":
             state = to_palm_rlhf_pytorch(model, args.peer_version)
         else:
@@ -60,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
         return 1
     ff_mult = c.ffn_hidden // c.d_model
-    extra = (f", rotary_xpos_scale_base={c.xpos_scale_base:g}"
-             if args.to == "palm-rlhf-pytorch" else "")
-    print(f"wrote {args.out}: load with PaLM(num_tokens={c.vocab_size}, dim={c.d_model}, "
-          f"depth={c.n_layers}, dim_head={c.head_dim}, heads={c.n_heads}, ff_mult={ff_mult}"
-          f"{extra}).load_state_dict(torch.load(path, weights_only=True))")
+    extra = (
+        f", rotary_xpos_scale_base={c.xpos_scale_base:g}" if args.to == "palm-rlhf-pytorch" else ""
+    )
+    print(
+        f"wrote {args.out}: load with PaLM(num_tokens={c.vocab_size}, dim={c.d_model}, "
+        f"depth={c.n_layers}, dim_head={c.head_dim}, heads={c.n_heads}, ff_mult={ff_mult}"
+        f"{extra}).load_state_dict(torch.load(path, weights_only=True))"
+    )
     return 0
 
 

@@ -60,5 +60,68 @@ def training_memory_bytes(
     weights = n * param_bytes
     gradients = n * param_bytes
     optimizer = n * optimizer_states * state_bytes
-    return {"weights": weights, "gradients": gradients, "optimizer": optimizer,
-            "total": weights + gradients + optimizer}
+    return {
+        "weights": weights,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "total": weights + gradients + optimizer,
+    }
+
+
+def activation_bytes(
+    config: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    act_bytes: int,
+    checkpointing: bool = False,
+) -> int:
+    """Estimate of the activations one micro-batch keeps for the backward pass.
+
+    Per token and layer the parallel block saves: the block input and its LayerNorm output
+    (2 d), the fused input projection's output (q + k + v + MLP input), the attention output
+    and RoPE-rotated q, k (about 2 H Q + 2 KV Q), and SwiGLU's gate activation and product
+    (2 d_ff). With activation checkpointing only each block's input is kept, plus one block's
+    full set while it is recomputed. The float32 logits and their gradient come on top.
+    """
+    c = config
+    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    mlp_in = c.ffn_hidden * (2 if c.activation == "swiglu" else 1)
+    per_token_layer = 2 * c.d_model + (q_dim + 2 * kv_dim + mlp_in) + 2 * (q_dim + kv_dim)
+    per_token_layer += 2 * c.ffn_hidden
+    tokens = micro_batch * seq_len
+    if checkpointing:
+        layers = tokens * (c.n_layers * c.d_model + per_token_layer) * act_bytes
+    else:
+        layers = tokens * c.n_layers * per_token_layer * act_bytes
+    logits = 2 * tokens * c.vocab_size * 4  # float32 logits and their gradient
+    return layers + logits
+
+
+def per_device_memory_bytes(
+    config: ModelConfig,
+    devices: int,
+    parallel: str,
+    micro_batch: int,
+    seq_len: int,
+    param_bytes: int = 4,
+    act_bytes: int = 4,
+    checkpointing: bool = False,
+) -> dict[str, int]:
+    """Memory on one device of a data-parallel run (PaLM §4 shards weights, grads, optimizer).
+
+    ddp: every device holds everything. fsdp: weights, gradients and optimizer state are split
+    over the devices, and one block's weights are gathered whole while it runs (twice that with
+    prefetching, which is what we count).
+    """
+    if parallel not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"parallel must be none, ddp or fsdp, got {parallel!r}")
+    full = training_memory_bytes(config, param_bytes=param_bytes)
+    share = devices if parallel == "fsdp" else 1
+    out = {k: -(-full[k] // share) for k in ("weights", "gradients", "optimizer")}
+    if parallel == "fsdp":
+        counts = parameter_counts(config)
+        block = (counts["non_embedding"] - config.d_model) // config.n_layers
+        out["gathered"] = 2 * block * param_bytes
+    out["activations"] = activation_bytes(config, micro_batch, seq_len, act_bytes, checkpointing)
+    out["total"] = sum(out.values())
+    return out

@@ -29,35 +29,64 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="generate.py", allow_abbrev=False,
+        prog="generate.py",
+        allow_abbrev=False,
         description="Sample text from a PaLM checkpoint with the key/value cache.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a "
-                                      "run folder (runs/NAME: its --which checkpoint)")
-    p.add_argument("--which", choices=WHICH, default="best",
-                   help="for a run folder: lowest validation loss, or highest step")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.model to use instead of the "
-                                                     "run's own")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="prompt text (repeat for a batch of prompts); '' = unconditional")
-    p.add_argument("--prompt_file", action="append", default=None,
-                   help="file whose whole text is one prompt (repeatable); '-' = standard input")
-    p.add_argument("--interactive", action="store_true",
-                   help="read prompts line by line until end of input or 'exit'")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint folder (runs/NAME/checkpoints/step_N) or a "
+        "run folder (runs/NAME: its --which checkpoint)",
+    )
+    p.add_argument(
+        "--which",
+        choices=WHICH,
+        default="best",
+        help="for a run folder: lowest validation loss, or highest step",
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer.model to use instead of the run's own"
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="prompt text (repeat for a batch of prompts); '' = unconditional",
+    )
+    p.add_argument(
+        "--prompt_file",
+        action="append",
+        default=None,
+        help="file whose whole text is one prompt (repeatable); '-' = standard input",
+    )
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read prompts line by line until end of input or 'exit'",
+    )
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (argmax)")
     p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest; 0 = all")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="same seed, same output")
     p.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--stop", action="append", default=[],
-                   help="stop a sample at this string (repeatable; not printed)")
-    p.add_argument("--ignore_eod", action="store_true",
-                   help="keep going after the end-of-document token instead of stopping")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="stop a sample at this string (repeatable; not printed)",
+    )
+    p.add_argument(
+        "--ignore_eod",
+        action="store_true",
+        help="keep going after the end-of-document token instead of stopping",
+    )
     p.add_argument("--echo", action="store_true", help="print each prompt before its sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                   help="weights and cache dtype")
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="float32", help="weights and cache dtype"
+    )
     return p
 
 
@@ -88,12 +117,12 @@ class TextStream:
         safe = len(self.text) - max((len(s) - 1 for s in self.stops), default=0)
         while safe > self.emitted and self.text[safe - 1] == "\ufffd":
             safe -= 1  # an incomplete UTF-8 sequence: wait for its remaining bytes
-        out = self.text[self.emitted: max(safe, self.emitted)]
+        out = self.text[self.emitted : max(safe, self.emitted)]
         self.emitted += len(out)
         return out
 
     def flush(self) -> str:
-        out, self.emitted = self.text[self.emitted:], len(self.text)
+        out, self.emitted = self.text[self.emitted :], len(self.text)
         return out
 
 
@@ -107,19 +136,25 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             with open(name, encoding="utf-8") as handle:
                 prompts.append(handle.read())
         except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(f"--prompt_file {name}: cannot read it ({error}); pass a UTF-8 "
-                             f"text file") from None
+            raise ValueError(
+                f"--prompt_file {name}: cannot read it ({error}); pass a UTF-8 text file"
+            ) from None
     if not prompts:
         if sys.stdin.isatty():
-            raise ValueError("no prompt: pass --prompt TEXT, --prompt_file FILE, --interactive, "
-                             "or pipe text on standard input")
+            raise ValueError(
+                "no prompt: pass --prompt TEXT, --prompt_file FILE, --interactive, "
+                "or pipe text on standard input"
+            )
         prompts.append(sys.stdin.read())
     return prompts
 
 
 def sample(
-    loaded: LoadedModel, prompts: Sequence[str], args: argparse.Namespace,
-    generator: torch.Generator, out=None,
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    args: argparse.Namespace,
+    generator: torch.Generator,
+    out=None,
 ) -> list[str]:
     """Generate for every prompt x num_samples; stream when there is one sequence."""
     out = sys.stdout if out is None else out
@@ -129,9 +164,11 @@ def sample(
     context = model.config.max_seq_len
     for text, ids in zip(prompts, encoded):
         if len(ids) + args.max_new_tokens > context:
-            raise ValueError(f"prompt {text[:30]!r}... is {len(ids)} tokens; with "
-                             f"--max_new_tokens {args.max_new_tokens} that exceeds the model's "
-                             f"context of {context}; shorten it or lower --max_new_tokens")
+            raise ValueError(
+                f"prompt {text[:30]!r}... is {len(ids)} tokens; with "
+                f"--max_new_tokens {args.max_new_tokens} that exceeds the model's "
+                f"context of {context}; shorten it or lower --max_new_tokens"
+            )
     rows = [ids for ids in encoded for _ in range(args.num_samples)]
     tokens, mask = pad_left(rows, pad_id=max(tokenizer.pad_id, 0))
     streams = [TextStream(tokenizer, args.stop) for _ in rows]
@@ -139,10 +176,17 @@ def sample(
     if live and args.echo:
         out.write(prompts[0])
     start, produced = time.perf_counter(), 0
-    for token in stream(model, tokens.to(device), args.max_new_tokens,
-                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        eod_id=None if args.ignore_eod else tokenizer.eod_id,
-                        generator=generator, prompt_mask=mask.to(device)):
+    for token in stream(
+        model,
+        tokens.to(device),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eod_id=None if args.ignore_eod else tokenizer.eod_id,
+        generator=generator,
+        prompt_mask=mask.to(device),
+    ):
         for row, text_stream in enumerate(streams):
             if not text_stream.done and not args.ignore_eod and token[row] == tokenizer.eod_id:
                 text_stream.done = True
@@ -165,8 +209,10 @@ def sample(
             out.write(f"=== prompt {prompt_index + 1}, sample {sample_index + 1} ===\n")
             out.write((prompts[prompt_index] if args.echo else "") + text + "\n")
     seconds = time.perf_counter() - start
-    print(f"[{produced} tokens in {seconds:.2f} s, {produced / max(seconds, 1e-9):,.1f} tokens/s]",
-          file=sys.stderr)
+    print(
+        f"[{produced} tokens in {seconds:.2f} s, {produced / max(seconds, 1e-9):,.1f} tokens/s]",
+        file=sys.stderr,
+    )
     return texts
 
 
@@ -194,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.interactive and (args.prompt or args.prompt_file):
             raise ValueError("--interactive reads prompts itself; drop --prompt/--prompt_file")
         prompts = [] if args.interactive else read_prompts(args)
-        loaded = load_model_for_inference(args.checkpoint, args.which, args.device,
-                                          DTYPES[args.dtype], args.tokenizer)
+        loaded = load_model_for_inference(
+            args.checkpoint, args.which, args.device, DTYPES[args.dtype], args.tokenizer
+        )
         print(f"loaded {loaded.path} (step {loaded.step})", file=sys.stderr)
         device = next(loaded.model.parameters()).device
         generator = torch.Generator(device).manual_seed(args.seed)

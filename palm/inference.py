@@ -45,16 +45,20 @@ def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run folder; pass "
-                              f"runs/<name> or runs/<name>/checkpoints/step_NNNNNNNN")
+        raise CheckpointError(
+            f"{path}: no such checkpoint or run folder; pass "
+            f"runs/<name> or runs/<name>/checkpoints/step_NNNNNNNN"
+        )
     if (path / "model.safetensors").is_file() and (path / "meta.json").is_file():
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     found = list_checkpoints(root)
     if not found:
-        raise CheckpointError(f"{path}: holds no complete checkpoint (step_*/ with "
-                              f"model.safetensors, optimizer.safetensors and meta.json); "
-                              f"train first or pass a checkpoint folder")
+        raise CheckpointError(
+            f"{path}: holds no complete checkpoint (step_*/ with "
+            f"model.safetensors, optimizer.safetensors and meta.json); "
+            f"train first or pass a checkpoint folder"
+        )
     if which == "latest":
         return found[-1]
     scored = [(read_meta(p)["state"].get("val_loss"), p) for p in found]
@@ -67,8 +71,11 @@ def find_tokenizer(checkpoint: Path, explicit: str | Path | None = None) -> Path
     """The tokenizer.model next to the checkpoint, in its run folder, or the data folder."""
     if explicit is not None:
         return Path(explicit)
-    candidates = [checkpoint / "tokenizer.model", checkpoint.parent / "tokenizer.model",
-                  checkpoint.parent.parent / "tokenizer.model"]
+    candidates = [
+        checkpoint / "tokenizer.model",
+        checkpoint.parent / "tokenizer.model",
+        checkpoint.parent.parent / "tokenizer.model",
+    ]
     try:
         data_path = read_meta(checkpoint)["config"]["data"]["path"]
         candidates.append(Path(data_path) / "tokenizer.model")
@@ -78,8 +85,11 @@ def find_tokenizer(checkpoint: Path, explicit: str | Path | None = None) -> Path
 
 
 def load_model_for_inference(
-    path: str | Path, which: str = "best", device: str = "cpu",
-    dtype: torch.dtype | None = None, tokenizer: str | Path | None = None,
+    path: str | Path,
+    which: str = "best",
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | Path | None = None,
     require_tokenizer: bool = True,
 ) -> LoadedModel:
     """Build the model from the checkpoint's saved config and load its weights (strictly)."""
@@ -88,30 +98,41 @@ def load_model_for_inference(
     try:
         config = build_config(meta["config"])
     except (KeyError, ValueError) as error:
-        raise CheckpointError(f"{checkpoint / 'meta.json'}: its config is unusable ({error}); "
-                              f"was it written by this version of palm?") from None
+        raise CheckpointError(
+            f"{checkpoint / 'meta.json'}: its config is unusable ({error}); "
+            f"was it written by this version of palm?"
+        ) from None
     try:
         state = load_file(checkpoint / "model.safetensors")
     except Exception as error:  # noqa: BLE001 (safetensors has its own error types)
-        raise CheckpointError(f"{checkpoint / 'model.safetensors'} is corrupt ({error}); use "
-                              f"another checkpoint (--which latest, or a step_* folder)") from None
+        raise CheckpointError(
+            f"{checkpoint / 'model.safetensors'} is corrupt ({error}); use "
+            f"another checkpoint (--which latest, or a step_* folder)"
+        ) from None
     # A compiled model's state dict may carry torch.compile's prefix; the weights are the same.
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     model = PaLM(config.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{checkpoint / 'model.safetensors'} does not match its saved "
-                              f"config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{checkpoint / 'model.safetensors'} does not match its saved "
+            f"config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.to(device=pick_device(device) if isinstance(device, str) else device, dtype=dtype)
     model.eval()
     tok_path = find_tokenizer(checkpoint, tokenizer)
     if tok_path is None and require_tokenizer:
-        raise CheckpointError(f"{checkpoint}: no tokenizer.model in it, its run folder or its "
-                              f"data folder; pass --tokenizer PATH")
+        raise CheckpointError(
+            f"{checkpoint}: no tokenizer.model in it, its run folder or its "
+            f"data folder; pass --tokenizer PATH"
+        )
     tok = Tokenizer.load(tok_path) if tok_path is not None else None
     if tok is not None and tok.vocab_size > config.model.vocab_size:
-        raise CheckpointError(f"{tok_path}: {tok.vocab_size} pieces, but the model has only "
-                              f"{config.model.vocab_size}; pass the run's own --tokenizer")
+        raise CheckpointError(
+            f"{tok_path}: {tok.vocab_size} pieces, but the model has only "
+            f"{config.model.vocab_size}; pass the run's own --tokenizer"
+        )
     state_meta = meta.get("state", {})
-    return LoadedModel(model, tok, config, checkpoint, int(state_meta.get("step", 0)),
-                       state_meta.get("val_loss"))
+    return LoadedModel(
+        model, tok, config, checkpoint, int(state_meta.get("step", 0)), state_meta.get("val_loss")
+    )

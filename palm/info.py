@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 from palm.config import PRESETS, ModelConfig
-from palm.flops import flops_per_token, parameter_counts, training_memory_bytes
+from palm.flops import (
+    flops_per_token,
+    parameter_counts,
+    per_device_memory_bytes,
+    training_memory_bytes,
+)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -67,6 +72,15 @@ def format_report(name: str, info: dict) -> str:
         f"    optimizer {gib(m['optimizer'])}",
         f"    total     {gib(m['total'])}  (activations not included)",
     ]
+    if "per_gpu" in info:
+        g = info["per_gpu"]
+        lines.append(
+            f"  per GPU ({g['gpus']} GPUs, {g['parallel']}, micro-batch {g['micro_batch']}"
+            f" x {info['seq_len']} tokens):"
+        )
+        lines += [f"    {k:<11} {gib(v)}" for k, v in g["bytes"].items()]
+        verdict = "fits" if g["fits"] else "does NOT fit"
+        lines.append(f"    -> {verdict} a {g['gpu_memory_gib']:g} GiB GPU")
     return "\n".join(lines)
 
 
@@ -75,14 +89,50 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS), help="a named preset")
     source.add_argument("--config", help="a YAML config file (its `model` section)")
-    parser.add_argument("--seq_len", type=int, help="sequence length for the attention FLOPs "
-                        "(default: the model's max_seq_len)")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
-                        help="dtype of weights and gradients (default float32)")
+    parser.add_argument(
+        "--seq_len",
+        type=int,
+        help="sequence length for the attention FLOPs (default: the model's max_seq_len)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPE_BYTES),
+        default="float32",
+        help="dtype of weights and gradients (default float32)",
+    )
+    plan = parser.add_argument_group("per-GPU memory of a data-parallel run")
+    plan.add_argument("--gpus", type=int, default=0, help="devices the run is spread over")
+    plan.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default="fsdp")
+    plan.add_argument("--micro_batch", type=int, default=1, help="sequences per device per pass")
+    plan.add_argument("--activation_checkpointing", action="store_true")
+    plan.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU")
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     args = parser.parse_args(argv)
     config = ModelConfig.preset(args.preset) if args.preset else load_model_config(args.config)
-    info = describe(config, args.seq_len or config.max_seq_len, args.dtype)
+    seq_len = args.seq_len or config.max_seq_len
+    info = describe(config, seq_len, args.dtype)
+    if args.gpus:
+        if args.parallel == "none" and args.gpus != 1:
+            parser.error("--parallel none means one GPU; use ddp or fsdp for several")
+        per_gpu = per_device_memory_bytes(
+            config,
+            args.gpus,
+            args.parallel,
+            args.micro_batch,
+            seq_len,
+            param_bytes=DTYPE_BYTES[args.dtype],
+            act_bytes=2 if args.dtype != "float32" else 4,
+            checkpointing=args.activation_checkpointing,
+        )
+        limit = args.gpu_memory_gib * 2**30
+        info["per_gpu"] = {
+            "gpus": args.gpus,
+            "parallel": args.parallel,
+            "micro_batch": args.micro_batch,
+            "bytes": per_gpu,
+            "gpu_memory_gib": args.gpu_memory_gib,
+            "fits": per_gpu["total"] <= limit,
+        }
     if args.json:
         json.dump({"name": args.preset or args.config, **info}, sys.stdout, indent=2)
         print()

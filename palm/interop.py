@@ -35,9 +35,14 @@ def palm_pytorch_config(state_dict: dict[str, Tensor], max_seq_len: int = 2048) 
     # fused rows = q (H*Q) + k (Q) + v (Q) + 2 * ffn_hidden
     head_dim = (fused_rows - q_dim - 2 * ffn_hidden) // 2
     return ModelConfig(
-        vocab_size=vocab_size, d_model=d_model, n_layers=len(block_ids),
-        n_heads=q_dim // head_dim, head_dim=head_dim, ffn_mult=ffn_hidden / d_model,
-        max_seq_len=max_seq_len, scale_logits=False,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=len(block_ids),
+        n_heads=q_dim // head_dim,
+        head_dim=head_dim,
+        ffn_mult=ffn_hidden / d_model,
+        max_seq_len=max_seq_len,
+        scale_logits=False,
     )
 
 
@@ -62,14 +67,20 @@ def to_palm_pytorch(model: PaLM) -> dict[str, Tensor]:
     """A state dict that palm_pytorch.PaLM(dim, num_tokens, depth, dim_head, heads) loads."""
     c = model.config
     if not (c.parallel_block and c.multi_query and c.activation == "swiglu" and c.tie_embeddings):
-        raise ValueError("palm_pytorch only has the PaLM architecture: parallel block, "
-                         "multi-query, SwiGLU, tied embeddings")
+        raise ValueError(
+            "palm_pytorch only has the PaLM architecture: parallel block, "
+            "multi-query, SwiGLU, tied embeddings"
+        )
     if c.scale_logits:
-        raise ValueError("palm_pytorch does not scale logits by 1/sqrt(d_model); "
-                         "this model's outputs would differ (config.scale_logits is True)")
+        raise ValueError(
+            "palm_pytorch does not scale logits by 1/sqrt(d_model); "
+            "this model's outputs would differ (config.scale_logits is True)"
+        )
     if c.xpos_scale_base or not c.final_norm:
-        raise ValueError("palm_pytorch has plain RoPE and a final LayerNorm; this model uses "
-                         "xPos or no final norm (export it to palm-rlhf-pytorch instead)")
+        raise ValueError(
+            "palm_pytorch has plain RoPE and a final LayerNorm; this model uses "
+            "xPos or no final norm (export it to palm-rlhf-pytorch instead)"
+        )
     state = model.state_dict()
     out = {"0.weight": state["embedding.weight"]}
     for layer in range(c.n_layers):
@@ -112,7 +123,9 @@ def _strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def palm_rlhf_pytorch_config(
-    state_dict: dict[str, Tensor], max_seq_len: int = 8192, xpos_scale_base: float = 512.0,
+    state_dict: dict[str, Tensor],
+    max_seq_len: int = 8192,
+    xpos_scale_base: float = 512.0,
     final_norm: bool = True,
 ) -> ModelConfig:
     """Read the model shape off a palm_rlhf_pytorch.PaLM state dict (qk_rmsnorm=False only)."""
@@ -124,25 +137,38 @@ def palm_rlhf_pytorch_config(
         ffn_hidden = sd["layers.0.fn.ff_out.2.weight"].shape[1]
         half = sd["layers.0.fn.rotary_emb.inv_freq"].shape[0]
     except KeyError as missing:
-        raise ValueError(f"not a palm_rlhf_pytorch.PaLM state dict: key {missing} is "
-                         "missing") from None
+        raise ValueError(
+            f"not a palm_rlhf_pytorch.PaLM state dict: key {missing} is missing"
+        ) from None
     if any(".q_scale" in k or ".k_scale" in k for k in sd):
-        raise ValueError("palm_rlhf_pytorch state dict trained with qk_rmsnorm=True: not "
-                         "supported (the published checkpoints use qk_rmsnorm=False)")
+        raise ValueError(
+            "palm_rlhf_pytorch state dict trained with qk_rmsnorm=True: not "
+            "supported (the published checkpoints use qk_rmsnorm=False)"
+        )
     if any(k.startswith("finetune_modules.") for k in sd):
-        raise ValueError("palm_rlhf_pytorch state dict holds LoRA finetune_modules; merge them "
-                         "first (PaLM.merge_finetune_params(scope)) and save again")
+        raise ValueError(
+            "palm_rlhf_pytorch state dict holds LoRA finetune_modules; merge them "
+            "first (PaLM.merge_finetune_params(scope)) and save again"
+        )
     block_ids = sorted({int(m.group(1)) for k in sd if (m := _RLHF_BLOCK.match(k))})
     if block_ids != list(range(len(block_ids))):
         raise ValueError(f"not a palm_rlhf_pytorch.PaLM state dict: block indices {block_ids}")
     head_dim = 2 * half  # fused rows = q (H*Q) + k (Q) + v (Q) + 2 * ffn_hidden
     if fused_rows != q_dim + 2 * head_dim + 2 * ffn_hidden or q_dim % head_dim:
-        raise ValueError(f"palm_rlhf_pytorch state dict: fused projection has {fused_rows} rows, "
-                         f"not q {q_dim} + 2 x {head_dim} + 2 x {ffn_hidden}")
+        raise ValueError(
+            f"palm_rlhf_pytorch state dict: fused projection has {fused_rows} rows, "
+            f"not q {q_dim} + 2 x {head_dim} + 2 x {ffn_hidden}"
+        )
     return ModelConfig(
-        vocab_size=vocab_size, d_model=d_model, n_layers=len(block_ids),
-        n_heads=q_dim // head_dim, head_dim=head_dim, ffn_mult=ffn_hidden / d_model,
-        max_seq_len=max_seq_len, scale_logits=False, xpos_scale_base=xpos_scale_base,
+        vocab_size=vocab_size,
+        d_model=d_model,
+        n_layers=len(block_ids),
+        n_heads=q_dim // head_dim,
+        head_dim=head_dim,
+        ffn_mult=ffn_hidden / d_model,
+        max_seq_len=max_seq_len,
+        scale_logits=False,
+        xpos_scale_base=xpos_scale_base,
         final_norm=final_norm,
     )
 
@@ -160,16 +186,21 @@ def final_norm_was_trained(state_dict: dict[str, Tensor]) -> bool:
 
 
 def from_palm_rlhf_pytorch(
-    state_dict: dict[str, Tensor], max_seq_len: int = 8192, xpos_scale_base: float = 512.0,
-    final_norm: bool = True, peer_version: str = "0.2.1",
+    state_dict: dict[str, Tensor],
+    max_seq_len: int = 8192,
+    xpos_scale_base: float = 512.0,
+    final_norm: bool = True,
+    peer_version: str = "0.2.1",
 ) -> PaLM:
     """Build our PaLM holding the weights of a palm_rlhf_pytorch.PaLM state dict."""
     sd = _strip_prefixes(state_dict)
     config = palm_rlhf_pytorch_config(sd, max_seq_len, xpos_scale_base, final_norm)
     _check_rotary_buffers(sd, config)
     if "to_logits.weight" in sd and not torch.equal(sd["to_logits.weight"], sd["token_emb.weight"]):
-        raise ValueError("palm_rlhf_pytorch state dict: to_logits differs from token_emb (untied); "
-                         "only the tied model exists in palm_rlhf_pytorch")
+        raise ValueError(
+            "palm_rlhf_pytorch state dict: to_logits differs from token_emb (untied); "
+            "only the tied model exists in palm_rlhf_pytorch"
+        )
     offset = _gain_offset(peer_version)
     with torch.device("meta"):
         model = PaLM(config)
@@ -201,8 +232,10 @@ def _check_rotary_buffers(sd: dict[str, Tensor], config: ModelConfig) -> None:
         for name, want in (("inv_freq", inv_freq), ("scale", zeta)):
             got = sd.get(f"layers.{layer}.fn.rotary_emb.{name}")
             if got is None or not torch.allclose(got.float(), want, rtol=1e-6, atol=0):
-                raise ValueError(f"palm_rlhf_pytorch state dict: layers.{layer}.fn.rotary_emb."
-                                 f"{name} is not the base-10000 RoPE / xPos table we reproduce")
+                raise ValueError(
+                    f"palm_rlhf_pytorch state dict: layers.{layer}.fn.rotary_emb."
+                    f"{name} is not the base-10000 RoPE / xPos table we reproduce"
+                )
 
 
 def to_palm_rlhf_pytorch(model: PaLM, peer_version: str = "0.2.1") -> dict[str, Tensor]:
@@ -210,8 +243,10 @@ def to_palm_rlhf_pytorch(model: PaLM, peer_version: str = "0.2.1") -> dict[str, 
     rotary_xpos_scale_base=config.xpos_scale_base) loads strictly, for that peer version."""
     c = model.config
     if not (c.parallel_block and c.multi_query and c.activation == "swiglu" and c.tie_embeddings):
-        raise ValueError("palm_rlhf_pytorch only has the PaLM architecture: parallel block, "
-                         "multi-query, SwiGLU, tied embeddings")
+        raise ValueError(
+            "palm_rlhf_pytorch only has the PaLM architecture: parallel block, "
+            "multi-query, SwiGLU, tied embeddings"
+        )
     problems = []
     if c.scale_logits:
         problems.append("it scales logits by 1/sqrt(d_model) (model.scale_logits)")
@@ -255,5 +290,7 @@ def convert_state_dict(state_dict: dict[str, Tensor], **options) -> PaLM:
         return from_palm_rlhf_pytorch(sd, **options)
     if "0.weight" in sd:
         return from_palm_pytorch(sd, **{k: v for k, v in options.items() if k == "max_seq_len"})
-    raise ValueError("neither a palm_pytorch nor a palm_rlhf_pytorch state dict (no "
-                     "'0.weight' or 'token_emb.weight' key)")
+    raise ValueError(
+        "neither a palm_pytorch nor a palm_rlhf_pytorch state dict (no "
+        "'0.weight' or 'token_emb.weight' key)"
+    )

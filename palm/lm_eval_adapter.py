@@ -37,16 +37,22 @@ class PaLMLM(TemplateLM):
     """A PaLM checkpoint (or an already loaded model) behind lm-eval's LM interface."""
 
     def __init__(
-        self, checkpoint: str | None = None, which: str = "best", device: str = "cpu",
-        batch_size: int | str = 8, tokenizer: str | None = None,
-        loaded: LoadedModel | None = None, **harness_options: Any,
+        self,
+        checkpoint: str | None = None,
+        which: str = "best",
+        device: str = "cpu",
+        batch_size: int | str = 8,
+        tokenizer: str | None = None,
+        loaded: LoadedModel | None = None,
+        **harness_options: Any,
     ) -> None:
         super().__init__()
         if loaded is None:
             if checkpoint is None:
                 raise ValueError("PaLMLM needs checkpoint=DIR (a run or checkpoint folder)")
-            loaded = load_model_for_inference(checkpoint, which, device or "cpu",
-                                              tokenizer=tokenizer)
+            loaded = load_model_for_inference(
+                checkpoint, which, device or "cpu", tokenizer=tokenizer
+            )
         if str(batch_size).startswith("auto"):
             batch_size = 8  # no automatic batch search: windows are short, 8 is safe
         self.loaded = loaded
@@ -78,15 +84,17 @@ class PaLMLM(TemplateLM):
                 # Condition on a document start, as generation and rolling scoring do.
                 context = [self.eot_token_id, *context]
             if not 0 < len(continuation) <= self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens cannot be "
-                                 f"scored in a context of {self.max_length}")
+                raise ValueError(
+                    f"a continuation of {len(continuation)} tokens cannot be "
+                    f"scored in a context of {self.max_length}"
+                )
             # The last max_length tokens feed the model; the final token is only a target.
-            whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+            whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
             prepared.append((index, whole, len(continuation)))
         prepared.sort(key=lambda item: -len(item[1]))  # similar lengths share a batch
         bar = tqdm(total=len(prepared), disable=disable_tqdm, desc="loglikelihood")
         for first in range(0, len(prepared), self.batch_size):
-            chunk = prepared[first: first + self.batch_size]
+            chunk = prepared[first : first + self.batch_size]
             width = max(len(whole) for _, whole, _ in chunk) - 1
             inputs = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, (_, whole, _) in enumerate(chunk):
@@ -94,7 +102,7 @@ class PaLMLM(TemplateLM):
             logprobs = F.log_softmax(self.model(inputs.to(self._device)).float(), -1)
             for row, (index, whole, n_cont) in enumerate(chunk):
                 n = len(whole) - 1
-                picked = logprobs[row, n - n_cont: n]  # (n_cont, V) predicting continuation
+                picked = logprobs[row, n - n_cont : n]  # (n_cont, V) predicting continuation
                 target = torch.tensor(whole[-n_cont:], device=picked.device)
                 score = float(picked.gather(-1, target[:, None]).sum())
                 greedy = bool((picked.argmax(-1) == target).all())
@@ -106,8 +114,15 @@ class PaLMLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         docs = [self.tok_encode(request.args[0]) for request in requests]
-        scores = score_documents(self.model, docs, self.eot_token_id, self.max_length,
-                                 self.max_length, self.batch_size, progress=not disable_tqdm)
+        scores = score_documents(
+            self.model,
+            docs,
+            self.eot_token_id,
+            self.max_length,
+            self.max_length,
+            self.batch_size,
+            progress=not disable_tqdm,
+        )
         out = []
         for request, (nll, _) in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), -nll)
@@ -125,7 +140,7 @@ class PaLMLM(TemplateLM):
         for indices in groups.values():
             options = requests[indices[0]].args[1]
             for first in range(0, len(indices), self.batch_size):
-                chunk = indices[first: first + self.batch_size]
+                chunk = indices[first : first + self.batch_size]
                 texts = self._generate([requests[i].args[0] for i in chunk], dict(options))
                 for i, text in zip(chunk, texts):
                     out[i] = text
@@ -150,10 +165,17 @@ class PaLMLM(TemplateLM):
         tokens, mask = pad_left(prompts, pad_id=max(self.tok.pad_id, 0))
         streams = [TextStream(self.tok, until) for _ in prompts]
         generator = torch.Generator(self._device).manual_seed(seed)
-        for token in stream(self.model, tokens.to(self._device), max_new,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            eod_id=self.eot_token_id, generator=generator,
-                            prompt_mask=mask.to(self._device)):
+        for token in stream(
+            self.model,
+            tokens.to(self._device),
+            max_new,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eod_id=self.eot_token_id,
+            generator=generator,
+            prompt_mask=mask.to(self._device),
+        ):
             for row, text_stream in enumerate(streams):
                 if int(token[row]) == self.eot_token_id:
                     text_stream.done = True
@@ -164,8 +186,12 @@ class PaLMLM(TemplateLM):
 
 
 def evaluate_tasks(
-    loaded: LoadedModel, tasks: list[str], include_path: str | None = None,
-    num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
+    loaded: LoadedModel,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
 ) -> dict:
     """Run lm-eval tasks on a loaded model; returns lm-eval's results dictionary."""
     from lm_eval import simple_evaluate
@@ -173,17 +199,25 @@ def evaluate_tasks(
 
     # Scanning lm-eval's ~15k built-in task files takes tens of seconds: skip it when the
     # tasks asked for are all in --include_path.
-    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path \
-        else None
+    manager = (
+        TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    )
     if manager is None or any(t not in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {unknown}; list them with `lm_eval ls tasks` "
-                         f"or pass --include_path DIR with their YAML")
-    results = simple_evaluate(model=PaLMLM(loaded=loaded, batch_size=batch_size), tasks=tasks,
-                              num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                              log_samples=False)
+        raise ValueError(
+            f"unknown lm-eval task(s) {unknown}; list them with `lm_eval ls tasks` "
+            f"or pass --include_path DIR with their YAML"
+        )
+    results = simple_evaluate(
+        model=PaLMLM(loaded=loaded, batch_size=batch_size),
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+    )
     return results
 
 

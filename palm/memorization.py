@@ -58,12 +58,20 @@ class MemorizationResult:
         if not with_spans:
             out.pop("starts"), out.pop("matched")
         low, high = self.interval()
-        return {**out, "exact_match_rate": self.exact_match_rate,
-                "token_match_rate": self.token_match_rate, "exact_match_ci95": [low, high]}
+        return {
+            **out,
+            "exact_match_rate": self.exact_match_rate,
+            "token_match_rate": self.token_match_rate,
+            "exact_match_ci95": [low, high],
+        }
 
 
 def sample_span_starts(
-    tokens: np.ndarray, n_spans: int, span: int, seed: int, pad_id: int | None = None,
+    tokens: np.ndarray,
+    n_spans: int,
+    span: int,
+    seed: int,
+    pad_id: int | None = None,
 ) -> np.ndarray:
     """Up to n_spans distinct start offsets of `span`-token windows of `tokens`, none padded."""
     n_starts = len(tokens) - span + 1
@@ -85,27 +93,43 @@ def sample_span_starts(
 
 @torch.no_grad()
 def memorization(
-    model: PaLM, tokens: np.ndarray, split: str = "train", n_spans: int = 1000,
-    prompt_tokens: int = 50, continuation_tokens: int = 50, batch_size: int = 32,
-    seed: int = 0, pad_id: int | None = None, progress: bool = False,
+    model: PaLM,
+    tokens: np.ndarray,
+    split: str = "train",
+    n_spans: int = 1000,
+    prompt_tokens: int = 50,
+    continuation_tokens: int = 50,
+    batch_size: int = 32,
+    seed: int = 0,
+    pad_id: int | None = None,
+    progress: bool = False,
 ) -> MemorizationResult:
     """Exact-match rate of greedy continuations of spans of `tokens` (one split's stream)."""
     span = prompt_tokens + continuation_tokens
     if span > model.config.max_seq_len:
-        raise ValueError(f"prompt_tokens + continuation_tokens = {span} exceeds the model's "
-                         f"context of {model.config.max_seq_len}")
+        raise ValueError(
+            f"prompt_tokens + continuation_tokens = {span} exceeds the model's "
+            f"context of {model.config.max_seq_len}"
+        )
     starts = sample_span_starts(tokens, n_spans, span, seed, pad_id)
     device = next(model.parameters()).device
-    result = MemorizationResult(split, len(starts), prompt_tokens, continuation_tokens, 0, 0,
-                                starts.tolist(), [])
+    result = MemorizationResult(
+        split, len(starts), prompt_tokens, continuation_tokens, 0, 0, starts.tolist(), []
+    )
     from tqdm import tqdm
 
-    bar = tqdm(total=len(starts), unit="span", desc=f"memorization {split}",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(starts),
+        unit="span",
+        desc=f"memorization {split}",
+        disable=not progress,
+        leave=False,
+    )
     offsets = np.arange(span)
     for first in range(0, len(starts), batch_size):
-        rows = torch.from_numpy(tokens[starts[first: first + batch_size, None] + offsets]
-                                .astype(np.int64)).to(device)  # (B, span)
+        rows = torch.from_numpy(
+            tokens[starts[first : first + batch_size, None] + offsets].astype(np.int64)
+        ).to(device)  # (B, span)
         prompt, truth = rows[:, :prompt_tokens], rows[:, prompt_tokens:]
         # Greedy and no early stop at <eod>: a span may cross a document boundary.
         out = generate(model, prompt, continuation_tokens, temperature=0.0)  # (B, C)
@@ -126,7 +150,9 @@ def split_tokens(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, int |
     n_tokens = int(manifest.splits[split]["n_tokens"])
     dtype = np.dtype(manifest.dtype)
     if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
-        raise DataError(f"{path}: missing or not the size meta.json records; rerun "
-                        f"download.py for {dataset_dir} with --force")
+        raise DataError(
+            f"{path}: missing or not the size meta.json records; rerun "
+            f"download.py for {dataset_dir} with --force"
+        )
     tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
     return tokens, manifest.pad_id if manifest.layout == "padded" else None

@@ -39,8 +39,9 @@ def gpu_peak_flops(device_name: str) -> float | None:
     return None
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32,
-                        size: int = 1024, seconds: float = 0.3) -> float:
+def measure_matmul_peak(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3
+) -> float:
     """FLOP/s of a square matmul measured now, on this device: the CPU's practical peak."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
@@ -84,8 +85,10 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                 for k, v in record.items()}
+        clean = {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+            for k, v in record.items()
+        }
         self.jsonl.write(json.dumps(clean) + "\n")
         self.jsonl.flush()
         step = int(record["step"])

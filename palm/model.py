@@ -58,8 +58,9 @@ def xpos_scales(positions: Tensor, head_dim: int, scale_base: float, center: int
     `center` cancels and just keeps the factors near 1 (float range), as palm-rlhf-pytorch does
     with seq_len // 2.
     """
-    zeta = (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-            + 0.4 * head_dim) / (1.4 * head_dim)
+    zeta = (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) + 0.4 * head_dim
+    ) / (1.4 * head_dim)
     power = (positions.to(torch.float32) - center) / scale_base  # (T,)
     scale = zeta[None, :] ** power[:, None]  # (T, head_dim/2)
     return torch.cat((scale, scale), dim=-1)
@@ -137,8 +138,14 @@ class PaLMBlock(nn.Module):
         self.mlp_out = nn.Linear(c.ffn_hidden, c.d_model, bias=False)
 
     def attention(
-        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
-        cache: KVCache | None, layer: int,
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        layer: int,
     ) -> Tensor:
         """Causal multi-query attention on q (B, T, H*Q) and k, v (B, T, KH*Q)."""
         c = self.config
@@ -211,7 +218,9 @@ class PaLMBlock(nn.Module):
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         weight = self.in_proj.weight
         q, k, v = F.linear(self.norm(x), weight[:qkv_rows]).split(self.row_sizes[:3], dim=-1)
-        x = x + self.residual_dropout(self.attn_out(self.attention(q, k, v, cos, sin, cache, layer)))
+        x = x + self.residual_dropout(
+            self.attn_out(self.attention(q, k, v, cos, sin, cache, layer))
+        )
         mlp_in = F.linear(self.mlp_norm(x), weight[qkv_rows:]).split(self.row_sizes[3:], dim=-1)
         mlp = self.activation(*mlp_in)
         return x + self.residual_dropout(self.mlp_out(mlp))

@@ -60,9 +60,13 @@ class PerplexityResult:
         return math.exp(min(self.nll / max(self.n_words, 1), 700))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "loss": self.nll / max(self.n_tokens, 1),
-                "token_perplexity": self.token_perplexity, "bits_per_byte": self.bits_per_byte,
-                "word_perplexity": self.word_perplexity}
+        return {
+            **asdict(self),
+            "loss": self.nll / max(self.n_tokens, 1),
+            "token_perplexity": self.token_perplexity,
+            "bits_per_byte": self.bits_per_byte,
+            "word_perplexity": self.word_perplexity,
+        }
 
 
 def windows(n_targets: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -83,20 +87,27 @@ def windows(n_targets: int, context: int, stride: int) -> Iterator[tuple[int, in
 
 @torch.no_grad()
 def score_documents(
-    model: PaLM, documents: Sequence[Sequence[int]], prefix_id: int, context: int,
-    stride: int, batch_size: int = 8, progress: bool = False,
+    model: PaLM,
+    documents: Sequence[Sequence[int]],
+    prefix_id: int,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> list[tuple[float, int]]:
     """Per document (nll in nats, tokens scored): each conditioned on `prefix_id` (<eod>)."""
     if context > model.config.max_seq_len:
-        raise ValueError(f"context {context} exceeds the model's max_seq_len "
-                         f"{model.config.max_seq_len}; use --context <= that")
+        raise ValueError(
+            f"context {context} exceeds the model's max_seq_len "
+            f"{model.config.max_seq_len}; use --context <= that"
+        )
     device = next(model.parameters()).device
     # Every window of every document, as (document, inputs+1 target tokens, scored count).
     items: list[tuple[int, np.ndarray, int]] = []
     for index, doc in enumerate(documents):
         seq = np.concatenate([[prefix_id], np.asarray(doc, dtype=np.int64)])
         for begin, end, n_scored in windows(len(seq) - 1, context, stride):
-            items.append((index, seq[begin: end + 1], n_scored))
+            items.append((index, seq[begin : end + 1], n_scored))
     # Longest first so that batches hold windows of similar length (less padding).
     order = sorted(range(len(items)), key=lambda i: -len(items[i][1]))
     totals = [[0.0, 0] for _ in documents]
@@ -106,7 +117,7 @@ def score_documents(
     model.eval()
     bar = tqdm(total=len(items), unit="window", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
-        chunk = [items[i] for i in order[start: start + batch_size]]
+        chunk = [items[i] for i in order[start : start + batch_size]]
         width = max(len(tokens) for _, tokens, _ in chunk) - 1
         inputs = torch.zeros(len(chunk), width, dtype=torch.long)
         targets = torch.full((len(chunk), width), -100, dtype=torch.long)
@@ -115,10 +126,11 @@ def score_documents(
             n = len(tokens) - 1
             # Right padding: causal attention means it never changes the real positions.
             inputs[row, :n] = t[:-1]
-            targets[row, n - n_scored: n] = t[n - n_scored + 1:]
+            targets[row, n - n_scored : n] = t[n - n_scored + 1 :]
         logits = model(inputs.to(device)).float()  # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(),
-                              ignore_index=-100, reduction="none").view(len(chunk), width)
+        nll = F.cross_entropy(
+            logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none"
+        ).view(len(chunk), width)
         for row, (index, _, n_scored) in enumerate(chunk):
             totals[index][0] += float(nll[row].sum())
             totals[index][1] += n_scored
@@ -152,7 +164,10 @@ def text_counts(tokenizer: Tokenizer, documents: Sequence[Sequence[int]]) -> tup
 
 
 def split_source(
-    dataset_dir: str | Path, split: str, tokenizer: Tokenizer, max_documents: int = 0,
+    dataset_dir: str | Path,
+    split: str,
+    tokenizer: Tokenizer,
+    max_documents: int = 0,
 ) -> tuple[list[np.ndarray], int, int]:
     """Documents of a prepared split with their byte and word counts (the manifest's, or
     recounted from the decoded text when only the first max_documents are used)."""
@@ -160,13 +175,17 @@ def split_source(
     path = manifest.split_path(Path(dataset_dir), split)
     meta = Path(dataset_dir) / "meta.json"
     if manifest.tokenizer_sha256 and manifest.tokenizer_sha256 != tokenizer.sha256:
-        raise DataError(f"{meta}: this data was encoded with another tokenizer than the "
-                        f"model's; pass that data's tokenizer (--tokenizer) or re-encode it")
+        raise DataError(
+            f"{meta}: this data was encoded with another tokenizer than the "
+            f"model's; pass that data's tokenizer (--tokenizer) or re-encode it"
+        )
     tokens = np.fromfile(path, dtype=np.dtype(manifest.dtype))
     info = manifest.splits[split]
     if len(tokens) != int(info["n_tokens"]):
-        raise DataError(f"{path}: {len(tokens)} tokens, meta.json records {info['n_tokens']}; "
-                        f"rerun download.py for {dataset_dir} with --force")
+        raise DataError(
+            f"{path}: {len(tokens)} tokens, meta.json records {info['n_tokens']}; "
+            f"rerun download.py for {dataset_dir} with --force"
+        )
     pad = manifest.pad_id if manifest.layout == "padded" else None
     docs = split_documents(tokens, manifest.eod_id, pad)
     if max_documents and max_documents < len(docs):
@@ -180,7 +199,10 @@ def split_source(
 
 
 def text_source(
-    path: str | Path, tokenizer: Tokenizer, documents: str = "file", max_documents: int = 0,
+    path: str | Path,
+    tokenizer: Tokenizer,
+    documents: str = "file",
+    max_documents: int = 0,
 ) -> tuple[list[np.ndarray], int, int]:
     """Documents of a text file (cut as download.py would), with byte and word counts."""
     path = Path(path)
@@ -192,19 +214,35 @@ def text_source(
     if not texts:
         raise DataError(f"{path}: no text to score")
     docs = [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
-    return (docs, sum(len(t.encode("utf-8")) for t in texts),
-            sum(count_words(t) for t in texts))
+    return (docs, sum(len(t.encode("utf-8")) for t in texts), sum(count_words(t) for t in texts))
 
 
 def perplexity(
-    model: PaLM, documents: Sequence[Sequence[int]], n_bytes: int, n_words: int,
-    prefix_id: int, context: int, stride: int, batch_size: int = 8, progress: bool = False,
+    model: PaLM,
+    documents: Sequence[Sequence[int]],
+    n_bytes: int,
+    n_words: int,
+    prefix_id: int,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    progress: bool = False,
     source: str = "",
 ) -> PerplexityResult:
     if max((int(np.max(d)) for d in documents if len(d)), default=0) >= model.config.vocab_size:
-        raise DataError(f"{source}: token ids beyond the model's vocabulary of "
-                        f"{model.config.vocab_size}; the data and the model use different "
-                        f"tokenizers")
+        raise DataError(
+            f"{source}: token ids beyond the model's vocabulary of "
+            f"{model.config.vocab_size}; the data and the model use different "
+            f"tokenizers"
+        )
     scores = score_documents(model, documents, prefix_id, context, stride, batch_size, progress)
-    return PerplexityResult(sum(s[0] for s in scores), sum(s[1] for s in scores),
-                            len(documents), n_bytes, n_words, context, stride, source)
+    return PerplexityResult(
+        sum(s[0] for s in scores),
+        sum(s[1] for s in scores),
+        len(documents),
+        n_bytes,
+        n_words,
+        context,
+        stride,
+        source,
+    )

@@ -76,8 +76,9 @@ class PretrainedError(DataError):
 
 def lookup(name: str) -> Pretrained:
     if name not in PRETRAINED:
-        raise PretrainedError(f"unknown --pretrained {name!r}; choose one of: "
-                              f"{', '.join(PRETRAINED)}")
+        raise PretrainedError(
+            f"unknown --pretrained {name!r}; choose one of: {', '.join(PRETRAINED)}"
+        )
     return PRETRAINED[name]
 
 
@@ -139,28 +140,35 @@ class HubMetadata:
 def head(url: str, timeout: float = 30.0) -> HubMetadata:
     """What the hub says about a file: size, etag (sha256 for LFS files), commit."""
     opener = urllib.request.build_opener(_NoRedirect)
-    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": USER_AGENT,
-                                                                   "Accept-Encoding": "identity"})
+    request = urllib.request.Request(
+        url, method="HEAD", headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    )
     try:
         response = opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as error:
         if 300 <= error.code < 400:  # the redirect itself carries the metadata
             response = error
         else:
-            raise PretrainedError(f"{url}: HTTP {error.code}; check the name, HF_ENDPOINT, or "
-                                  "place the file in the Hugging Face cache and set "
-                                  "HF_HUB_OFFLINE=1") from None
+            raise PretrainedError(
+                f"{url}: HTTP {error.code}; check the name, HF_ENDPOINT, or "
+                "place the file in the Hugging Face cache and set "
+                "HF_HUB_OFFLINE=1"
+            ) from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise PretrainedError(f"{url}: {reason}; check the network or HF_ENDPOINT, or use a "
-                              "cached copy with HF_HUB_OFFLINE=1") from None
+        raise PretrainedError(
+            f"{url}: {reason}; check the network or HF_ENDPOINT, or use a "
+            "cached copy with HF_HUB_OFFLINE=1"
+        ) from None
     headers = response.headers
     linked = headers.get("X-Linked-Etag")
     etag = (linked or headers.get("ETag") or "").strip().removeprefix("W/").strip('"')
     size = headers.get("X-Linked-Size") or headers.get("Content-Length")
     if not etag or size is None:
-        raise PretrainedError(f"{url}: the server sent no ETag/size, so the download cannot be "
-                              "verified; is HF_ENDPOINT a Hugging Face hub?")
+        raise PretrainedError(
+            f"{url}: the server sent no ETag/size, so the download cannot be "
+            "verified; is HF_ENDPOINT a Hugging Face hub?"
+        )
     return HubMetadata(etag, int(size), headers.get("X-Repo-Commit") or "", bool(linked))
 
 
@@ -197,8 +205,9 @@ def git_blob_sha1(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def hub_download(file: HubFile, environ: dict[str, str],
-                 fetch_config: FetchConfig | None = None) -> tuple[Path, str]:
+def hub_download(
+    file: HubFile, environ: dict[str, str], fetch_config: FetchConfig | None = None
+) -> tuple[Path, str]:
     """Path of `file` in the Hugging Face cache, fetched if needed, and its sha256."""
     fetch_config = fetch_config or FetchConfig()
     cache = hub_cache(environ)
@@ -209,11 +218,14 @@ def hub_download(file: HubFile, environ: dict[str, str],
             raise PretrainedError(
                 f"HF_HUB_OFFLINE=1 and {file.repo}/{file.filename} is not in the cache {cache}; "
                 f"fetch it once online (or: huggingface-cli download {file.repo} "
-                f"{file.filename}), or unset HF_HUB_OFFLINE")
+                f"{file.filename}), or unset HF_HUB_OFFLINE"
+            )
         digest = sha256_file(found)
         if file.sha256 and digest != file.sha256:
-            raise PretrainedError(f"{found}: sha256 {digest[:16]}... is not the published "
-                                  f"{file.sha256[:16]}...; delete it and fetch it again")
+            raise PretrainedError(
+                f"{found}: sha256 {digest[:16]}... is not the published "
+                f"{file.sha256[:16]}...; delete it and fetch it again"
+            )
         return found, digest
     meta = head(url, fetch_config.timeout_s)
     blobs = _repo_dir(file, cache) / "blobs"
@@ -221,8 +233,10 @@ def hub_download(file: HubFile, environ: dict[str, str],
         if not re.fullmatch(r"[0-9a-f]{64}", meta.etag):
             raise PretrainedError(f"{url}: X-Linked-Etag {meta.etag!r} is not a sha256")
         if file.sha256 and file.sha256 != meta.etag:
-            raise PretrainedError(f"{url}: the hub now serves sha256 {meta.etag[:16]}..., not "
-                                  f"the published {file.sha256[:16]}...; refusing a changed file")
+            raise PretrainedError(
+                f"{url}: the hub now serves sha256 {meta.etag[:16]}..., not "
+                f"the published {file.sha256[:16]}...; refusing a changed file"
+            )
         blob = fetch(RemoteFile(meta.etag, meta.size, meta.etag), blobs, [url], fetch_config)
         digest = meta.etag
     else:
@@ -230,8 +244,9 @@ def hub_download(file: HubFile, environ: dict[str, str],
     return _link_snapshot(file, cache, blob, meta.commit), digest
 
 
-def _fetch_small(url: str, meta: HubMetadata, blobs: Path, file: HubFile,
-                 config: FetchConfig) -> tuple[Path, str]:
+def _fetch_small(
+    url: str, meta: HubMetadata, blobs: Path, file: HubFile, config: FetchConfig
+) -> tuple[Path, str]:
     """A non-LFS file (the hub keeps them under 10 MB): one GET, checked against its git sha1."""
     blob = blobs / meta.etag
     if blob.is_file() and git_blob_sha1(blob.read_bytes()) == meta.etag:
@@ -241,8 +256,9 @@ def _fetch_small(url: str, meta: HubMetadata, blobs: Path, file: HubFile,
         with urllib.request.urlopen(request, timeout=config.timeout_s) as response:
             data = response.read()
     except (urllib.error.URLError, OSError) as error:
-        raise PretrainedError(f"{url}: {getattr(error, 'reason', error)}; retry, or place the "
-                              f"file at {blob}") from None
+        raise PretrainedError(
+            f"{url}: {getattr(error, 'reason', error)}; retry, or place the file at {blob}"
+        ) from None
     checks = [len(data) == meta.size]
     if re.fullmatch(r"[0-9a-f]{40}", meta.etag):
         checks.append(git_blob_sha1(data) == meta.etag)
@@ -250,8 +266,10 @@ def _fetch_small(url: str, meta: HubMetadata, blobs: Path, file: HubFile,
     if file.sha256:
         checks.append(digest == file.sha256)
     if not all(checks):
-        raise PretrainedError(f"{url}: downloaded {len(data):,} bytes that do not match the hub's "
-                              "size/ETag (or the pinned sha256); retry")
+        raise PretrainedError(
+            f"{url}: downloaded {len(data):,} bytes that do not match the hub's "
+            "size/ETag (or the pinned sha256); retry"
+        )
     blobs.mkdir(parents=True, exist_ok=True)
     _write_atomic(blob, data)
     return blob, digest
@@ -275,9 +293,11 @@ def load_peer_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001 - pickle/zip errors, or a non-weights object refused
-        raise PretrainedError(f"{path}: not a loadable PyTorch state dict "
-                              f"({str(error).splitlines()[0][:160]}); delete it and download "
-                              "it again") from None
+        raise PretrainedError(
+            f"{path}: not a loadable PyTorch state dict "
+            f"({str(error).splitlines()[0][:160]}); delete it and download "
+            "it again"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint {"model": ..., "optimizer": ...}
     if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
@@ -285,8 +305,12 @@ def load_peer_state_dict(path: Path) -> dict:
     return state
 
 
-def convert_file(path: Path, spec: Pretrained | None = None, final_norm: str = "auto",
-                 peer_version: str = "0.2.1"):
+def convert_file(
+    path: Path,
+    spec: Pretrained | None = None,
+    final_norm: str = "auto",
+    peer_version: str = "0.2.1",
+):
     """Our PaLM (float32) from a peer checkpoint file, and the conversion choices made."""
     import torch
 
@@ -300,31 +324,47 @@ def convert_file(path: Path, spec: Pretrained | None = None, final_norm: str = "
     if "token_emb.weight" in {k.removeprefix("module.").removeprefix("_orig_mod.") for k in state}:
         trained = final_norm_was_trained(state)
         use = trained if final_norm == "auto" else final_norm == "true"
-        choices = {"peer": "palm_rlhf_pytorch", "peer_version": peer_version,
-                   "final_norm": use, "final_norm_gain_trained": trained}
-        options.update(final_norm=use, peer_version=peer_version,
-                       xpos_scale_base=spec.xpos_scale_base if spec else 512.0)
+        choices = {
+            "peer": "palm_rlhf_pytorch",
+            "peer_version": peer_version,
+            "final_norm": use,
+            "final_norm_gain_trained": trained,
+        }
+        options.update(
+            final_norm=use,
+            peer_version=peer_version,
+            xpos_scale_base=spec.xpos_scale_base if spec else 512.0,
+        )
         if not use:
-            print(f"convert: {path.name}: the final LayerNorm gain was never trained (exactly 1), "
-                  "so this model was trained without it (palm-rlhf-pytorch <= 0.2.0); "
-                  "model.final_norm=False", file=sys.stderr)
+            print(
+                f"convert: {path.name}: the final LayerNorm gain was never trained (exactly 1), "
+                "so this model was trained without it (palm-rlhf-pytorch <= 0.2.0); "
+                "model.final_norm=False",
+                file=sys.stderr,
+            )
     try:
         model = convert_state_dict({k: v.float() for k, v in state.items()}, **options)
     except ValueError as error:
         raise PretrainedError(f"{path}: {error}") from None
     c = model.config
     if spec and (c.d_model, c.n_layers, c.n_heads, c.head_dim, c.vocab_size) != (
-            spec.d_model, spec.n_layers, spec.n_heads, spec.head_dim, spec.vocab_size):
-        raise PretrainedError(f"{path}: shape d_model={c.d_model} n_layers={c.n_layers} "
-                              f"n_heads={c.n_heads} head_dim={c.head_dim} vocab={c.vocab_size} "
-                              "is not the published one; delete it and download it again")
+        spec.d_model,
+        spec.n_layers,
+        spec.n_heads,
+        spec.head_dim,
+        spec.vocab_size,
+    ):
+        raise PretrainedError(
+            f"{path}: shape d_model={c.d_model} n_layers={c.n_layers} "
+            f"n_heads={c.n_heads} head_dim={c.head_dim} vocab={c.vocab_size} "
+            "is not the published one; delete it and download it again"
+        )
     with torch.no_grad():
         model = model.float().eval()
     return model, choices
 
 
-def write_pretrained(run_dir: Path, model, tokenizer_bytes: bytes | None,
-                     provenance: dict) -> Path:
+def write_pretrained(run_dir: Path, model, tokenizer_bytes: bytes | None, provenance: dict) -> Path:
     """A run folder like train.py's: checkpoints/step_00000000/ (+ tokenizer, provenance)."""
     import json
 
@@ -336,15 +376,24 @@ def write_pretrained(run_dir: Path, model, tokenizer_bytes: bytes | None,
     if tokenizer_bytes is not None:
         # The project's tokenizer file name; its content (JSON here) selects the backend.
         _write_atomic(run_dir / "tokenizer.model", tokenizer_bytes)
-    path = save_checkpoint(run_dir / "checkpoints", model.state_dict(),
-                           {"state": {}, "param_groups": []}, TrainingState(step=0),
-                           config.to_dict())
+    path = save_checkpoint(
+        run_dir / "checkpoints",
+        model.state_dict(),
+        {"state": {}, "param_groups": []},
+        TrainingState(step=0),
+        config.to_dict(),
+    )
     _write_atomic(run_dir / "pretrained.json", json.dumps(provenance, indent=2).encode())
     return path
 
 
-def install(name: str, root: Path, environ: dict[str, str], fetch_config: FetchConfig,
-            final_norm: str = "auto") -> Path:
+def install(
+    name: str,
+    root: Path,
+    environ: dict[str, str],
+    fetch_config: FetchConfig,
+    final_norm: str = "auto",
+) -> Path:
     """Download `name` and its tokenizer, convert, write root/pretrained/<name>/; its checkpoint."""
     from palm.tokenizer import Tokenizer
 
@@ -354,12 +403,19 @@ def install(name: str, root: Path, environ: dict[str, str], fetch_config: FetchC
     tokenizer = Tokenizer(tok_path.read_bytes(), str(tok_path))
     model, choices = convert_file(weights, spec, final_norm)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise PretrainedError(f"{tok_path}: {tokenizer.vocab_size} tokens, more than the model's "
-                              f"{model.config.vocab_size}; not the GPT-NeoX tokenizer")
+        raise PretrainedError(
+            f"{tok_path}: {tokenizer.vocab_size} tokens, more than the model's "
+            f"{model.config.vocab_size}; not the GPT-NeoX tokenizer"
+        )
     provenance = {
-        "name": name, "licence": spec.licence, "conversion": choices,
-        "weights": {"url": file_url(spec.weights, environ), "sha256": weights_sha,
-                    "verified": "pinned sha256" if spec.weights.sha256 else "hub LFS sha256"},
+        "name": name,
+        "licence": spec.licence,
+        "conversion": choices,
+        "weights": {
+            "url": file_url(spec.weights, environ),
+            "sha256": weights_sha,
+            "verified": "pinned sha256" if spec.weights.sha256 else "hub LFS sha256",
+        },
         "tokenizer": {"url": file_url(NEOX_TOKENIZER, environ), "sha256": tok_sha},
     }
     path = write_pretrained(root / "pretrained" / name, model, tokenizer.model_bytes, provenance)

@@ -47,16 +47,22 @@ class RunSetup:
         from tqdm import tqdm
 
         # A bar on terminals only; logs and CI get the metric lines instead.
-        return tqdm(initial=initial, total=total, unit="step", dynamic_ncols=True,
-                    disable=not (self.is_main and sys.stderr.isatty()))
+        return tqdm(
+            initial=initial,
+            total=total,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.is_main and sys.stderr.isatty()),
+        )
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but this torch build sees no CUDA GPU; "
-                         "use train.device=auto or cpu")
+        raise ValueError(
+            "train.device=cuda but this torch build sees no CUDA GPU; use train.device=auto or cpu"
+        )
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("train.device=mps but MPS is not available; use train.device=cpu")
     return torch.device(name)
@@ -67,8 +73,10 @@ def pick_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
     if name == "bfloat16" and device.type != "cuda":
-        raise ValueError(f"train.precision=bfloat16 is only supported on CUDA here, not on "
-                         f"{device.type}; use train.precision=float32")
+        raise ValueError(
+            f"train.precision=bfloat16 is only supported on CUDA here, not on "
+            f"{device.type}; use train.precision=float32"
+        )
     return name
 
 
@@ -87,11 +95,14 @@ def resolve_config(config: Config, manifest: Any, world_size: int) -> Config:
         raise ValueError(f"data.batch_size {batch} is not divisible by the {world_size} ranks")
     micro = data.micro_batch_size or auto_micro_batch(batch // world_size, seq_len)
     vocab = config.model.vocab_size if config.train.init_from else manifest.vocab_size
-    model = dataclasses.replace(config.model, vocab_size=vocab,
-                                max_seq_len=max(config.model.max_seq_len, seq_len))
+    model = dataclasses.replace(
+        config.model, vocab_size=vocab, max_seq_len=max(config.model.max_seq_len, seq_len)
+    )
     if config.model.vocab_size != vocab:
-        print(f"note: model.vocab_size {config.model.vocab_size} replaced by the data's "
-              f"{manifest.vocab_size} (the vocabulary always comes from the data)")
+        print(
+            f"note: model.vocab_size {config.model.vocab_size} replaced by the data's "
+            f"{manifest.vocab_size} (the vocabulary always comes from the data)"
+        )
     data = dataclasses.replace(data, seq_len=seq_len, batch_size=batch, micro_batch_size=micro)
     return dataclasses.replace(config, model=model, data=data)
 
@@ -119,8 +130,10 @@ def prepare_run_dir(config: Config) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ValueError(f"run folder {run_dir} is not writable ({error.strerror}); choose "
-                         f"another with train.runs_dir=... or fix its permissions") from None
+        raise ValueError(
+            f"run folder {run_dir} is not writable ({error.strerror}); choose "
+            f"another with train.runs_dir=... or fix its permissions"
+        ) from None
     return run_dir
 
 
@@ -161,11 +174,16 @@ def prepare_run(config: Config, ctx: Distributed) -> RunSetup:
     if init_tokenizer is not None and tokenizer_sha256 is not None:
         wanted = hashlib.sha256(init_tokenizer.read_bytes()).hexdigest()
         if wanted != tokenizer_sha256:
-            raise ValueError(f"{config.data.path} was tokenized with another tokenizer than "
-                             f"{config.train.init_from} ({init_tokenizer}); prepare the data "
-                             f"with it: download.py --tokenizer {init_tokenizer} ...")
+            raise ValueError(
+                f"{config.data.path} was tokenized with another tokenizer than "
+                f"{config.train.init_from} ({init_tokenizer}); prepare the data "
+                f"with it: download.py --tokenizer {init_tokenizer} ..."
+            )
     train.check_compatible(tokenizer_sha256, config.model.vocab_size)
     valid = None
-    if "validation" in manifest.splits and manifest.splits["validation"]["n_tokens"] > config.data.seq_len:
+    if (
+        "validation" in manifest.splits
+        and manifest.splits["validation"]["n_tokens"] > config.data.seq_len
+    ):
         valid = TokenWindows(config.data.path, "validation", config.data.seq_len, config.data.seed)
     return RunSetup(config, device, precision, run_dir, train, valid, rank, world_size)

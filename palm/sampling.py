@@ -49,7 +49,10 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 
 def next_token(
-    logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0,
+    logits: Tensor,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Pick the next token (B,) from last-position logits (B, V); temperature 0 is greedy."""
@@ -68,8 +71,8 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor,
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.bool)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt):] = True
+        tokens[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = True
     return tokens, mask
 
 
@@ -85,9 +88,16 @@ def _masked_cache(model: PaLM, mask: Tensor | None, max_len: int):
 
 @torch.no_grad()
 def stream(
-    model: PaLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-    top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None,
-    generator: torch.Generator | None = None, use_cache: bool = True,
+    model: PaLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eod_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
     prompt_mask: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token (B,) of each row of prompt (B, T), step by step.
@@ -101,9 +111,11 @@ def stream(
     batch, length = prompt.shape
     total = length + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds the model's context of {model.config.max_seq_len} tokens; "
-                         f"shorten the prompt or lower max_new_tokens")
+        raise ValueError(
+            f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's context of {model.config.max_seq_len} tokens; "
+            f"shorten the prompt or lower max_new_tokens"
+        )
     if prompt_mask is not None:
         prompt_mask = prompt_mask.to(prompt.device)
         if bool(prompt_mask.all()):
@@ -113,8 +125,11 @@ def stream(
     try:
         cache = None
         if use_cache:
-            cache = (_masked_cache(model, prompt_mask, total) if prompt_mask is not None
-                     else model.new_cache(batch, total))
+            cache = (
+                _masked_cache(model, prompt_mask, total)
+                if prompt_mask is not None
+                else model.new_cache(batch, total)
+            )
         sequence = prompt
         logits = _full_forward(model, sequence, prompt_mask, cache)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
@@ -145,16 +160,34 @@ def _full_forward(model: PaLM, sequence: Tensor, prompt_mask: Tensor | None, cac
 
 @torch.no_grad()
 def generate(
-    model: PaLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-    top_k: int = 0, top_p: float = 1.0, eod_id: int | None = None,
-    generator: torch.Generator | None = None, use_cache: bool = True,
+    model: PaLM,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eod_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
     prompt_mask: Tensor | None = None,
 ) -> Tensor:
     """Continue prompt (B, T) by up to max_new_tokens tokens; returns only the new ones (B, N).
 
     Rows that produced `eod_id` keep emitting it; decoding stops early once every row has.
     """
-    tokens = list(stream(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                         top_p=top_p, eod_id=eod_id, generator=generator, use_cache=use_cache,
-                         prompt_mask=prompt_mask))
+    tokens = list(
+        stream(
+            model,
+            prompt,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eod_id=eod_id,
+            generator=generator,
+            use_cache=use_cache,
+            prompt_mask=prompt_mask,
+        )
+    )
     return torch.stack(tokens, dim=1) if tokens else prompt[:, :0]

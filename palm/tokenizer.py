@@ -187,14 +187,18 @@ class Tokenizer:
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
-            raise TokenizerError(f"{path or 'this tokenizer'} is a tokenizer.json, which needs "
-                                 "the `tokenizers` package: pip install tokenizers") from None
+            raise TokenizerError(
+                f"{path or 'this tokenizer'} is a tokenizer.json, which needs "
+                "the `tokenizers` package: pip install tokenizers"
+            ) from None
         try:
             self._hf = HFTokenizer.from_str(model_bytes.decode("utf-8"))
         except Exception as error:  # noqa: BLE001 - tokenizers raises plain Exception on bad JSON
-            raise TokenizerError(f"{path or 'the given bytes'} is not a valid tokenizer.json "
-                                 f"({str(error).splitlines()[0][:120]}); delete it and download "
-                                 "it again (--download_models True)") from None
+            raise TokenizerError(
+                f"{path or 'the given bytes'} is not a valid tokenizer.json "
+                f"({str(error).splitlines()[0][:120]}); delete it and download "
+                "it again (--download_models True)"
+            ) from None
         self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
         self.eod_id = self._first_id(HF_EOD_TOKENS)
         self.pad_id = self._first_id(HF_PAD_TOKENS)

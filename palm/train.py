@@ -1,8 +1,8 @@
 """`python3 train.py` / `palm train`: train a PaLM model on data prepared by download.py.
 
-    python3 train.py                                   # defaults, data/wikitext-103
-    python3 train.py --config configs/cpu-quickstart.yaml train.max_steps=200 model.n_layers=4
-    python3 train.py --resume                          # continue runs/<name>/ (error if none)
+python3 train.py                                   # defaults, data/wikitext-103
+python3 train.py --config configs/cpu-quickstart.yaml train.max_steps=200 model.n_layers=4
+python3 train.py --resume                          # continue runs/<name>/ (error if none)
 """
 
 from __future__ import annotations
@@ -17,14 +17,25 @@ from palm.data.errors import DataError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (see configs/); default: built-in "
-                        "defaults, identical to configs/default.yaml")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the latest complete checkpoint; error if there is none "
-                        "(the default, train.resume=auto, continues one if it exists)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="override config values, e.g. train.max_steps=200")
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        help="YAML config file (see configs/); default: built-in "
+        "defaults, identical to configs/default.yaml",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest complete checkpoint; error if there is none "
+        "(the default, train.resume=auto, continues one if it exists)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override config values, e.g. train.max_steps=200",
+    )
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["train.resume=must"] if args.resume else [])
     try:
@@ -43,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if result.sample is not None:
         print("sample:\n" + result.sample)
     ppl = "n/a" if result.val_perplexity is None else f"{result.val_perplexity:.2f}"
-    print(f"finished at step {result.step} ({result.stopped_by}); validation perplexity {ppl}; "
-          f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; run folder {result.run_dir}")
+    print(
+        f"finished at step {result.step} ({result.stopped_by}); validation perplexity {ppl}; "
+        f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; run folder {result.run_dir}"
+    )
     return 0
 
 

@@ -19,31 +19,50 @@ import math
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from palm.checkpoint import (
-    CheckpointError, TrainingState, capture_rng, check_same_model, list_checkpoints,
-    load_checkpoint, load_checkpoint_weights, prune_checkpoints, restore_rng, save_checkpoint,
+    CheckpointError,
+    TrainingState,
+    capture_rng,
+    check_same_model,
+    list_checkpoints,
+    load_checkpoint,
+    load_checkpoint_weights,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
 )
 from palm.config import Config, weight_decay_value
+from palm.distributed import (
+    Distributed,
+    full_state_dicts,
+    gradient_sync,
+    init_distributed,
+    load_full_state_dicts,
+    wrap_model,
+)
 from palm.flops import flops_per_token
 from palm.loss import IGNORE_INDEX, lm_loss
 from palm.metrics import MetricsLogger, peak_flops
 from palm.model import PaLM
 from palm.optim import build_optimizer
-from palm.distributed import (
-    Distributed, full_state_dicts, gradient_sync, init_distributed, load_full_state_dicts,
-    wrap_model,
-)
 from palm.run import RunSetup, pick_device, prepare_run
-from palm.schedules import BatchRamp, LRSchedule, batch_size_at, lr_at, micro_batches, samples_before
+from palm.schedules import (
+    BatchRamp,
+    LRSchedule,
+    batch_size_at,
+    lr_at,
+    micro_batches,
+    samples_before,
+)
 
 # A test hook: (step, micro_step, loss) -> loss, used to inject loss spikes.
 LossHook = Callable[[int, int, Tensor], Tensor]
@@ -114,27 +133,40 @@ class Trainer:
         torch.manual_seed(c.train.seed)  # the same initial weights on every rank
         self.model = build_model(c, self.dist, self.device)
         # What runs forward/backward: the model, wrapped by DDP (FSDP2 shards it in place).
-        self.wrapped = (self.model if self.dist.parallel == "fsdp"
-                        else wrap_model(self.model, self.dist, self.device))
+        self.wrapped = (
+            self.model
+            if self.dist.parallel == "fsdp"
+            else wrap_model(self.model, self.dist, self.device)
+        )
         self.forward = torch.compile(self.wrapped) if c.train.compile else self.wrapped
         self.optimizer = make_optimizer(c, self.model)
         self.schedule = LRSchedule(
-            name=c.optim.schedule, peak=c.optim.lr, constant_steps=c.optim.constant_steps,
-            warmup_steps=c.optim.warmup_steps, total_steps=c.train.max_steps,
-            min_ratio=c.optim.min_lr_ratio)
+            name=c.optim.schedule,
+            peak=c.optim.lr,
+            constant_steps=c.optim.constant_steps,
+            warmup_steps=c.optim.warmup_steps,
+            total_steps=c.train.max_steps,
+            min_ratio=c.optim.min_lr_ratio,
+        )
         batch = c.data.batch_size
-        self.ramp = (BatchRamp.paper_shape(batch, c.train.max_steps) if c.optim.batch_ramp
-                     else BatchRamp.constant(batch, c.train.max_steps))
+        self.ramp = (
+            BatchRamp.paper_shape(batch, c.train.max_steps)
+            if c.optim.batch_ramp
+            else BatchRamp.constant(batch, c.train.max_steps)
+        )
         for _, stage_batch in self.ramp.stages:  # fail now, not at the first ramp boundary
             micro_batches(stage_batch // self.dist.world_size, c.data.micro_batch_size)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.setup.precision == "bfloat16" else nullcontext())
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.setup.precision == "bfloat16"
+            else nullcontext()
+        )
         self.state = TrainingState(step=0)
         self.ckpt_root = self.setup.run_dir / "checkpoints"
         self.flops_per_token = flops_per_token(c.model, c.data.seq_len)
-        self.peak_flops, self.peak_source = peak_flops(self.device, torch.float32
-                                                       if self.setup.precision == "float32"
-                                                       else torch.bfloat16)
+        self.peak_flops, self.peak_source = peak_flops(
+            self.device, torch.float32 if self.setup.precision == "float32" else torch.bfloat16
+        )
 
     # --- checkpoints --------------------------------------------------------------------------
 
@@ -143,16 +175,18 @@ class Trainer:
         self.state.rng = capture_rng()
         model_state, optimizer_state = full_state_dicts(self.wrapped, self.optimizer)
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_root, model_state, optimizer_state, self.state,
-                            self.config.to_dict())
+            save_checkpoint(
+                self.ckpt_root, model_state, optimizer_state, self.state, self.config.to_dict()
+            )
             prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
         self.dist.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
 
     def load(self, path: Path) -> None:
         loaded = load_checkpoint(path)
         check_same_model(path, loaded.config["model"], self.config.to_dict()["model"])
-        load_full_state_dicts(self.wrapped, self.optimizer, loaded.model_state,
-                              loaded.optimizer_state)
+        load_full_state_dicts(
+            self.wrapped, self.optimizer, loaded.model_state, loaded.optimizer_state
+        )
         self.state = loaded.state
         restore_rng(self.state.rng)
 
@@ -160,11 +194,15 @@ class Trainer:
         checkpoints = list_checkpoints(self.ckpt_root)
         mode = self.config.train.resume
         if checkpoints and mode == "never":
-            raise CheckpointError(f"{self.ckpt_root} already holds checkpoints; resume it "
-                                  f"(train.resume=auto) or choose another train.name")
+            raise CheckpointError(
+                f"{self.ckpt_root} already holds checkpoints; resume it "
+                f"(train.resume=auto) or choose another train.name"
+            )
         if not checkpoints and mode == "must":
-            raise CheckpointError(f"no complete checkpoint in {self.ckpt_root} to resume; "
-                                  f"start a new run without --resume")
+            raise CheckpointError(
+                f"no complete checkpoint in {self.ckpt_root} to resume; "
+                f"start a new run without --resume"
+            )
         if not checkpoints and self.config.train.init_from:
             self.init_weights(self.config.train.init_from)
         if checkpoints and mode in ("auto", "must"):
@@ -186,8 +224,10 @@ class Trainer:
         """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it."""
         t = self.config.train
         if self.state.rollbacks >= t.max_rollbacks:
-            raise RuntimeError(f"loss spiked again at step {spike_step} after {t.max_rollbacks} "
-                               f"rollbacks; lower optim.lr or inspect the data")
+            raise RuntimeError(
+                f"loss spiked again at step {spike_step} after {t.max_rollbacks} "
+                f"rollbacks; lower optim.lr or inspect the data"
+            )
         candidates = list_checkpoints(self.ckpt_root)
         if not candidates:
             raise RuntimeError(f"loss spike at step {spike_step} but no checkpoint to roll back to")
@@ -197,14 +237,25 @@ class Trainer:
         self.load(path)
         back_to = self.state.step
         skip = max(t.skip_batches, spike_step - back_to + 1)  # never replay the spiking batch
-        self.state.sample_offset += (samples_before(back_to + skip, self.ramp)
-                                     - samples_before(back_to, self.ramp))
+        self.state.sample_offset += samples_before(back_to + skip, self.ramp) - samples_before(
+            back_to, self.ramp
+        )
         self.state.rollbacks = rollbacks
-        log.log({"step": spike_step, "kind": "event", "event": "loss_spike", "loss": loss,
-                 "rolled_back_to": back_to, "skipped_batches": skip})
+        log.log(
+            {
+                "step": spike_step,
+                "kind": "event",
+                "event": "loss_spike",
+                "loss": loss,
+                "rolled_back_to": back_to,
+                "skipped_batches": skip,
+            }
+        )
         if self.dist.is_main:
-                print(f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
-                  f"{back_to}, skipping {skip} batches")
+            print(
+                f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
+                f"{back_to}, skipping {skip} batches"
+            )
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -221,8 +272,9 @@ class Trainer:
         indices = self.batch_indices(step)
         micro = self.config.data.micro_batch_size
         n_micro = micro_batches(len(indices), micro)
-        batches = [self.setup.train.batch(indices[i * micro:(i + 1) * micro])
-                   for i in range(n_micro)]
+        batches = [
+            self.setup.train.batch(indices[i * micro : (i + 1) * micro]) for i in range(n_micro)
+        ]
         # Weight each micro-batch by its share of the global batch's target tokens, so the
         # gradient is that of the mean over the whole batch (padding excluded), however it is
         # split over micro-batches and ranks. DDP/FSDP average over ranks, hence the world size.
@@ -259,7 +311,7 @@ class Trainer:
         mine = np.arange(self.dist.rank, n, self.dist.world_size)  # each rank scores a share
         total, count = 0.0, 0
         for start in range(0, max(len(mine), 1), micro):
-            chunk = mine[start:start + micro]
+            chunk = mine[start : start + micro]
             if len(chunk) == 0:  # FSDP: every rank must run the same number of forwards
                 chunk = np.arange(1)
             x, y = valid.batch(chunk)
@@ -282,8 +334,9 @@ class Trainer:
         log = MetricsLogger(self.setup.run_dir, enabled=is_main)
         if t.spike_detection and not list_checkpoints(self.ckpt_root):
             self.save()  # something to roll back to before the first regular checkpoint
-        detector = SpikeDetector(t.spike_window, t.spike_sigma, t.spike_ratio,
-                                 self.state.recent_losses)
+        detector = SpikeDetector(
+            t.spike_window, t.spike_sigma, t.spike_ratio, self.state.recent_losses
+        )
         params = [p for p in self.model.parameters() if p.requires_grad]
         start_time = interval_start = time.perf_counter()
         interval_tokens, tokens_per_s, mfu, stopped_by = 0, 0.0, 0.0, "max_steps"
@@ -300,14 +353,17 @@ class Trainer:
                 if t.spike_detection and detector.is_spike(loss):
                     self.optimizer.zero_grad(set_to_none=True)  # never applied
                     self.roll_back(step, loss, log)
-                    detector = SpikeDetector(t.spike_window, t.spike_sigma, t.spike_ratio,
-                                             self.state.recent_losses)
+                    detector = SpikeDetector(
+                        t.spike_window, t.spike_sigma, t.spike_ratio, self.state.recent_losses
+                    )
                     progress.n = self.state.step
                     continue
                 grad_norm = clip_gradients(params, c.optim.grad_clip)
                 if not math.isfinite(grad_norm) or not math.isfinite(loss):
-                    raise RuntimeError(f"non-finite loss or gradient at step {step} "
-                                       f"(enable train.spike_detection to roll back instead)")
+                    raise RuntimeError(
+                        f"non-finite loss or gradient at step {step} "
+                        f"(enable train.spike_detection to roll back instead)"
+                    )
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 detector.losses.append(loss)
@@ -319,35 +375,61 @@ class Trainer:
                 over_time = t.max_minutes and time.perf_counter() - start_time > 60 * t.max_minutes
                 # All ranks stop together: a signal or the clock seen by any rank counts.
                 signalled, over_time = self.dist.all_reduce_sum(
-                    [float(stop.received is not None), float(over_time)], self.device)
-                stopped_by = ("signal" if signalled else "time_limit" if over_time
-                              else stopped_by)
+                    [float(stop.received is not None), float(over_time)], self.device
+                )
+                stopped_by = "signal" if signalled else "time_limit" if over_time else stopped_by
                 finished = step >= t.max_steps or stopped_by != "max_steps"
                 if step % t.log_every == 0 or finished:
                     elapsed = time.perf_counter() - interval_start
                     tokens_per_s = interval_tokens / max(elapsed, 1e-9)
                     mfu = tokens_per_s * self.flops_per_token / self.peak_flops
-                    log.log({"step": step, "kind": "train", "tokens": self.state.tokens_seen,
-                             "loss": loss, "cross_entropy": ce, "z_loss": z, "lr": lr,
-                             "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu})
-                    report = dict(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                                  tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+                    log.log(
+                        {
+                            "step": step,
+                            "kind": "train",
+                            "tokens": self.state.tokens_seen,
+                            "loss": loss,
+                            "cross_entropy": ce,
+                            "z_loss": z,
+                            "lr": lr,
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": tokens_per_s,
+                            "mfu": mfu,
+                        }
+                    )
+                    report = dict(
+                        loss=f"{loss:.3f}",
+                        lr=f"{lr:.2e}",
+                        tok_s=f"{tokens_per_s:,.0f}",
+                        mfu=f"{mfu:.1%}",
+                    )
                     if not progress.disable:
                         progress.set_postfix(report)
                     elif is_main:  # no terminal (a log file, CI): one line per logged step
-                        print(f"step {step}/{t.max_steps} " + " ".join(
-                            f"{k} {v}" for k, v in report.items()), flush=True)
+                        print(
+                            f"step {step}/{t.max_steps} "
+                            + " ".join(f"{k} {v}" for k, v in report.items()),
+                            flush=True,
+                        )
                     interval_start, interval_tokens = time.perf_counter(), 0
                 if (t.eval_every and step % t.eval_every == 0) or finished:
                     val_loss = self.evaluate()
                     self.state.val_loss = val_loss
                     if val_loss is not None:
                         perplexity = math.exp(min(val_loss, 700))
-                        log.log({"step": step, "kind": "eval", "val_loss": val_loss,
-                                 "val_perplexity": perplexity})
+                        log.log(
+                            {
+                                "step": step,
+                                "kind": "eval",
+                                "val_loss": val_loss,
+                                "val_perplexity": perplexity,
+                            }
+                        )
                         if is_main:
-                            progress.write(f"step {step}: validation loss {val_loss:.4f}, "
-                                           f"perplexity {perplexity:.2f}")
+                            progress.write(
+                                f"step {step}: validation loss {val_loss:.4f}, "
+                                f"perplexity {perplexity:.2f}"
+                            )
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or finished:
                     self.save()
                 self.state.val_loss = None
@@ -355,11 +437,18 @@ class Trainer:
                     break
         progress.close()
         log.close()
-        return TrainResult(self.setup.run_dir, self.state.step, val_loss,
-                           None if val_loss is None else math.exp(min(val_loss, 700)),
-                           tokens_per_s, mfu, self.state.rollbacks, stopped_by,
-                           self.sample() if is_main or self.dist.parallel == "fsdp" else None,
-                           is_main)
+        return TrainResult(
+            self.setup.run_dir,
+            self.state.step,
+            val_loss,
+            None if val_loss is None else math.exp(min(val_loss, 700)),
+            tokens_per_s,
+            mfu,
+            self.state.rollbacks,
+            stopped_by,
+            self.sample() if is_main or self.dist.parallel == "fsdp" else None,
+            is_main,
+        )
 
     def sample(self) -> str | None:
         """A short sample from the trained model, so a run shows what it learned."""
@@ -374,9 +463,15 @@ class Trainer:
         prompt = [tokenizer.eod_id] + tokenizer.encode(t.sample_prompt)
         room = self.config.model.max_seq_len - len(prompt)
         generator = torch.Generator(self.device).manual_seed(t.seed)
-        new = generate(self.model, torch.tensor([prompt], device=self.device),
-                       min(t.sample_tokens, room), temperature=0.8, top_k=40,
-                       eod_id=tokenizer.eod_id, generator=generator)
+        new = generate(
+            self.model,
+            torch.tensor([prompt], device=self.device),
+            min(t.sample_tokens, room),
+            temperature=0.8,
+            top_k=40,
+            eod_id=tokenizer.eod_id,
+            generator=generator,
+        )
         return t.sample_prompt + tokenizer.decode(new[0].tolist())
 
 
@@ -409,14 +504,22 @@ def clip_gradients(params: list[Tensor], max_norm: float) -> float:
 def make_optimizer(config: Config, model: PaLM) -> torch.optim.Optimizer:
     o = config.optim
     if o.name == "adafactor":
-        return build_optimizer("adafactor", model.parameters(), lr=o.lr, beta1=o.beta1,
-                               weight_decay=weight_decay_value(o.weight_decay))
+        return build_optimizer(
+            "adafactor",
+            model.parameters(),
+            lr=o.lr,
+            beta1=o.beta1,
+            weight_decay=weight_decay_value(o.weight_decay),
+        )
     decay = weight_decay_value(o.weight_decay)
     if decay == "lr^2":
-        raise ValueError("optim.weight_decay 'lr^2' is Adafactor's (PaLM §5); give AdamW a "
-                         "number, e.g. optim.weight_decay=0.1")
-    return build_optimizer("adamw", model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                           weight_decay=decay)
+        raise ValueError(
+            "optim.weight_decay 'lr^2' is Adafactor's (PaLM §5); give AdamW a "
+            "number, e.g. optim.weight_decay=0.1"
+        )
+    return build_optimizer(
+        "adamw", model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=decay
+    )
 
 
 def enable_activation_checkpointing(model: PaLM) -> None:
@@ -438,4 +541,3 @@ def train(config: Config, loss_hook: LossHook | None = None) -> TrainResult:
         return trainer.fit()
     finally:
         trainer.dist.close()
-

@@ -14,43 +14,71 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from test_trainer import write_dataset
 
 from palm.checkpoint import list_checkpoints
 from palm.config import load_config
 from palm.trainer import train
-from test_trainer import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                       reason="torch.distributed with gloo is not available in this build"),
+    pytest.mark.skipif(
+        not dist.is_available() or not dist.is_gloo_available(),
+        reason="torch.distributed with gloo is not available in this build",
+    ),
 ]
 MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16"]
 
 
 def args(dataset: Path, runs: Path, name: str, steps: int, *extra: str) -> list[str]:
-    return [f"data.path={dataset}", f"train.runs_dir={runs}", f"train.name={name}", *MODEL,
-            "data.micro_batch_size=2", "train.log_every=1", "train.eval_every=0",
-            "train.sample_tokens=0", f"train.max_steps={steps}", "train.checkpoint_every=0",
-            *extra]
+    return [
+        f"data.path={dataset}",
+        f"train.runs_dir={runs}",
+        f"train.name={name}",
+        *MODEL,
+        "data.micro_batch_size=2",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.sample_tokens=0",
+        f"train.max_steps={steps}",
+        "train.checkpoint_every=0",
+        *extra,
+    ]
 
 
 def torchrun(*arguments: str, nproc: int = 2, extra: tuple[str, ...] = (), wait: bool = True):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *extra, str(ROOT / "train.py"), *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra,
+        str(ROOT / "train.py"),
+        *arguments,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     if not wait:
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"kind": "train"' in line]
+    return [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "train"' in line
+    ]
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -82,18 +110,18 @@ def test_two_ranks_give_the_same_losses_and_weights_as_one_process(setup, parall
     assert_same_weights(runs / parallel, one)
 
 
-@pytest.mark.parametrize("parallel,first,second", [("ddp", 2, 1), ("fsdp", 1, 2),
-                                                    ("fsdp", 2, 1)])
+@pytest.mark.parametrize("parallel,first,second", [("ddp", 2, 1), ("fsdp", 1, 2), ("fsdp", 2, 1)])
 def test_resume_with_another_number_of_ranks(setup, parallel, first, second):
     dataset, runs, one = setup
     name = f"{parallel}-{first}to{second}"
     for nproc, steps in ((first, 3), (second, 5)):
-        run_args = args(dataset, runs, name, steps, f"train.parallel={parallel}",
-                        "train.checkpoint_every=3")
+        run_args = args(
+            dataset, runs, name, steps, f"train.parallel={parallel}", "train.checkpoint_every=3"
+        )
         if nproc == 1:
             train(load_config(None, run_args))
         else:
-            assert f"at step 3" in torchrun(*run_args, nproc=nproc).stdout
+            assert "at step 3" in torchrun(*run_args, nproc=nproc).stdout
     torch.testing.assert_close(losses(runs / name), losses(one), rtol=1e-5, atol=1e-6)
     assert_same_weights(runs / name, one)
 
@@ -106,9 +134,19 @@ def children(pid: int) -> list[int]:
 def test_elastic_restart_after_a_worker_is_killed(setup):
     dataset, runs, _ = setup
     root = runs / "elastic" / "checkpoints"
-    process = torchrun(*args(dataset, runs, "elastic", 40, "train.parallel=ddp",
-                             "train.checkpoint_every=2", "train.keep_checkpoints=2"),
-                       extra=("--max-restarts=1",), wait=False)
+    process = torchrun(
+        *args(
+            dataset,
+            runs,
+            "elastic",
+            40,
+            "train.parallel=ddp",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=2",
+        ),
+        extra=("--max-restarts=1",),
+        wait=False,
+    )
     try:
         deadline = time.monotonic() + 300
         while not [p for p in list_checkpoints(root) if int(p.name[5:]) >= 4]:

@@ -95,28 +95,58 @@ def test_word_perplexity_and_bits_per_byte_match_a_hand_computation(setup, capsy
     assert result["n_documents"] == 20
     assert result["nll"] == pytest.approx(nll, rel=1e-5)
     assert result["word_perplexity"] == pytest.approx(math.exp(nll / words), rel=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(text.encode()),
-                                                    rel=1e-5)
-    assert result["token_perplexity"] == pytest.approx(math.exp(nll / result["n_tokens"]),
-                                                       rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(
+        nll / math.log(2) / len(text.encode()), rel=1e-5
+    )
+    assert result["token_perplexity"] == pytest.approx(math.exp(nll / result["n_tokens"]), rel=1e-5)
     # The same text given as a file, cut into the same documents, scores the same.
-    as_text = run_json(capsys, run, "--text", dataset.parent.parent / "corpus" /
-                       "validation.txt", "--documents", "paragraph")
+    as_text = run_json(
+        capsys,
+        run,
+        "--text",
+        dataset.parent.parent / "corpus" / "validation.txt",
+        "--documents",
+        "paragraph",
+    )
     for key in ("nll", "n_tokens", "n_words", "n_bytes", "n_documents"):
         assert as_text[key] == pytest.approx(result[key], rel=1e-6), key
 
 
 def test_max_documents_recounts_words_and_stride_changes_context(setup, capsys):
     dataset, run = setup
-    few = run_json(capsys, run, "--data", dataset, "--split", "test", "--max_documents", 3,
-                   "--context", 32, "--stride", 8)
+    few = run_json(
+        capsys,
+        run,
+        "--data",
+        dataset,
+        "--split",
+        "test",
+        "--max_documents",
+        3,
+        "--context",
+        32,
+        "--stride",
+        8,
+    )
     text = (dataset.parent.parent / "corpus" / "test.txt").read_text()
     first = "".join(p + "\n\n" for p in text.split("\n\n")[:3])
     assert few["n_documents"] == 3
     assert few["n_words"] == len(first.split()) + first.count("\n")
     assert (few["context"], few["stride"]) == (32, 8)
-    disjoint = run_json(capsys, run, "--data", dataset, "--split", "test", "--max_documents", 3,
-                        "--context", 32, "--stride", 32)
+    disjoint = run_json(
+        capsys,
+        run,
+        "--data",
+        dataset,
+        "--split",
+        "test",
+        "--max_documents",
+        3,
+        "--context",
+        32,
+        "--stride",
+        32,
+    )
     assert disjoint["n_tokens"] == few["n_tokens"] and disjoint["nll"] != few["nll"]
 
 

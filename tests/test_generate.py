@@ -46,8 +46,9 @@ def test_decoding_feeds_one_token_per_step():
     model = small_model()
     widths = []
     original = model.forward
-    model.forward = lambda tokens, cache=None: widths.append(tokens.shape[1]) or original(
-        tokens, cache)
+    model.forward = lambda tokens, cache=None: (
+        widths.append(tokens.shape[1]) or original(tokens, cache)
+    )
     generate(model, torch.randint(0, 97, (2, 9)), 20, temperature=0.0)
     assert widths == [9] + [1] * 19
 
@@ -62,11 +63,11 @@ def test_left_padded_batch_matches_each_prompt_alone():
     batched_logits = model(tokens, cache)
     for row, prompt in enumerate(prompts):
         alone = model(torch.tensor([prompt]))[0]
-        torch.testing.assert_close(batched_logits[row, -len(prompt):], alone, atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(batched_logits[row, -len(prompt) :], alone, atol=1e-5, rtol=1e-5)
     for use_cache in (True, False):
-        batched = generate(model, tokens, 25, temperature=0.0, prompt_mask=mask,
-                           use_cache=use_cache)
+        batched = generate(
+            model, tokens, 25, temperature=0.0, prompt_mask=mask, use_cache=use_cache
+        )
         for row, prompt in enumerate(prompts):
             alone = generate(model, torch.tensor([prompt]), 25, temperature=0.0)
             assert torch.equal(batched[row], alone[0]), (use_cache, row)
@@ -147,8 +148,9 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_cli_greedy_output_is_the_models_greedy_decoding(run, capsys):
-    rc, out, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 12,
-                     "--temperature", 0)
+    rc, out, _ = cli(
+        capsys, run, "--prompt", "the world", "--max_new_tokens", 12, "--temperature", 0
+    )
     assert rc == 0
     loaded = load_model_for_inference(run)
     tok = loaded.tokenizer
@@ -159,21 +161,47 @@ def test_cli_greedy_output_is_the_models_greedy_decoding(run, capsys):
 
 
 def test_cli_seed_batches_stdin_stop_and_samples(run, capsys, monkeypatch):
-    args = (run, "--prompt", "the", "--prompt", "a long prompt of many words", "--seed", 3,
-            "--num_samples", 2, "--max_new_tokens", 15, "--top_p", 0.9, "--top_k", 50)
+    args = (
+        run,
+        "--prompt",
+        "the",
+        "--prompt",
+        "a long prompt of many words",
+        "--seed",
+        3,
+        "--num_samples",
+        2,
+        "--max_new_tokens",
+        15,
+        "--top_p",
+        0.9,
+        "--top_k",
+        50,
+    )
     rc, first, _ = cli(capsys, *args)
     rc2, second, _ = cli(capsys, *args)
     assert rc == rc2 == 0 and first == second
     assert first.count("=== prompt") == 4 and "=== prompt 2, sample 2 ===" in first
     monkeypatch.setattr(sys, "stdin", io.StringIO("the world"))
     rc, piped, _ = cli(capsys, run, "--max_new_tokens", 12, "--temperature", 0)
-    rc2, direct, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 12,
-                         "--temperature", 0)
+    rc2, direct, _ = cli(
+        capsys, run, "--prompt", "the world", "--max_new_tokens", 12, "--temperature", 0
+    )
     assert rc == rc2 == 0 and piped == direct
     stop = direct.strip()[3:6]
     if stop:
-        rc, cut, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 12,
-                         "--temperature", 0, "--stop", stop)
+        rc, cut, _ = cli(
+            capsys,
+            run,
+            "--prompt",
+            "the world",
+            "--max_new_tokens",
+            12,
+            "--temperature",
+            0,
+            "--stop",
+            stop,
+        )
         assert cut == direct[: direct.index(stop)] + "\n"
 
 
@@ -196,8 +224,9 @@ def test_cli_streams_a_single_sequence(run):
 def test_cli_interactive_loop(run, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("the world\nexit\n"))
     rc, out, err = cli(capsys, run, "--interactive", "--max_new_tokens", 5, "--temperature", 0)
-    rc2, direct, _ = cli(capsys, run, "--prompt", "the world", "--max_new_tokens", 5,
-                         "--temperature", 0)
+    rc2, direct, _ = cli(
+        capsys, run, "--prompt", "the world", "--max_new_tokens", 5, "--temperature", 0
+    )
     assert rc == rc2 == 0 and "interactive" in err and out == direct
 
 

@@ -15,16 +15,24 @@ from palm.flops import flops_per_token, mfu, parameter_counts, training_memory_b
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("palm-5")])
-@pytest.mark.parametrize("ablation", [{}, {"parallel_block": False, "multi_query": False},
-                                      {"activation": "gelu", "tie_embeddings": False}])
+@pytest.mark.parametrize(
+    "ablation",
+    [
+        {},
+        {"parallel_block": False, "multi_query": False},
+        {"activation": "gelu", "tie_embeddings": False},
+    ],
+)
 def test_analytic_counts_equal_the_built_model(name, ablation):
     config = dataclasses.replace(ModelConfig.preset(name), **ablation)
     with torch.device("meta"):
         model = PaLM(config)
     counts = parameter_counts(config)
     assert counts["total"] == model.num_parameters()
-    assert counts["non_embedding"] + counts["embedding"] + counts["output_projection"] == (
-        counts["total"])
+    assert (
+        counts["non_embedding"] + counts["embedding"] + counts["output_projection"]
+        == (counts["total"])
+    )
 
 
 def test_mfu_reproduces_the_papers_540b_figures():
@@ -46,8 +54,9 @@ def test_memory_counts_weights_grads_and_two_optimizer_moments():
 
 
 def run_info(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "palm", "info", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "palm", "info", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_info_command_text_and_json(tmp_path):
@@ -64,3 +73,45 @@ def test_info_command_text_and_json(tmp_path):
     bad = run_info("--config", str(config))
     assert bad.returncode != 0 and "unknown model key" in bad.stderr
     assert run_info("--preset", "nope").returncode == 2
+
+
+def test_per_gpu_memory_plan_shards_under_fsdp_only():
+    from palm.flops import per_device_memory_bytes
+
+    config = ModelConfig.preset("palm-8b")
+    n = parameter_counts(config)["total"]
+    ddp = per_device_memory_bytes(config, 8, "ddp", micro_batch=1, seq_len=2048, param_bytes=2)
+    fsdp = per_device_memory_bytes(config, 8, "fsdp", micro_batch=1, seq_len=2048, param_bytes=2)
+    assert ddp["weights"] == 2 * n and fsdp["weights"] == -(-2 * n // 8)
+    assert fsdp["optimizer"] == -(-8 * n // 8) and fsdp["gathered"] > 0
+    remat = per_device_memory_bytes(
+        config, 8, "fsdp", micro_batch=1, seq_len=2048, param_bytes=2, checkpointing=True
+    )
+    assert remat["activations"] < fsdp["activations"]
+    # Logits alone: 2 x tokens x vocab x 4 bytes; doubling the micro-batch doubles activations.
+    double = per_device_memory_bytes(config, 8, "fsdp", micro_batch=2, seq_len=2048, param_bytes=2)
+    assert double["activations"] == 2 * fsdp["activations"]
+
+
+def test_info_says_whether_a_run_fits_an_80gb_gpu():
+    fits = json.loads(
+        run_info(
+            "--preset",
+            "palm-8b",
+            "--gpus",
+            "8",
+            "--parallel",
+            "fsdp",
+            "--dtype",
+            "bfloat16",
+            "--activation_checkpointing",
+            "--json",
+        ).stdout
+    )
+    assert fits["per_gpu"]["fits"] is True
+    one = json.loads(
+        run_info("--preset", "palm-62b", "--gpus", "1", "--parallel", "ddp", "--json").stdout
+    )
+    assert one["per_gpu"]["fits"] is False
+    text = run_info("--preset", "palm-62b", "--gpus", "1", "--parallel", "ddp").stdout
+    assert "does NOT fit a 80 GiB GPU" in text

@@ -27,7 +27,11 @@ def test_converted_peer_gives_the_same_logits(kwargs):
     ours = from_palm_pytorch(peer.state_dict()).eval()
     c = ours.config
     assert (c.d_model, c.n_layers, c.n_heads, c.head_dim) == (
-        kwargs["dim"], kwargs["depth"], kwargs["heads"], kwargs["dim_head"])
+        kwargs["dim"],
+        kwargs["depth"],
+        kwargs["heads"],
+        kwargs["dim_head"],
+    )
     tokens = torch.randint(0, kwargs["num_tokens"], (2, 33))
     with torch.no_grad():
         diff = (ours(tokens) - peer(tokens)).abs().max().item()

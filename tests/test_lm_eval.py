@@ -45,10 +45,20 @@ metric_list:
 """,
 }
 
-DOCS = [{"question": "The world and", "choices": [" the people", " many men", " old"],
-         "answer": 0, "text": "The people of the world came back.\nThey made it."},
-        {"question": "Life is", "choices": [" good", " a state", " very old year"],
-         "answer": 1, "text": "Still one life, and two years.\n"}]
+DOCS = [
+    {
+        "question": "The world and",
+        "choices": [" the people", " many men", " old"],
+        "answer": 0,
+        "text": "The people of the world came back.\nThey made it.",
+    },
+    {
+        "question": "Life is",
+        "choices": [" good", " a state", " very old year"],
+        "answer": 1,
+        "text": "Still one life, and two years.\n",
+    },
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +79,10 @@ def env(tmp_path_factory):
         data = tasks / "docs.jsonl"
         data.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
         for name, body in TASKS.items():
-            head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-                    f"    test: {data}\ntest_split: test\n")
+            head = (
+                f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {data}\ntest_split: test\n"
+            )
             (tasks / f"{name}.yaml").write_text(head + body)
         yield adapter, run, tasks
 
@@ -93,10 +105,9 @@ def test_requests_match_the_models_own_scoring(env):
         n_ctx = len(tok.encode(context))
         seq = [tok.eod_id] + tok.encode(context + continuation)
         logits = F.log_softmax(model(torch.tensor([seq[:-1]]))[0].double(), -1)
-        targets = torch.tensor(seq[1 + n_ctx:])
+        targets = torch.tensor(seq[1 + n_ctx :])
         picked = logits[n_ctx:]
-        assert logprob == pytest.approx(float(picked.gather(1, targets[:, None]).sum()),
-                                        rel=1e-5)
+        assert logprob == pytest.approx(float(picked.gather(1, targets[:, None]).sum()), rel=1e-5)
         assert greedy == bool((picked.argmax(-1) == targets).all())
     texts = [d["text"] for d in DOCS]
     rolling = lm.loglikelihood_rolling([instance("loglikelihood_rolling", (t,)) for t in texts])
@@ -106,8 +117,9 @@ def test_requests_match_the_models_own_scoring(env):
         assert value == pytest.approx(float(reference), rel=1e-5)
     from palm.sampling import generate
 
-    outs = lm.generate_until([instance("generate_until", ("The world", {"until": ["e"],
-                                                                         "max_gen_toks": 8}))])
+    outs = lm.generate_until(
+        [instance("generate_until", ("The world", {"until": ["e"], "max_gen_toks": 8}))]
+    )
     prompt = torch.tensor([[tok.eod_id] + tok.encode("The world")])
     new = generate(model, prompt, 8, temperature=0.0, eod_id=tok.eod_id)[0].tolist()
     text = tok.decode(new[: new.index(tok.eod_id)] if tok.eod_id in new else new)
@@ -122,28 +134,37 @@ def test_simple_evaluate_by_registered_name_and_palm_evaluate_cli(env, capsys):
 
     assert get_model("palm") is adapter.PaLMLM  # what `--model palm` resolves to
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    results = simple_evaluate(model="palm", model_args=f"checkpoint={run},batch_size=4",
-                              tasks=list(TASKS), task_manager=manager, log_samples=False)
+    results = simple_evaluate(
+        model="palm",
+        model_args=f"checkpoint={run},batch_size=4",
+        tasks=list(TASKS),
+        task_manager=manager,
+        log_samples=False,
+    )
     metrics = results["results"]
     assert set(metrics) == set(TASKS)
     assert metrics["palm_toy_mc"]["acc,none"] in (0.0, 0.5, 1.0)
     assert metrics["palm_toy_gen"]["exact_match,none"] in (0.0, 0.5, 1.0)
     # word_perplexity from the harness = exp(-sum loglikelihood / words) of our rolling scores.
     lm = adapter.PaLMLM(checkpoint=str(run))
-    rolling = lm.loglikelihood_rolling([instance("loglikelihood_rolling", (d["text"],))
-                                        for d in DOCS])
+    rolling = lm.loglikelihood_rolling(
+        [instance("loglikelihood_rolling", (d["text"],)) for d in DOCS]
+    )
     words = sum(len(re.split(r"\s+", d["text"])) for d in DOCS)  # lm-eval's word count
     assert metrics["palm_toy_ppl"]["word_perplexity,none"] == pytest.approx(
-        math.exp(-sum(rolling) / words), rel=1e-5)
+        math.exp(-sum(rolling) / words), rel=1e-5
+    )
 
     from palm.evaluate import main
 
     capsys.readouterr()
-    rc = main([str(run), "--tasks", "palm_toy_mc,palm_toy_ppl", "--include_path", str(tasks),
-               "--json"])
+    rc = main(
+        [str(run), "--tasks", "palm_toy_mc,palm_toy_ppl", "--include_path", str(tasks), "--json"]
+    )
     out = capsys.readouterr().out
     assert rc == 0
-    cli = json.loads(out[out.index("{"):])["results"]
+    cli = json.loads(out[out.index("{") :])["results"]
     assert cli["palm_toy_mc"]["acc,none"] == metrics["palm_toy_mc"]["acc,none"]
     assert cli["palm_toy_ppl"]["word_perplexity,none"] == pytest.approx(
-        metrics["palm_toy_ppl"]["word_perplexity,none"], rel=1e-6)
+        metrics["palm_toy_ppl"]["word_perplexity,none"], rel=1e-6
+    )

@@ -54,8 +54,9 @@ def test_exact_match_rate_equals_the_reference(bigram):
     for memorized in (True, False):
         tokens = stream(f, rng, memorized)
         result = memorization(model, tokens, "train", n_spans=60, batch_size=16, seed=1)
-        expected = [all(tokens[s + t + 1] == f[tokens[s + t]] for t in range(49, 99))
-                    for s in result.starts]
+        expected = [
+            all(tokens[s + t + 1] == f[tokens[s + t]] for t in range(49, 99)) for s in result.starts
+        ]
         assert result.n_spans == 60 and len(set(result.starts)) == 60
         assert result.matched == expected
         assert result.exact_matches == sum(expected)
@@ -81,8 +82,19 @@ def test_cli_reports_train_and_held_out_rates(tmp_path: Path, capsys):
     dataset = prepare_dataset(tmp_path)
     run = write_run(tmp_path, dataset, val_losses=(1.0,))
     capsys.readouterr()  # download.py's own report
-    rc = main([str(run), "--data", str(dataset), "--memorization", "--spans", "12",
-               "--batch_size", "12", "--json"])
+    rc = main(
+        [
+            str(run),
+            "--data",
+            str(dataset),
+            "--memorization",
+            "--spans",
+            "12",
+            "--batch_size",
+            "12",
+            "--json",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     out = json.loads(captured.out)["memorization"]

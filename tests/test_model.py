@@ -91,7 +91,10 @@ SWITCHES = list(itertools.product([True, False], [True, False], ["swiglu", "gelu
 @pytest.mark.parametrize("parallel,multi_query,activation,tied", SWITCHES)
 def test_matches_float64_reference_for_every_ablation(parallel, multi_query, activation, tied):
     config = dataclasses.replace(
-        TINY, parallel_block=parallel, multi_query=multi_query, activation=activation,
+        TINY,
+        parallel_block=parallel,
+        multi_query=multi_query,
+        activation=activation,
         tie_embeddings=tied,
     )
     model = make(config)
@@ -128,8 +131,9 @@ def test_n_heads_times_head_dim_need_not_equal_d_model():
     config = ModelConfig(vocab_size=50, d_model=40, n_layers=1, n_heads=3, head_dim=16)
     model = make(config)
     tokens = torch.randint(0, 50, (1, 7))
-    torch.testing.assert_close(model(tokens).double(), reference_logits(model, tokens),
-                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(tokens).double(), reference_logits(model, tokens), atol=2e-5, rtol=1e-5
+    )
 
 
 def test_causal_future_tokens_do_not_change_past_logits():
@@ -237,8 +241,9 @@ def test_z_loss_and_cross_entropy_match_float64_reference():
     assert out.loss.item() == pytest.approx((want_ce + want_z).item(), rel=1e-6)
     assert out.n_tokens.item() == keep.sum().item()
     # Same cross-entropy as PyTorch's own.
-    torch.testing.assert_close(out.cross_entropy, F.cross_entropy(logits.view(-1, 11),
-                                                                  targets.view(-1)))
+    torch.testing.assert_close(
+        out.cross_entropy, F.cross_entropy(logits.view(-1, 11), targets.view(-1))
+    )
     # The coefficient is configurable.
     assert lm_loss(logits, targets, z_loss_coef=0.0).z_loss.item() == 0.0
 

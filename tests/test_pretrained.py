@@ -27,8 +27,15 @@ peer_lib = pytest.importorskip("palm_rlhf_pytorch", reason="pip install palm-rlh
 tokenizers = pytest.importorskip("tokenizers")
 
 SHAPE = {"num_tokens": 320, "dim": 64, "depth": 2, "dim_head": 16, "heads": 4}
-SPEC = Pretrained(HubFile("conceptofmind/palm-410m", "palm_410m_8k_v0.pt"), d_model=64,
-                  n_layers=2, n_heads=4, head_dim=16, vocab_size=320, max_seq_len=128)
+SPEC = Pretrained(
+    HubFile("conceptofmind/palm-410m", "palm_410m_8k_v0.pt"),
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    head_dim=16,
+    vocab_size=320,
+    max_seq_len=128,
+)
 COMMIT = "a" * 40
 
 
@@ -55,8 +62,11 @@ def tokenizer_json() -> bytes:
     tok = HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
     return tok.to_str().encode()
 
@@ -150,10 +160,27 @@ def hub_env(assets, tmp_path, monkeypatch):
 
 def data_command(tmp_path: Path, *extra: str) -> int:
     corpus = write_corpus(tmp_path / "corpus")
-    return download_main(["--path", str(tmp_path / "data"), "--dataset", str(corpus),
-                          "--documents", "paragraph", "--seq_len", "32", "--batch_size", "8",
-                          "--n_workers", "1", "--download_data", "False",
-                          "--download_models", "True", *extra])
+    return download_main(
+        [
+            "--path",
+            str(tmp_path / "data"),
+            "--dataset",
+            str(corpus),
+            "--documents",
+            "paragraph",
+            "--seq_len",
+            "32",
+            "--batch_size",
+            "8",
+            "--n_workers",
+            "1",
+            "--download_data",
+            "False",
+            "--download_models",
+            "True",
+            *extra,
+        ]
+    )
 
 
 def test_documented_command_gives_the_peers_logits(assets, hub_env, tmp_path, monkeypatch):
@@ -162,8 +189,12 @@ def test_documented_command_gives_the_peers_logits(assets, hub_env, tmp_path, mo
     run = tmp_path / "data" / "pretrained" / "palm-410m"
     loaded = load_model_for_inference(run, device="cpu", dtype=torch.float32)
     c = loaded.model.config
-    assert (c.xpos_scale_base, c.max_seq_len, c.final_norm, c.scale_logits) == (512, 128, True,
-                                                                                 False)
+    assert (c.xpos_scale_base, c.max_seq_len, c.final_norm, c.scale_logits) == (
+        512,
+        128,
+        True,
+        False,
+    )
     tokens = torch.randint(0, SHAPE["num_tokens"], (2, 64))
     with torch.no_grad():
         diff = (loaded.model(tokens) - peer(tokens)).abs().max().item()
@@ -208,8 +239,18 @@ def test_export_loads_into_the_peer(assets, hub_env, tmp_path):
     peer = assets[0]
     assert data_command(tmp_path, "--download_pretrained", "True") == 0
     out = tmp_path / "peer.pt"
-    assert export_main(["--checkpoint", str(tmp_path / "data" / "pretrained" / "palm-410m"),
-                        "--to", "palm-rlhf-pytorch", str(out)]) == 0
+    assert (
+        export_main(
+            [
+                "--checkpoint",
+                str(tmp_path / "data" / "pretrained" / "palm-410m"),
+                "--to",
+                "palm-rlhf-pytorch",
+                str(out),
+            ]
+        )
+        == 0
+    )
     fresh, original = peer_lib.PaLM(**SHAPE).eval(), peer_lib.PaLM(**SHAPE).eval()
     fresh.load_state_dict(torch.load(out, weights_only=True), strict=True)
     original.load_state_dict(peer.state_dict())  # fresh too: no rotary tables cached yet
@@ -217,8 +258,18 @@ def test_export_loads_into_the_peer(assets, hub_env, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(tokens), original(tokens), atol=0, rtol=0)
     # A plain-RoPE model cannot be expressed in palm-rlhf-pytorch: one clear error.
-    assert export_main(["--checkpoint", str(tmp_path / "data" / "pretrained" / "palm-410m"),
-                        "--to", "palm-pytorch", str(tmp_path / "x.pt")]) == 1
+    assert (
+        export_main(
+            [
+                "--checkpoint",
+                str(tmp_path / "data" / "pretrained" / "palm-410m"),
+                "--to",
+                "palm-pytorch",
+                str(tmp_path / "x.pt"),
+            ]
+        )
+        == 1
+    )
 
 
 def test_untrained_final_norm_means_none_was_used(tmp_path):
@@ -241,8 +292,9 @@ def test_xpos_cached_decoding_equals_uncached():
     cache = model.new_cache(2, 64)
     with torch.no_grad():
         full = model(tokens)
-        steps = [model(tokens[:, :10], cache)] + [model(tokens[:, i:i + 1], cache)
-                                                  for i in range(10, 24)]
+        steps = [model(tokens[:, :10], cache)] + [
+            model(tokens[:, i : i + 1], cache) for i in range(10, 24)
+        ]
     # Unscaled logits here reach ~30: float32 rounding of other matmul orders, relative to that.
     scale = full.abs().max().item()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5 * scale, rtol=0)

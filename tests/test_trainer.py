@@ -35,11 +35,19 @@ def write_dataset(folder: Path, n_tokens: int = 6000, seed: int = 0) -> Path:
         starts = rng.integers(1, VOCAB, size=n // 8 + 1)
         tokens = ((starts[:, None] + np.arange(8)[None, :]) % (VOCAB - 1) + 1).reshape(-1)[:n]
         tokens.astype(np.uint16).tofile(folder / f"{split}.bin")
-        splits[split] = {"path": f"{split}.bin", "n_tokens": n, "n_documents": n // 8,
-                         "sha256": ""}
-    manifest = Manifest(dataset="synthetic", vocab_size=VOCAB, dtype="uint16", eod_id=0,
-                        pad_id=VOCAB - 1, seq_len=16, batch_size=8, layout="combined",
-                        splits=splits, tokenizer_sha256="")
+        splits[split] = {"path": f"{split}.bin", "n_tokens": n, "n_documents": n // 8, "sha256": ""}
+    manifest = Manifest(
+        dataset="synthetic",
+        vocab_size=VOCAB,
+        dtype="uint16",
+        eod_id=0,
+        pad_id=VOCAB - 1,
+        seq_len=16,
+        batch_size=8,
+        layout="combined",
+        splits=splits,
+        tokenizer_sha256="",
+    )
     (folder / "meta.json").write_text(manifest.to_json())
     return folder
 
@@ -50,12 +58,27 @@ def dataset(tmp_path: Path) -> Path:
 
 
 def tiny_config(dataset: Path, runs: Path, *extra: str) -> Config:
-    return load_config(None, [
-        f"data.path={dataset}", f"train.runs_dir={runs}", "train.name=t",
-        "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16",
-        "data.micro_batch_size=4", "train.log_every=1", "train.eval_every=4",
-        "train.eval_batches=2", "train.checkpoint_every=4", "train.sample_tokens=0",
-        "train.max_steps=8", "optim.lr=0.01", *extra])
+    return load_config(
+        None,
+        [
+            f"data.path={dataset}",
+            f"train.runs_dir={runs}",
+            "train.name=t",
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.n_heads=2",
+            "model.head_dim=16",
+            "data.micro_batch_size=4",
+            "train.log_every=1",
+            "train.eval_every=4",
+            "train.eval_batches=2",
+            "train.checkpoint_every=4",
+            "train.sample_tokens=0",
+            "train.max_steps=8",
+            "optim.lr=0.01",
+            *extra,
+        ],
+    )
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -82,8 +105,9 @@ def test_resumed_training_is_bit_identical_to_uninterrupted(dataset, tmp_path):
 def test_gradient_accumulation_averages_over_the_whole_batch(dataset, tmp_path):
     grads = []
     for micro in (8, 2):
-        trainer = Trainer(tiny_config(dataset, tmp_path / f"m{micro}",
-                                      f"data.micro_batch_size={micro}"))
+        trainer = Trainer(
+            tiny_config(dataset, tmp_path / f"m{micro}", f"data.micro_batch_size={micro}")
+        )
         loss, ce, z, n = trainer.train_step(0)
         assert n == 8 * 16
         grads.append([p.grad.clone() for p in trainer.model.parameters()])
@@ -119,8 +143,16 @@ def test_metrics_follow_the_schedule_and_tensorboard_reads_them(dataset, tmp_pat
 
 
 def test_keeps_last_checkpoints_plus_best(dataset, tmp_path):
-    result = train(tiny_config(dataset, tmp_path, "train.checkpoint_every=1", "train.eval_every=1",
-                               "train.keep_checkpoints=2", "train.max_steps=6"))
+    result = train(
+        tiny_config(
+            dataset,
+            tmp_path,
+            "train.checkpoint_every=1",
+            "train.eval_every=1",
+            "train.keep_checkpoints=2",
+            "train.max_steps=6",
+        )
+    )
     kept = [int(p.name[5:]) for p in list_checkpoints(result.run_dir / "checkpoints")]
     assert kept[-2:] == [5, 6] and len(kept) <= 3
     assert not [p for p in (result.run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
@@ -135,15 +167,24 @@ def test_loss_spike_rolls_back_and_skips_batches(dataset, tmp_path):
             return loss * float("inf")  # a non-finite loss: must never reach the weights
         return loss
 
-    config = tiny_config(dataset, tmp_path, "train.max_steps=10", "train.checkpoint_every=2",
-                         "train.rollback_steps=2", "train.skip_batches=3")
+    config = tiny_config(
+        dataset,
+        tmp_path,
+        "train.max_steps=10",
+        "train.checkpoint_every=2",
+        "train.rollback_steps=2",
+        "train.skip_batches=3",
+    )
     trainer = Trainer(config, loss_hook=hook)
     result = trainer.fit()
     assert result.rollbacks == 1 and result.step == 10
     weights = final_weights(result.run_dir)
     assert all(torch.isfinite(w).all() for w in weights.values())
-    events = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"loss_spike"' in x]
+    events = [
+        json.loads(x)
+        for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss_spike"' in x
+    ]
     assert len(events) == 1
     assert events[0]["rolled_back_to"] == 4 and events[0]["skipped_batches"] == 3
     # After the rollback, step 4 reads the batch step 7 would have read (3 batches skipped).
@@ -153,8 +194,9 @@ def test_loss_spike_rolls_back_and_skips_batches(dataset, tmp_path):
 def test_detector_flags_a_loss_far_above_its_history():
     from palm.trainer import SpikeDetector
 
-    detector = SpikeDetector(window=50, sigma=6.0, ratio=1.5, history=[3.0 + 0.01 * (i % 5)
-                                                                          for i in range(50)])
+    detector = SpikeDetector(
+        window=50, sigma=6.0, ratio=1.5, history=[3.0 + 0.01 * (i % 5) for i in range(50)]
+    )
     assert not detector.is_spike(3.05)
     assert detector.is_spike(9.0)
     assert detector.is_spike(float("nan"))
@@ -189,8 +231,14 @@ def test_full_disk_while_checkpointing_keeps_previous_checkpoint(dataset, tmp_pa
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
@@ -213,13 +261,29 @@ def test_unwritable_run_folder_as_any_user(dataset, tmp_path):
 
 
 def start_training(dataset: Path, runs: Path, *extra: str) -> subprocess.Popen:
-    args = [f"data.path={dataset}", f"train.runs_dir={runs}", "train.name=t",
-            "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.head_dim=16",
-            "train.max_steps=100000", "train.log_every=1", "train.eval_every=0",
-            "train.sample_tokens=0", *extra]
+    args = [
+        f"data.path={dataset}",
+        f"train.runs_dir={runs}",
+        "train.name=t",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.head_dim=16",
+        "train.max_steps=100000",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.sample_tokens=0",
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=runs.parent,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=runs.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:
@@ -253,8 +317,10 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(dataset, tmp_path
     wait_for(lambda: len(list_checkpoints(root)) >= 3)
     # Kill the moment a checkpoint is being written (a temporary folder exists).
     try:
-        wait_for(lambda: root.is_dir() and any(p.name.startswith(".tmp") for p in root.iterdir()),
-                 timeout=30)
+        wait_for(
+            lambda: root.is_dir() and any(p.name.startswith(".tmp") for p in root.iterdir()),
+            timeout=30,
+        )
     except TimeoutError:
         pass
     process.kill()
@@ -262,10 +328,19 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(dataset, tmp_path
     complete = list_checkpoints(root)
     assert complete
     last = int(complete[-1].name[5:])
-    result = run_cli(f"data.path={dataset}", f"train.runs_dir={runs}", "train.name=t",
-                     "model.d_model=32", "model.n_layers=2", "model.n_heads=2",
-                     "model.head_dim=16", f"train.max_steps={last + 2}", "train.sample_tokens=0",
-                     "--resume", cwd=tmp_path)
+    result = run_cli(
+        f"data.path={dataset}",
+        f"train.runs_dir={runs}",
+        "train.name=t",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.head_dim=16",
+        f"train.max_steps={last + 2}",
+        "train.sample_tokens=0",
+        "--resume",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert f"at step {last}" in result.stdout and f"finished at step {last + 2}" in result.stdout
 
@@ -273,9 +348,16 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(dataset, tmp_path
 def test_fine_tuning_starts_from_another_runs_weights(dataset, tmp_path):
     source = train(tiny_config(dataset, tmp_path / "pre", "train.max_steps=4"))
     # The model shape comes from the checkpoint, not from this run's (different) model section.
-    tuned = train(tiny_config(dataset, tmp_path / "ft", "train.max_steps=2",
-                              f"train.init_from={source.run_dir}", "model.d_model=64",
-                              "model.dropout=0.1"))
+    tuned = train(
+        tiny_config(
+            dataset,
+            tmp_path / "ft",
+            "train.max_steps=2",
+            f"train.init_from={source.run_dir}",
+            "model.d_model=64",
+            "model.dropout=0.1",
+        )
+    )
     start = load_file(list_checkpoints(tuned.run_dir / "checkpoints")[0] / "model.safetensors")
     assert list_checkpoints(tuned.run_dir / "checkpoints")[0].name == "step_00000000"
     for key, value in final_weights(source.run_dir).items():

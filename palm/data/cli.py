@@ -220,8 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
 def download_pretrained(args: argparse.Namespace) -> int:
     """Fetch, verify and convert the --pretrained weights into PATH/pretrained/NAME/."""
     try:
-        install(args.pretrained, args.path, dict(os.environ), progress_config(args.retries),
-                args.pretrained_final_norm)
+        install(
+            args.pretrained,
+            args.path,
+            dict(os.environ),
+            progress_config(args.retries),
+            args.pretrained_final_norm,
+        )
     except DataError as error:  # PretrainedError included
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -270,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.download_models and (args.tokenizer is not None or not args.tokenize):
-        parser.error("--download_models True supplies the tokenizer: it needs --tokenize True "
-                     "and no --tokenizer PATH")
+        parser.error(
+            "--download_models True supplies the tokenizer: it needs --tokenize True "
+            "and no --tokenizer PATH"
+        )
     if args.download_scripts:
         parser.error(
             "--download_scripts True: there are no scripts to fetch; every "

@@ -1,4 +1,4 @@
-"""The preparation steps behind download.py, in order: source -> tokenizer -> token files -> manifest.
+"""The preparation steps behind download.py: source -> tokenizer -> token files -> manifest.
 
 Each step says what it does, and skips (saying so) when its output is already complete and
 matches its inputs, unless `force`. Outputs go to temporary names and are renamed when complete,
