@@ -16,9 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
-from palm.config import Config
-from palm.distributed import Distributed
+from palm.config import Config, weight_decay_value
+from palm.distributed import Distributed, wrap_model
+from palm.model import PaLM
+from palm.optim import build_optimizer
 
 TOKENS_PER_MICRO_BATCH = 8192  # automatic micro-batch: about this many tokens per forward
 
@@ -187,3 +190,63 @@ def prepare_run(config: Config, ctx: Distributed) -> RunSetup:
     ):
         valid = TokenWindows(config.data.path, "validation", config.data.seq_len, config.data.seed)
     return RunSetup(config, device, precision, run_dir, train, valid, rank, world_size)
+
+
+def build_model(config: Config, ctx: Distributed, device: torch.device) -> PaLM:
+    """The model on its device. Under FSDP with train.meta_init, built on the meta device and
+    materialised shard by shard, so a model larger than one rank's memory can be built."""
+    if ctx.parallel == "fsdp" and config.train.meta_init:
+        with torch.device("meta"):
+            model = PaLM(config.model)
+        wrap_model(model, ctx, device)  # shards the (empty) parameters
+        model.to_empty(device=device)
+        model.reset_parameters()  # PaLM §5 init, drawn per shard
+    else:
+        model = PaLM(config.model).to(device)
+        if ctx.parallel == "fsdp":
+            wrap_model(model, ctx, device)  # shards in place
+    if config.train.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def clip_gradients(params: list[Tensor], max_norm: float) -> float:
+    """Global gradient-norm clipping (PaLM §5: 1.0); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def make_optimizer(config: Config, model: PaLM) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "adafactor":
+        return build_optimizer(
+            "adafactor",
+            model.parameters(),
+            lr=o.lr,
+            beta1=o.beta1,
+            weight_decay=weight_decay_value(o.weight_decay),
+        )
+    decay = weight_decay_value(o.weight_decay)
+    if decay == "lr^2":
+        raise ValueError(
+            "optim.weight_decay 'lr^2' is Adafactor's (PaLM §5); give AdamW a "
+            "number, e.g. optim.weight_decay=0.1"
+        )
+    return build_optimizer(
+        "adamw", model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=decay
+    )
+
+
+def enable_activation_checkpointing(model: PaLM) -> None:
+    """Recompute each block's activations during backward instead of storing them."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        plain = block.forward
+
+        def forward(*args, _plain=plain, **kwargs):
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward

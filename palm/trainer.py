@@ -16,9 +16,7 @@ never stopped (PaLM §5 "bitwise determinism").
 from __future__ import annotations
 
 import math
-import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -40,9 +38,8 @@ from palm.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from palm.config import Config, weight_decay_value
+from palm.config import Config
 from palm.distributed import (
-    Distributed,
     full_state_dicts,
     gradient_sync,
     init_distributed,
@@ -50,11 +47,17 @@ from palm.distributed import (
     wrap_model,
 )
 from palm.flops import flops_per_token
+from palm.guards import SpikeDetector, StopSignal
 from palm.loss import IGNORE_INDEX, lm_loss
 from palm.metrics import MetricsLogger, peak_flops
-from palm.model import PaLM
-from palm.optim import build_optimizer
-from palm.run import RunSetup, pick_device, prepare_run
+from palm.run import (
+    RunSetup,
+    build_model,
+    clip_gradients,
+    make_optimizer,
+    pick_device,
+    prepare_run,
+)
 from palm.schedules import (
     BatchRamp,
     LRSchedule,
@@ -80,46 +83,6 @@ class TrainResult:
     stopped_by: str  # "max_steps", "time_limit" or "signal"
     sample: str | None = None  # text generated at the end (train.sample_tokens)
     is_main: bool = True  # rank 0 (the only one that prints)
-
-
-class SpikeDetector:
-    """PaLM §5.1 loss spikes: a loss far above the recent running statistics, or not finite."""
-
-    def __init__(self, window: int, sigma: float, ratio: float, history: list[float]) -> None:
-        self.sigma, self.ratio = sigma, ratio
-        self.losses: deque[float] = deque(history, maxlen=window)
-
-    def is_spike(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return True
-        if len(self.losses) < min(20, self.losses.maxlen):
-            return False  # too little history: early losses fall fast, which is no spike
-        recent = np.array(self.losses)
-        mean, std = recent.mean(), recent.std()
-        return loss > mean + self.sigma * std and loss > self.ratio * mean
-
-
-class StopSignal:
-    """SIGINT/SIGTERM ask the loop to finish the current step, checkpoint and exit cleanly."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignal:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self.handle)
-            except ValueError:  # not the main thread: signals stay with the caller
-                pass
-        return self
-
-    def handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -368,9 +331,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 detector.losses.append(loss)
                 self.state.step = step = step + 1
-                self.state.tokens_seen += n_tokens * self.setup.world_size
+                self.state.tokens_seen += n_tokens  # global: all ranks
                 self.state.recent_losses = list(detector.losses)
-                interval_tokens += n_tokens * self.setup.world_size
+                interval_tokens += n_tokens
                 progress.update(1)
                 over_time = t.max_minutes and time.perf_counter() - start_time > 60 * t.max_minutes
                 # All ranks stop together: a signal or the clock seen by any rank counts.
@@ -473,66 +436,6 @@ class Trainer:
             generator=generator,
         )
         return t.sample_prompt + tokenizer.decode(new[0].tolist())
-
-
-def build_model(config: Config, ctx: Distributed, device: torch.device) -> PaLM:
-    """The model on its device. Under FSDP with train.meta_init, built on the meta device and
-    materialised shard by shard, so a model larger than one rank's memory can be built."""
-    if ctx.parallel == "fsdp" and config.train.meta_init:
-        with torch.device("meta"):
-            model = PaLM(config.model)
-        wrap_model(model, ctx, device)  # shards the (empty) parameters
-        model.to_empty(device=device)
-        model.reset_parameters()  # PaLM §5 init, drawn per shard
-    else:
-        model = PaLM(config.model).to(device)
-        if ctx.parallel == "fsdp":
-            wrap_model(model, ctx, device)  # shards in place
-    if config.train.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    return model
-
-
-def clip_gradients(params: list[Tensor], max_norm: float) -> float:
-    """Global gradient-norm clipping (PaLM §5: 1.0); returns the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-def make_optimizer(config: Config, model: PaLM) -> torch.optim.Optimizer:
-    o = config.optim
-    if o.name == "adafactor":
-        return build_optimizer(
-            "adafactor",
-            model.parameters(),
-            lr=o.lr,
-            beta1=o.beta1,
-            weight_decay=weight_decay_value(o.weight_decay),
-        )
-    decay = weight_decay_value(o.weight_decay)
-    if decay == "lr^2":
-        raise ValueError(
-            "optim.weight_decay 'lr^2' is Adafactor's (PaLM §5); give AdamW a "
-            "number, e.g. optim.weight_decay=0.1"
-        )
-    return build_optimizer(
-        "adamw", model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=decay
-    )
-
-
-def enable_activation_checkpointing(model: PaLM) -> None:
-    """Recompute each block's activations during backward instead of storing them."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        plain = block.forward
-
-        def forward(*args, _plain=plain, **kwargs):
-            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
 
 
 def train(config: Config, loss_hook: LossHook | None = None) -> TrainResult:

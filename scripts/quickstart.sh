@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 py=.venv/bin/python
-"$py" download.py --path data/ --dataset python-stdlib --max_bytes 4000000 --split True \
+"$py" download.py --path data/ --dataset python-stdlib --max_bytes 4000000 --split True --valid_fraction 0.03 --test_fraction 0.02 \
     --vocab_size 4096 --model_type bpe --seq_len 128 --batch_size 16 --n_workers 2
 exec "$py" train.py --config configs/cpu-quickstart.yaml "$@"

@@ -81,6 +81,11 @@ def losses(run_dir: Path) -> list[float]:
     ]
 
 
+def tokens_seen(run_dir: Path) -> int:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x)["tokens"] for x in lines if '"kind": "train"' in x][-1]
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors")
 
@@ -108,6 +113,7 @@ def test_two_ranks_give_the_same_losses_and_weights_as_one_process(setup, parall
     assert output.count("finished at step 5") == 1  # rank 0 alone prints
     torch.testing.assert_close(losses(runs / parallel), losses(one), rtol=1e-5, atol=1e-6)
     assert_same_weights(runs / parallel, one)
+    assert tokens_seen(runs / parallel) == tokens_seen(one) == 5 * 8 * 16  # global, not per rank
 
 
 @pytest.mark.parametrize("parallel,first,second", [("ddp", 2, 1), ("fsdp", 1, 2), ("fsdp", 2, 1)])

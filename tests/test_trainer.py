@@ -192,7 +192,7 @@ def test_loss_spike_rolls_back_and_skips_batches(dataset, tmp_path):
 
 
 def test_detector_flags_a_loss_far_above_its_history():
-    from palm.trainer import SpikeDetector
+    from palm.guards import SpikeDetector
 
     detector = SpikeDetector(
         window=50, sigma=6.0, ratio=1.5, history=[3.0 + 0.01 * (i % 5) for i in range(50)]
