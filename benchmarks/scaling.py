@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_loop import SIZES, write_random_dataset  # noqa: E402
+from benchmarks.train_loop import SIZES, write_random_dataset
 
 
 def run(

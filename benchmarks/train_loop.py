@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from palm.config import load_config  # noqa: E402
-from palm.data.manifest import Manifest  # noqa: E402
-from palm.flops import flops_per_token  # noqa: E402
-from palm.loss import lm_loss  # noqa: E402
-from palm.metrics import measure_matmul_peak  # noqa: E402
-from palm.run import clip_gradients  # noqa: E402
-from palm.trainer import Trainer  # noqa: E402
+from palm.config import load_config
+from palm.data.manifest import Manifest
+from palm.flops import flops_per_token
+from palm.loss import lm_loss
+from palm.metrics import measure_matmul_peak
+from palm.run import clip_gradients
+from palm.trainer import Trainer
 
 # The model benchmark's reference sizes (issue 2): S and M.
 SIZES = {

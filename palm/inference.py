@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from palm.checkpoint import CheckpointError, list_checkpoints, read_meta
 from palm.config import Config, build_config
 from palm.model import PaLM
+from palm.run import pick_device
 from palm.tokenizer import Tokenizer
 
 WHICH = ("best", "latest")
@@ -29,14 +30,6 @@ class LoadedModel:
     path: Path  # the checkpoint folder actually loaded
     step: int
     val_loss: float | None
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this torch build sees no CUDA GPU; use --device cpu")
-    return torch.device(name)
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -118,7 +111,9 @@ def load_model_for_inference(
             f"{checkpoint / 'model.safetensors'} does not match its saved "
             f"config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    model.to(device=pick_device(device) if isinstance(device, str) else device, dtype=dtype)
+    model.to(
+        device=pick_device(device, "--device") if isinstance(device, str) else device, dtype=dtype
+    )
     model.eval()
     tok_path = find_tokenizer(checkpoint, tokenizer)
     if tok_path is None and require_tokenizer:

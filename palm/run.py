@@ -59,15 +59,15 @@ class RunSetup:
         )
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, option: str = "train.device") -> torch.device:
+    """ "auto" = CUDA if available, else the CPU; an unavailable device is an error naming
+    `option`, the setting the user gave it with."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "train.device=cuda but this torch build sees no CUDA GPU; use train.device=auto or cpu"
-        )
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{option}={name} but this torch build sees no CUDA GPU; use auto or cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("train.device=mps but MPS is not available; use train.device=cpu")
+        raise ValueError(f"{option}=mps but MPS is not available; use cpu")
     return torch.device(name)
 
 

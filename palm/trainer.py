@@ -256,9 +256,10 @@ class Trainer:
                     loss = self.loss_hook(step, micro_step, loss)
                 (loss * (out.n_tokens * scale)).backward()
             share = out.n_tokens / max(n_total, 1)
-            ce_sum += float(((out.cross_entropy + loss - out.loss) * share).detach())
-            z_sum += float((out.z_loss * share).detach())
-        ce_sum, z_sum = self.dist.all_reduce_sum([ce_sum, z_sum], self.device)
+            # Kept on the device: one host sync per step, not one per micro-batch.
+            ce_sum = ce_sum + ((out.cross_entropy + loss - out.loss) * share).detach()
+            z_sum = z_sum + (out.z_loss * share).detach()
+        ce_sum, z_sum = self.dist.all_reduce_sum([float(ce_sum), float(z_sum)], self.device)
         return ce_sum + z_sum, ce_sum, z_sum, n_total
 
     @torch.no_grad()
