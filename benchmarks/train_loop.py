@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from palm.config import load_config
 from palm.data.manifest import Manifest
 from palm.flops import flops_per_token
-from palm.loss import lm_loss
 from palm.metrics import measure_matmul_peak
 from palm.run import clip_gradients
 from palm.trainer import Trainer
@@ -68,7 +67,7 @@ def bare_steps(trainer: Trainer, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = lm_loss(trainer.forward(x), y, z_loss_coef=1e-4)
+        out = trainer.forward(x, targets=y, z_loss_coef=1e-4)
         out.loss.backward()
         clip_gradients(list(trainer.model.parameters()), 1.0)
         trainer.optimizer.step()

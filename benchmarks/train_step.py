@@ -15,8 +15,16 @@ best large torch.mm measured at 2 threads in the same run (before and after the 
 Memory: each model trains in a fresh subprocess; we report the resident set's high-water mark
 over a few steady steps (VmHWM, reset via /proc/self/clear_refs after the warm-up steps) minus
 the RSS after imports, i.e. what that model's training adds to the process: weights, gradients,
-AdamW moments, activations and allocator slack. The whole-run peak (VmHWM including the first
-step and, with --compile, compilation) is reported beside it.
+AdamW moments, activations and allocator slack ("the RSS after imports": the model's modules
+are imported first, but no model is built, whose freed memory the measured one would reuse).
+The whole-run peak (VmHWM including the first step and, with --compile, compilation) is
+reported beside it, and so is the allocator-independent peak of live tensors in one step
+(the profiler's allocation record replayed, plus weights and optimizer state).
+
+The loss is each project's own training loss: cross-entropy on whole logits for the peers;
+for ours what palm's trainer runs, `model(tokens, targets=...)`, i.e. cross-entropy plus PaLM's
+z-loss fused with the output projection (palm.loss.linear_lm_loss), never whole (B, T, V)
+logits.
 
     python benchmarks/train_step.py --sizes S,M --rounds 5 --steps-per-round 1 --json out.json
     python benchmarks/train_step.py --quick          # smoke test, under a minute
@@ -25,6 +33,7 @@ step and, with --compile, compilation) is reported beside it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -66,6 +75,7 @@ SIZES = {
     ),
 }
 MODELS = ("ours", "palm-pytorch", "litgpt")
+MODULES = {"ours": "palm.model", "palm-pytorch": "palm_pytorch", "litgpt": "litgpt.model"}
 COMPILED = ("ours", "litgpt")  # the variants --compile adds, as "<name>+compile"
 
 
@@ -85,15 +95,26 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def build(name: str, size: dict) -> tuple[nn.Module, Callable[[Tensor, Tensor], Tensor]]:
-    """The model and its loss (logits, targets) -> scalar; mean cross-entropy for all."""
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+def logits_cross_entropy(model: nn.Module, tokens: Tensor, targets: Tensor) -> Tensor:
+    return cross_entropy(model(tokens), targets)
+
+
+def palm_loss(model: nn.Module, tokens: Tensor, targets: Tensor) -> Tensor:
+    # What palm's trainer runs: PaLM's loss, cross-entropy + 1e-4 * log(Z)^2 (z-loss, §5),
+    # fused with the output projection (palm.loss.linear_lm_loss: no whole (B, T, V) logits).
+    return model(tokens, targets=targets, z_loss_coef=1e-4).loss
+
+
+def build(name: str, size: dict) -> tuple[nn.Module, LossFn]:
+    """The model and its loss (model, tokens, targets) -> scalar, as each project trains."""
     s = size
     if name == "ours":
-        from palm.loss import lm_loss
         from palm.model import PaLM
 
-        # PaLM's loss: cross-entropy + 1e-4 * log(Z)^2 (z-loss, PaLM §5); a few (B, T) ops more.
-        return PaLM(palm_config(s)), lambda logits, targets: lm_loss(logits, targets).loss
+        return PaLM(palm_config(s)), palm_loss
     if name == "palm-pytorch":
         from palm_pytorch import PaLM as PeerPaLM
 
@@ -105,7 +126,7 @@ def build(name: str, size: dict) -> tuple[nn.Module, Callable[[Tensor, Tensor], 
             heads=s["n_heads"],
             ff_mult=4,
         )
-        return model, cross_entropy
+        return model, logits_cross_entropy
     if name == "litgpt":
         from litgpt.config import Config
         from litgpt.model import GPT
@@ -130,7 +151,7 @@ def build(name: str, size: dict) -> tuple[nn.Module, Callable[[Tensor, Tensor], 
         )
         model = GPT(config)
         model.lm_head.weight = model.transformer.wte.weight  # tied, as PaLM (same parameters)
-        return model, lambda logits, targets: cross_entropy(logits, targets)
+        return model, logits_cross_entropy
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
@@ -139,14 +160,14 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def make_step(
-    model: nn.Module, loss_fn: Callable, compile: bool
+    model: nn.Module, loss_fn: LossFn, compile: bool
 ) -> Callable[[Tensor, Tensor], float]:
     """A full training step: forward, loss, backward, AdamW step, zero the gradients."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # fused/foreach: the default
 
     def forward_loss(tokens: Tensor, targets: Tensor) -> Tensor:
-        return loss_fn(model(tokens), targets)
+        return loss_fn(model, tokens, targets)
 
     forward = torch.compile(forward_loss) if compile else forward_loss
 
@@ -157,6 +178,7 @@ def make_step(
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    step.optimizer = optimizer
     return step
 
 
@@ -210,7 +232,10 @@ def memory_worker(label: str, size_name: str, warmup: int, steps: int) -> dict:
     size = SIZES[size_name]
     name, compiled = split_label(label)
     tokens, targets = batch(size)
-    build(name, size)  # import the peer's modules before the baseline, then drop the model
+    # Import the model's modules (litgpt's alone add ~250 MiB) before taking the baseline, but
+    # build nothing: the freed memory of a throwaway model would be reused by the measured one
+    # and hide that much of its peak.
+    importlib.import_module(MODULES[name])
     baseline = rss_bytes()
     torch.manual_seed(0)
     model, loss_fn = build(name, size)
@@ -228,7 +253,45 @@ def memory_worker(label: str, size_name: str, warmup: int, steps: int) -> dict:
         "baseline_rss": baseline,
         "steady_peak": (steady - baseline) if reset else None,
         "run_peak": max(warmup_peak, steady) - baseline,
+        "tensor_peak": tensor_peak_bytes(model, step, tokens, targets),
     }
+
+
+def tensor_peak_bytes(model: nn.Module, step: Callable, tokens: Tensor, targets: Tensor) -> int:
+    """Bytes of tensors alive at the peak of one training step, whatever the allocator keeps.
+
+    The resident set also counts memory that malloc holds after tensors are freed (glibc keeps
+    freed blocks under its mmap threshold for reuse, fragmented), which depends on the order
+    and sizes of allocations more than on what the model needs. This is the other view: the
+    profiler's record of every tensor allocation and free in one step, replayed for its
+    maximum, plus what lives between steps (weights, optimizer state).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(tokens, targets)
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak + persistent_bytes(model, step.optimizer)
+
+
+def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Weights plus the optimizer state held between steps (distinct storages counted once)."""
+    storages = {}
+    tensors = list(model.parameters())
+    tensors += [t for state in optimizer.state.values() for t in state.values()]
+    for t in tensors:
+        if isinstance(t, Tensor):
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def measure_memory(label: str, size_name: str, warmup: int, steps: int) -> dict:
@@ -264,8 +327,8 @@ def report(size_name: str, size: dict, results: dict, peak: float, reference: st
         f"{fpt / 1e6:.1f} MFLOP/token (6N + 12LHQT)",
         "",
         "| model | params | step (s, median) | tokens/s | MFU | vs palm-pytorch | vs litgpt "
-        "eager | peak mem, steady (MiB) | peak mem, whole run (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "eager | peak RSS, steady (MiB) | peak RSS, whole run (MiB) | peak tensors (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratio = lambda tps, base: f"{tps / base:.2f}x" if base else "-"
     for label, res in results.items():
@@ -274,7 +337,8 @@ def report(size_name: str, size: dict, results: dict, peak: float, reference: st
         lines.append(
             f"| {label} | {res['params'] / 1e6:.2f}M | {res['step_s']:.3f} | {tps:,.0f} | "
             f"{tps * fpt / peak:.1%} | {ratio(tps, pp)} | {ratio(tps, ref)} | "
-            f"{mib(mem.get('steady_peak'))} | {mib(mem.get('run_peak'))} |"
+            f"{mib(mem.get('steady_peak'))} | {mib(mem.get('run_peak'))} | "
+            f"{mib(mem.get('tensor_peak'))} |"
         )
     return "\n".join(lines)
 
@@ -292,7 +356,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-steps",
         type=int,
-        default=2,
+        default=5,
         help="steady steps per memory subprocess (0: skip memory)",
     )
     parser.add_argument("--json", type=Path, help="write all figures here")

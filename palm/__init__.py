@@ -15,6 +15,7 @@ _EXPORTS = {
     "PaLM": "palm.model",
     "KVCache": "palm.model",
     "lm_loss": "palm.loss",
+    "linear_lm_loss": "palm.loss",
     "LossOutput": "palm.loss",
 }
 __all__ = sorted(_EXPORTS)

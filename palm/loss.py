@@ -6,7 +6,7 @@ z-loss = coef * log(Z)^2, with Z the softmax normaliser, pushes log Z towards 0 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -14,8 +14,9 @@ from torch import Tensor
 IGNORE_INDEX = -100  # targets with this value (padding) are left out of both terms
 
 
-@dataclass
-class LossOutput:
+class LossOutput(NamedTuple):
+    """The loss and its parts. A NamedTuple so that DDP/FSDP/compile see the tensors inside."""
+
     loss: Tensor  # cross_entropy + z_loss: what is differentiated
     cross_entropy: Tensor  # mean negative log-likelihood per target token (nats)
     z_loss: Tensor  # coef * mean(log(Z)^2), already multiplied by its coefficient
@@ -70,3 +71,144 @@ def lm_loss(
     cross_entropy = (nll * weights).sum() / denominator
     z_loss = z_loss_coef * (log_z.square() * weights).sum() / denominator
     return LossOutput(cross_entropy + z_loss, cross_entropy, z_loss, n_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output projection and loss in one, chunk by chunk
+# ---------------------------------------------------------------------------------------------
+
+# Logits per chunk: a (tokens, V) float32 block of about CHUNK_BYTES, but at least MIN_CHUNK_TOKENS
+# rows so that the three matmuls per chunk keep their efficiency at large vocabularies. Measured
+# on the 2-core CPU box (benchmarks/RESULTS.md): at vocab 8k, 256-token chunks were 2% faster per
+# step than whole logits and 512 3%, but 512 raised the resident peak by ~40 MiB; at vocab 32k,
+# 256-2048 were within noise of whole logits and 128 4% slower.
+CHUNK_BYTES = 8 * 2**20
+MIN_CHUNK_TOKENS = 256
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Tokens per chunk of the fused output projection + loss for this vocabulary."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * vocab_size))
+
+
+class _LinearLMLoss(torch.autograd.Function):
+    """loss = sum_i a_i * (-log p_i[t_i] + coef * log(Z_i)^2) with logits_i = W h_i.
+
+    The (N, V) logits are never whole: each chunk of tokens gets its logits, log-softmax and
+    its gradients w.r.t. h and W while the chunk's block is hot, so forward already does the
+    backward's two matmuls and backward only scales them by the incoming scalar gradient (the
+    loss is a scalar, so its gradient is known up to that factor). Memory: one (chunk, V) block,
+    plus grad_h (N, D) and grad_W (V, D), where the unfused path keeps logits and log-probs
+    (N, V) alive from forward to backward and allocates a third for their gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,  # (N, D)
+        weight: Tensor,  # (V, D)
+        targets: Tensor,  # (N,) valid ids (ignored ones replaced by 0: a is 0 there)
+        ce_weight: Tensor,  # (N,) a_i: 1/n_tokens for counted targets, 0 for ignored
+        z_loss_coef: float,
+        chunk: int,
+        compute_dtype: torch.dtype,
+        want_grad_hidden: bool,
+        want_grad_weight: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n = hidden.shape[0]
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        # Softmax and accumulations in float32 at least (float64 stays float64, for checks).
+        exact = torch.promote_types(compute_dtype, torch.float32)
+        grad_h = torch.empty_like(h) if want_grad_hidden else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=exact, device=weight.device)
+            if want_grad_weight
+            else None
+        )
+        nll = torch.empty(n, dtype=exact, device=hidden.device)
+        log_z = torch.empty_like(nll)
+        ce_weight = ce_weight.to(exact)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                h_c, index = h[start:end], targets[start:end, None]
+                logits = torch.mm(h_c, w.t()).to(exact)  # (c, V)
+                log_probs = torch.log_softmax(logits, dim=-1)
+                target_log_prob = log_probs.gather(-1, index).squeeze(-1)
+                nll[start:end] = -target_log_prob
+                # log Z = x_t - log p_t (as in _NLLAndLogZ): no second pass over the block.
+                log_z[start:end] = logits.gather(-1, index).squeeze(-1) - target_log_prob
+                del logits
+                if not (want_grad_hidden or want_grad_weight):
+                    continue
+                # d loss / d logits = a (softmax - onehot) + 2 b log Z softmax, in place.
+                a = ce_weight[start:end]
+                scale = a * (1.0 + 2.0 * z_loss_coef * log_z[start:end])
+                grad_logits = log_probs.exp_().mul_(scale[:, None])
+                grad_logits.scatter_add_(-1, index, -a[:, None])
+                grad_logits = grad_logits.to(compute_dtype)
+                if want_grad_hidden:
+                    torch.mm(grad_logits, w, out=grad_h[start:end])
+                if want_grad_weight:
+                    if compute_dtype == exact:
+                        grad_w.addmm_(grad_logits.t(), h_c)
+                    else:
+                        grad_w.add_(torch.mm(grad_logits.t(), h_c))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        cross_entropy = (nll * ce_weight).sum()
+        z_loss = z_loss_coef * (log_z.square() * ce_weight).sum()
+        ctx.mark_non_differentiable(cross_entropy, z_loss)
+        return cross_entropy + z_loss, cross_entropy, z_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor, _grad_z: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else (grad_h * grad_loss).to(ctx.hidden_dtype)
+        gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def linear_lm_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    z_loss_coef: float = 1e-4,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_tokens: int | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> LossOutput:
+    """`lm_loss(hidden @ weight.T, targets)` without ever holding all (..., V) logits.
+
+    hidden (..., D), weight (V, D) (the output projection), targets (...). The values and
+    gradients are those of `lm_loss` on the full logits; the logits are made `chunk_tokens`
+    rows at a time (default: a block of about CHUNK_BYTES). `compute_dtype` is the matmuls'
+    dtype (default: autocast's where autocast is on, else hidden's); the softmax is float32.
+    """
+    device_type = hidden.device.type
+    if compute_dtype is None:
+        compute_dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else hidden.dtype
+        )
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    valid = targets != ignore_index
+    n_tokens = valid.sum().to(torch.float32)
+    exact = torch.promote_types(hidden.dtype, torch.float32)
+    ce_weight = valid.to(exact) / n_tokens.to(exact).clamp(min=1.0)
+    grad_on = torch.is_grad_enabled()
+    loss, cross_entropy, z_loss = _LinearLMLoss.apply(
+        hidden,
+        weight,
+        targets.masked_fill(~valid, 0),
+        ce_weight,
+        float(z_loss_coef),
+        chunk_tokens or chunk_tokens_for(weight.shape[0]),
+        compute_dtype,
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+    )
+    return LossOutput(loss, cross_entropy, z_loss, n_tokens)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from palm.config import ModelConfig
+from palm.loss import LossOutput, linear_lm_loss
 
 # ---------------------------------------------------------------------------------------------
 # Pure functions: rotary position embedding (Su et al. 2021; PaLM §2 "RoPE embeddings")
@@ -278,12 +279,31 @@ class PaLM(nn.Module):
         make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         return KVCache([make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)])
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits (B, T, vocab) for tokens (B, T).
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: KVCache | None = None,
+        *,
+        targets: Tensor | None = None,
+        z_loss_coef: float = 1e-4,
+    ) -> Tensor | LossOutput:
+        """Logits (B, T, vocab) for tokens (B, T); with `targets` (B, T), the loss instead.
 
         With a cache, `tokens` continue the cached sequence: their positions start at
         `cache.length`, they attend to the cached keys/values, and the cache grows by T.
+
+        With targets, returns `lm_loss(logits, targets, z_loss_coef)` (targets IGNORE_INDEX are
+        left out) computed by `linear_lm_loss`, which never holds the (B, T, vocab) logits
+        whole: the same values and gradients with 2-3 fewer (B, T, vocab) buffers. It is a
+        forward() argument, not a method, so DDP/FSDP wrappers and torch.compile see it.
         """
+        x = self.features(tokens, cache)
+        if targets is not None:
+            return linear_lm_loss(x, self.output_weight, targets, z_loss_coef)
+        return F.linear(x, self.output_weight)  # (B, T, V)
+
+    def features(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The final activations (B, T, D) that the output projection turns into logits."""
         c = self.config
         B, T = tokens.shape
         past = 0 if cache is None else cache.length
@@ -310,7 +330,7 @@ class PaLM(nn.Module):
             # PaLM §5: pre-softmax logits times 1/sqrt(d_model); applied to the (B, T, D)
             # activations rather than the (B, T, V) logits, which is the same and cheaper.
             x = x * (1.0 / math.sqrt(c.d_model))
-        return F.linear(x, self.output_weight)  # (B, T, V)
+        return x
 
     def num_parameters(self, *, exclude_embedding: bool = False) -> int:
         """Distinct parameters (the tied embedding counted once)."""

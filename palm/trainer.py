@@ -48,7 +48,7 @@ from palm.distributed import (
 )
 from palm.flops import flops_per_token
 from palm.guards import SpikeDetector, StopSignal
-from palm.loss import IGNORE_INDEX, lm_loss
+from palm.loss import IGNORE_INDEX
 from palm.metrics import MetricsLogger, peak_flops
 from palm.run import (
     RunSetup,
@@ -249,8 +249,9 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with gradient_sync(self.wrapped, self.dist, micro_step == n_micro - 1):
                 with self.autocast:
-                    logits = self.forward(x)
-                out = lm_loss(logits, y, z_loss_coef=self.config.train.z_loss)
+                    # The loss comes out of the model's forward (fused with the output
+                    # projection, palm.loss.linear_lm_loss), so DDP/FSDP/compile see it all.
+                    out = self.forward(x, targets=y, z_loss_coef=self.config.train.z_loss)
                 loss = out.loss
                 if self.loss_hook is not None:
                     loss = self.loss_hook(step, micro_step, loss)
@@ -280,8 +281,7 @@ class Trainer:
                 chunk = np.arange(1)
             x, y = valid.batch(chunk)
             with self.autocast:
-                logits = self.forward(x.to(self.device))
-            out = lm_loss(logits, y.to(self.device), z_loss_coef=0.0)
+                out = self.forward(x.to(self.device), targets=y.to(self.device), z_loss_coef=0.0)
             if start < len(mine):
                 total += float(out.cross_entropy) * float(out.n_tokens)
                 count += int(out.n_tokens)

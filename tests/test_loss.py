@@ -1,0 +1,134 @@
+"""PaLM's loss (§5): the fused output-projection + loss against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from palm import ModelConfig, PaLM, linear_lm_loss, lm_loss
+
+IGNORE = -100
+
+
+def reference(hidden, weight, targets, z_loss_coef):
+    """(loss, cross_entropy, z_loss) from the textbook formulas, in float64."""
+    logits = hidden.double() @ weight.double().t()
+    log_z = torch.logsumexp(logits, -1)
+    keep = targets != IGNORE
+    target_logit = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    ce = (log_z - target_logit)[keep].mean()
+    z = z_loss_coef * (log_z[keep] ** 2).mean()
+    return ce + z, ce, z
+
+
+def problem(n=37, d=12, v=53, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=generator, dtype=dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=generator, dtype=dtype) * 2).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=generator)
+    targets[[1, n // 3, n // 3 + 1]] = IGNORE
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 37, 1000])
+@pytest.mark.parametrize("z_loss_coef", [0.0, 0.1])
+def test_values_and_gradients_match_float64_reference(chunk, z_loss_coef):
+    hidden, weight, targets = problem()
+    out = linear_lm_loss(hidden, weight, targets, z_loss_coef, chunk_tokens=chunk)
+    (out.loss * 3.0).backward()  # a non-unit incoming gradient, as gradient accumulation gives
+    got_h, got_w = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    want, want_ce, want_z = reference(hidden, weight, targets, z_loss_coef)
+    (want * 3.0).backward()
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.cross_entropy, want_ce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.z_loss, want_z, rtol=1e-12, atol=1e-12)
+    assert out.n_tokens.item() == 34
+    torch.testing.assert_close(got_h, hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_w, weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    hidden, weight, targets = problem(n=9, d=4, v=7)
+    loss = lambda h, w: linear_lm_loss(h, w, targets, 0.3, chunk_tokens=4).loss  # noqa: E731
+    assert torch.autograd.gradcheck(loss, (hidden, weight))
+
+
+def test_agrees_with_lm_loss_on_full_logits_in_float32():
+    hidden, weight, targets = problem(n=64, d=32, v=211, dtype=torch.float32)
+    hidden3, targets3 = hidden.view(4, 16, 32), targets.view(4, 16)
+    fused = linear_lm_loss(hidden3, weight, targets3, 1e-4, chunk_tokens=24)
+    fused.loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    full = lm_loss(hidden3 @ weight.t(), targets3, 1e-4)
+    full.loss.backward()
+    for a, b in zip(fused, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_grad_and_frozen_weight():
+    hidden, weight, targets = problem()
+    want = reference(hidden, weight, targets, 1e-4)[0]
+    with torch.no_grad():
+        out = linear_lm_loss(hidden, weight, targets, 1e-4, chunk_tokens=8)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, want.detach())
+    weight.requires_grad_(False)
+    linear_lm_loss(hidden, weight, targets, 1e-4, chunk_tokens=8).loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+    # Reported parts are values, not something to differentiate: only `loss` is.
+    out = linear_lm_loss(hidden, weight, targets, 1e-4)
+    assert out.loss.requires_grad and not out.cross_entropy.requires_grad
+
+
+def test_all_targets_ignored_gives_zero_not_nan():
+    hidden, weight, targets = problem()
+    out = linear_lm_loss(hidden, weight, torch.full_like(targets, IGNORE))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.n_tokens.item() == 0
+    assert hidden.grad.abs().sum() == 0 and torch.isfinite(weight.grad).all()
+
+
+def test_model_loss_equals_loss_of_logits_without_whole_logits_saved():
+    config = ModelConfig(vocab_size=301, d_model=32, n_layers=2, n_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = PaLM(config)
+    tokens = torch.randint(0, 301, (3, 20))
+    targets = torch.randint(0, 301, (3, 20))
+    targets[0, :4] = IGNORE
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(tokens, targets=targets, z_loss_coef=1e-4)
+    out.loss.backward()
+    fused = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    full = lm_loss(model(tokens), targets, z_loss_coef=1e-4)
+    full.loss.backward()
+    torch.testing.assert_close(out.loss, full.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.cross_entropy, full.cross_entropy, rtol=1e-6, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Nothing of (B, T, vocab) size is kept for backward: that is the point of fusing.
+    assert max(saved) < 3 * 20 * 301
+
+
+def test_bfloat16_autocast_matmuls_stay_close_to_float32():
+    config = ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = PaLM(config)
+    tokens = torch.randint(0, 300, (2, 16))
+    want = lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(tokens[:, :-1], targets=tokens[:, 1:])
+    got.loss.backward()
+    assert got.loss.dtype == torch.float32
+    assert got.loss.item() == pytest.approx(want.item(), rel=2e-2)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
