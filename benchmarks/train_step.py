@@ -28,6 +28,7 @@ logits.
 
     python benchmarks/train_step.py --sizes S,M --rounds 5 --steps-per-round 1 --json out.json
     python benchmarks/train_step.py --quick          # smoke test, under a minute
+    python benchmarks/train_step.py --sizes S --breakdown   # + where each model's time goes
 """
 
 from __future__ import annotations
@@ -311,6 +312,69 @@ def measure_memory(label: str, size_name: str, warmup: int, steps: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_")
+
+
+def breakdown(label: str, size: dict, warmup: int) -> dict:
+    """Where one step's time goes (profiler, self time): GEMMs, attention kernels, the rest.
+
+    GEMMs are the same matmuls in all three models (same shapes, same BLAS), and attention is
+    one fused kernel or a few batched matmuls, so GEMM + attention is a floor that no eager
+    rewrite of the rest of the model can go below.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    name, compiled = split_label(label)
+    torch.manual_seed(0)
+    model, loss_fn = build(name, size)
+    step = make_step(model, loss_fn, compiled)
+    tokens, targets = batch(size)
+    for _ in range(warmup + (1 if compiled else 0)):
+        step(tokens, targets)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(tokens, targets)
+    gemm = attention = total = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        total += seconds
+        if event.key in GEMM_OPS:
+            gemm += seconds
+        elif "scaled_dot_product" in event.key:
+            attention += seconds
+    return {"gemm_s": gemm, "attention_s": attention, "total_s": total}
+
+
+def breakdown_report(size_name: str, results: dict) -> str:
+    lines = [
+        f"**{size_name}**, one profiled step per model (self CPU time, s):",
+        "",
+        "| model | total | GEMMs | attention | rest | GEMM + attention share |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, res in results.items():
+        b = res.get("breakdown")
+        if b is None:
+            continue
+        rest = b["total_s"] - b["gemm_s"] - b["attention_s"]
+        lines.append(
+            f"| {label} | {b['total_s']:.3f} | {b['gemm_s']:.3f} | {b['attention_s']:.3f} | "
+            f"{rest:.3f} | {(b['gemm_s'] + b['attention_s']) / b['total_s']:.0%} |"
+        )
+    ours = results.get("ours", {}).get("breakdown")
+    if ours:
+        # The profiler slows every op a little; scale the floor to the timed step.
+        share = (ours["gemm_s"] + ours["attention_s"]) / ours["total_s"]
+        floor = results["ours"]["step_s"] * share
+        lines.append("")
+        for peer in ("palm-pytorch", "litgpt"):
+            if peer in results:
+                lines.append(
+                    f"Ours with everything but its GEMMs and attention free ({floor:.3f} s a "
+                    f"step) would be {results[peer]['step_s'] / floor:.2f}x {peer}'s timed step."
+                )
+    return "\n".join(lines)
+
+
 def mib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.0f}"
 
@@ -358,6 +422,11 @@ def main() -> None:
         type=int,
         default=5,
         help="steady steps per memory subprocess (0: skip memory)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also profile one step per eager model: GEMM, attention and other time",
     )
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument(
@@ -407,8 +476,15 @@ def main() -> None:
                 results[label]["memory"] = measure_memory(
                     label, size_name, args.warmup, args.memory_steps
                 )
+    if args.breakdown:
+        for size_name, results in all_results.items():
+            for label in results:
+                if not split_label(label)[1]:
+                    results[label]["breakdown"] = breakdown(label, SIZES[size_name], args.warmup)
     for size_name, results in all_results.items():
         tables.append(report(size_name, SIZES[size_name], results, peak, "litgpt"))
+        if args.breakdown:
+            tables.append(breakdown_report(size_name, results))
     print(
         f"\nfp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (best of torch.mm 3072^3, "
         f"{THREADS} threads; before {peak_before / 1e9:.1f}, after {peak_after / 1e9:.1f})\n"
