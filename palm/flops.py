@@ -6,6 +6,7 @@ Pure functions of a ModelConfig, so any preset (540B included) is counted withou
 from __future__ import annotations
 
 from palm.config import ModelConfig
+from palm.loss import chunk_tokens_for
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
@@ -81,7 +82,10 @@ def activation_bytes(
     (2 d), the fused input projection's output (q + k + v + MLP input), the attention output
     and RoPE-rotated q, k (about 2 H Q + 2 KV Q), and SwiGLU's gate activation and product
     (2 d_ff). With activation checkpointing only each block's input is kept, plus one block's
-    full set while it is recomputed. The float32 logits and their gradient come on top.
+    full set while it is recomputed. The output projection and loss are fused
+    (palm.loss.linear_lm_loss): it keeps float32 gradients for the final activations and for
+    the output matrix, and makes the logits one (chunk, vocab) float32 block (two buffers) at a
+    time, never (tokens, vocab).
     """
     c = config
     q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
@@ -93,8 +97,9 @@ def activation_bytes(
         layers = tokens * (c.n_layers * c.d_model + per_token_layer) * act_bytes
     else:
         layers = tokens * c.n_layers * per_token_layer * act_bytes
-    logits = 2 * tokens * c.vocab_size * 4  # float32 logits and their gradient
-    return layers + logits
+    chunk = min(tokens, chunk_tokens_for(c.vocab_size))
+    loss = (tokens * c.d_model + c.vocab_size * c.d_model + 2 * chunk * c.vocab_size) * 4
+    return layers + loss
 
 
 def per_device_memory_bytes(
