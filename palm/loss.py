@@ -170,6 +170,12 @@ class _LinearLMLoss(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None
 
 
+# torch.compile would unroll the chunk loop: one copy of the body per chunk, hundreds at a large
+# batch. The loop is three matmuls and a softmax per chunk, nothing for a compiler to fuse, so
+# compiled models run it as it is (one graph break, measured: no slower at S).
+_apply_eagerly = torch.compiler.disable(_LinearLMLoss.apply)
+
+
 def linear_lm_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -200,7 +206,7 @@ def linear_lm_loss(
     exact = torch.promote_types(hidden.dtype, torch.float32)
     ce_weight = valid.to(exact) / n_tokens.to(exact).clamp(min=1.0)
     grad_on = torch.is_grad_enabled()
-    loss, cross_entropy, z_loss = _LinearLMLoss.apply(
+    loss, cross_entropy, z_loss = _apply_eagerly(
         hidden,
         weight,
         targets.masked_fill(~valid, 0),

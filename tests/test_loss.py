@@ -132,3 +132,21 @@ def test_bfloat16_autocast_matmuls_stay_close_to_float32():
     assert got.loss.dtype == torch.float32
     assert got.loss.item() == pytest.approx(want.item(), rel=2e-2)
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_torch_compile_gives_the_same_loss_and_gradients():
+    """train.compile=true compiles the model; the fused loss runs eagerly inside it (no unroll)."""
+    config = ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, head_dim=16)
+    torch.manual_seed(0)
+    model = PaLM(config)
+    tokens = torch.randint(0, 257, (2, 33))
+    eager = model(tokens[:, :-1], targets=tokens[:, 1:])
+    eager.loss.backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model)(tokens[:, :-1], targets=tokens[:, 1:])
+    compiled.loss.backward()
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled.z_loss, eager.z_loss, rtol=1e-5, atol=1e-9)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
