@@ -59,6 +59,7 @@ from benchmarks.common import (
 )
 from palm.config import ModelConfig
 from palm.flops import flops_per_token
+from palm.profiling import peak_tensor_bytes
 
 THREADS = 2
 SIZES = {
@@ -267,20 +268,9 @@ def tensor_peak_bytes(model: nn.Module, step: Callable, tokens: Tensor, targets:
     profiler's record of every tensor allocation and free in one step, replayed for its
     maximum, plus what lives between steps (weights, optimizer state).
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(tokens, targets)
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]"
+    return peak_tensor_bytes(lambda: step(tokens, targets)) + persistent_bytes(
+        model, step.optimizer
     )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak + persistent_bytes(model, step.optimizer)
 
 
 def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -101,10 +101,9 @@ def test_activation_estimate_matches_measured_peak_of_live_tensors(
     vocab, d_model, layers, heads, batch, seq
 ):
     """The estimate against the profiler's record of every tensor allocated and freed."""
-    from torch.profiler import ProfilerActivity, profile
-
     from palm import PaLM
     from palm.flops import activation_bytes
+    from palm.profiling import peak_tensor_bytes
 
     config = ModelConfig(
         vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, head_dim=32
@@ -112,17 +111,7 @@ def test_activation_estimate_matches_measured_peak_of_live_tensors(
     torch.manual_seed(0)
     model = PaLM(config)
     tokens = torch.randint(0, vocab, (batch, seq + 1))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
-    events = sorted(
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]"
-    )
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
+    peak = peak_tensor_bytes(lambda: model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward())
     estimate = activation_bytes(config, batch, seq, act_bytes=4)
     assert 0.85 * peak < estimate < 1.15 * peak
 
