@@ -170,10 +170,17 @@ class _LinearLMLoss(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None
 
 
-# torch.compile would unroll the chunk loop: one copy of the body per chunk, hundreds at a large
-# batch. The loop is three matmuls and a softmax per chunk, nothing for a compiler to fuse, so
-# compiled models run it as it is (one graph break, measured: no slower at S).
-_apply_eagerly = torch.compiler.disable(_LinearLMLoss.apply)
+def _apply_eagerly(*args):
+    """_LinearLMLoss.apply, never traced by torch.compile.
+
+    Compiled, the chunk loop would be unrolled: one copy of the body per chunk, hundreds at a
+    large batch. The loop is three matmuls and a softmax per chunk, nothing for a compiler to
+    fuse, so compiled models run it as it is (one graph break; measured: no slower at S). The
+    check keeps eager callers from importing torch._dynamo (2 s) through torch.compiler.disable.
+    """
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_LinearLMLoss.apply)(*args)
+    return _LinearLMLoss.apply(*args)
 
 
 def linear_lm_loss(
