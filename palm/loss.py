@@ -120,7 +120,7 @@ class _LinearLMLoss(torch.autograd.Function):
         w = weight.to(compute_dtype)
         # Softmax and accumulations in float32 at least (float64 stays float64, for checks).
         exact = torch.promote_types(compute_dtype, torch.float32)
-        grad_h = torch.empty_like(h) if want_grad_hidden else None
+        grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if want_grad_hidden else None
         grad_w = (
             torch.zeros(weight.shape, dtype=exact, device=weight.device)
             if want_grad_weight
@@ -207,7 +207,7 @@ def linear_lm_loss(
             else hidden.dtype
         )
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
+    targets = targets.reshape(-1).long()  # gather/scatter index dtype; the loader may give int32
     valid = targets != ignore_index
     n_tokens = valid.sum().to(torch.float32)
     exact = torch.promote_types(hidden.dtype, torch.float32)

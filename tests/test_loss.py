@@ -150,3 +150,16 @@ def test_torch_compile_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(compiled.z_loss, eager.z_loss, rtol=1e-5, atol=1e-9)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_strided_hidden_and_int32_targets():
+    hidden, weight, targets = problem(n=24)
+    wide = torch.stack((hidden, hidden), dim=-1).flatten(1).detach().requires_grad_()
+    strided = wide[:, ::2]  # every other column: the same values as hidden, not contiguous
+    out = linear_lm_loss(strided, weight, targets.to(torch.int32), 1e-4, chunk_tokens=5)
+    out.loss.backward()
+    want = reference(hidden, weight, targets, 1e-4)[0]
+    want.backward()
+    torch.testing.assert_close(out.loss, want)
+    torch.testing.assert_close(wide.grad[:, ::2], hidden.grad)
+    assert wide.grad[:, 1::2].abs().sum() == 0
