@@ -6,7 +6,6 @@ Pure functions of a ModelConfig, so any preset (540B included) is counted withou
 from __future__ import annotations
 
 from palm.config import ModelConfig
-from palm.loss import chunk_tokens_for
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
@@ -67,6 +66,20 @@ def training_memory_bytes(
         "optimizer": optimizer,
         "total": weights + gradients + optimizer,
     }
+
+
+# Logits per chunk: a (tokens, V) float32 block of about CHUNK_BYTES, but at least MIN_CHUNK_TOKENS
+# rows so that the three matmuls per chunk keep their efficiency at large vocabularies. Measured
+# on the 2-core CPU box (benchmarks/RESULTS.md): at vocab 8k, 256-token chunks were 2% faster per
+# step than whole logits and 512 3%, but 512 raised the resident peak by ~40 MiB; at vocab 32k,
+# 256-2048 were within noise of whole logits and 128 4% slower.
+CHUNK_BYTES = 8 * 2**20
+MIN_CHUNK_TOKENS = 256
+
+
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Tokens per chunk of the fused output projection + loss (palm.loss.linear_lm_loss)."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * vocab_size))
 
 
 def activation_bytes(

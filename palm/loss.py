@@ -11,6 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from palm.flops import chunk_tokens_for
+
 IGNORE_INDEX = -100  # targets with this value (padding) are left out of both terms
 
 
@@ -21,6 +23,26 @@ class LossOutput(NamedTuple):
     cross_entropy: Tensor  # mean negative log-likelihood per target token (nats)
     z_loss: Tensor  # coef * mean(log(Z)^2), already multiplied by its coefficient
     n_tokens: Tensor  # number of targets that counted
+
+
+def _nll_and_log_z(logits: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """log_softmax (N, V), -log p(target) (N,) and log Z (N,) from logits (N, V), index (N, 1)."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    target_log_prob = log_probs.gather(-1, index).squeeze(-1)
+    # log p_t = x_t - log Z for any column t, so log Z = x_t - log p_t: as exact in float32
+    # as computing it directly (both round at the scale of the larger term), and no second
+    # pass over the (N, V) block.
+    log_z = logits.gather(-1, index).squeeze(-1) - target_log_prob
+    return log_probs, -target_log_prob, log_z
+
+
+def _logits_grad_(softmax: Tensor, index: Tensor, grad_nll: Tensor, grad_log_z: Tensor) -> Tensor:
+    """Gradient w.r.t. the logits, written over `softmax` (N, V), from those w.r.t. nll, log Z.
+
+    d(-log p_t)/dx = softmax - onehot(t);  d(log Z)/dx = softmax.
+    """
+    softmax.mul_((grad_nll + grad_log_z).unsqueeze(-1))
+    return softmax.scatter_add_(-1, index, -grad_nll.unsqueeze(-1))
 
 
 class _NLLAndLogZ(torch.autograd.Function):
@@ -34,23 +56,16 @@ class _NLLAndLogZ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        log_probs = torch.log_softmax(logits, dim=-1)  # (N, V)
         index = targets.unsqueeze(-1)  # (N, 1)
-        target_log_prob = log_probs.gather(-1, index).squeeze(-1)  # (N,)
-        # log p_t = x_t - log Z for any column t, so log Z = x_t - log p_t: as exact in float32
-        # as computing it directly (both round at the scale of the larger term).
-        log_z = logits.gather(-1, index).squeeze(-1) - target_log_prob
+        log_probs, nll, log_z = _nll_and_log_z(logits, index)
         ctx.save_for_backward(log_probs, index)
-        return -target_log_prob, log_z
+        return nll, log_z
 
     @staticmethod
     def backward(ctx, grad_nll: Tensor, grad_log_z: Tensor) -> tuple[Tensor, None]:
         log_probs, index = ctx.saved_tensors
-        # d(-log p_t)/dx = softmax - onehot(t);  d(log Z)/dx = softmax.
-        grad = log_probs.exp()  # (N, V) softmax, the one new buffer
-        grad.mul_((grad_nll + grad_log_z).unsqueeze(-1))
-        grad.scatter_add_(-1, index, -grad_nll.unsqueeze(-1))
-        return grad, None
+        # log_probs.exp(): the one new (N, V) buffer (the saved log_probs stay as they are).
+        return _logits_grad_(log_probs.exp(), index, grad_nll, grad_log_z), None
 
 
 def lm_loss(
@@ -76,19 +91,6 @@ def lm_loss(
 # ---------------------------------------------------------------------------------------------
 # Output projection and loss in one, chunk by chunk
 # ---------------------------------------------------------------------------------------------
-
-# Logits per chunk: a (tokens, V) float32 block of about CHUNK_BYTES, but at least MIN_CHUNK_TOKENS
-# rows so that the three matmuls per chunk keep their efficiency at large vocabularies. Measured
-# on the 2-core CPU box (benchmarks/RESULTS.md): at vocab 8k, 256-token chunks were 2% faster per
-# step than whole logits and 512 3%, but 512 raised the resident peak by ~40 MiB; at vocab 32k,
-# 256-2048 were within noise of whole logits and 128 4% slower.
-CHUNK_BYTES = 8 * 2**20
-MIN_CHUNK_TOKENS = 256
-
-
-def chunk_tokens_for(vocab_size: int) -> int:
-    """Tokens per chunk of the fused output projection + loss for this vocabulary."""
-    return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * vocab_size))
 
 
 class _LinearLMLoss(torch.autograd.Function):
@@ -134,20 +136,15 @@ class _LinearLMLoss(torch.autograd.Function):
                 end = min(start + chunk, n)
                 h_c, index = h[start:end], targets[start:end, None]
                 logits = torch.mm(h_c, w.t()).to(exact)  # (c, V)
-                log_probs = torch.log_softmax(logits, dim=-1)
-                target_log_prob = log_probs.gather(-1, index).squeeze(-1)
-                nll[start:end] = -target_log_prob
-                # log Z = x_t - log p_t (as in _NLLAndLogZ): no second pass over the block.
-                log_z[start:end] = logits.gather(-1, index).squeeze(-1) - target_log_prob
+                log_probs, nll[start:end], log_z[start:end] = _nll_and_log_z(logits, index)
                 del logits
                 if not (want_grad_hidden or want_grad_weight):
                     continue
-                # d loss / d logits = a (softmax - onehot) + 2 b log Z softmax, in place.
+                # d loss / d nll = a, d loss / d log Z = 2 coef a log Z; softmax made in place.
                 a = ce_weight[start:end]
-                scale = a * (1.0 + 2.0 * z_loss_coef * log_z[start:end])
-                grad_logits = log_probs.exp_().mul_(scale[:, None])
-                grad_logits.scatter_add_(-1, index, -a[:, None])
-                grad_logits = grad_logits.to(compute_dtype)
+                grad_logits = _logits_grad_(
+                    log_probs.exp_(), index, a, 2.0 * z_loss_coef * a * log_z[start:end]
+                ).to(compute_dtype)
                 if want_grad_hidden:
                     torch.mm(grad_logits, w, out=grad_h[start:end])
                 if want_grad_weight:
@@ -196,7 +193,7 @@ def linear_lm_loss(
 
     hidden (..., D), weight (V, D) (the output projection), targets (...). The values and
     gradients are those of `lm_loss` on the full logits; the logits are made `chunk_tokens`
-    rows at a time (default: a block of about CHUNK_BYTES). `compute_dtype` is the matmuls'
+    rows at a time (default: palm.flops.chunk_tokens_for). `compute_dtype` is the matmuls'
     dtype (default: autocast's where autocast is on, else hidden's); the softmax is float32.
     """
     device_type = hidden.device.type
