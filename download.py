@@ -7,7 +7,7 @@ See `python3 download.py --help` and the README for every flag.
 
 import sys
 
-from palm.data.cli import main
+from palm.cli.download import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ See `python3 evaluate.py --help` for every flag.
 
 import sys
 
-from palm.evaluate import main
+from palm.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

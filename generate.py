@@ -7,7 +7,7 @@ See `python3 generate.py --help` for every flag.
 
 import sys
 
-from palm.generate import main
+from palm.cli.generate import main
 
 if __name__ == "__main__":
     sys.exit(main())

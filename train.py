@@ -2,7 +2,7 @@
 
 import sys
 
-from palm.train import main
+from palm.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,19 +1,19 @@
-"""Checkpoints: the only place that saves or loads training state.
+"""Checkpoints and run folders: the only place that saves or loads them.
 
-A checkpoint is a folder `runs/<name>/checkpoints/step_00001000/` holding
-- `model.safetensors`: the weights (tied embedding stored once);
-- `optimizer.safetensors`: every tensor of the optimizer state;
-- `meta.json`: step, data position, RNG states, optimizer hyperparameters, the resolved config,
-  validation loss, spike-detector history; plain JSON, so loading never unpickles anything.
-
-Writes are atomic: everything goes into a temporary folder, each file is fsynced, and the folder
-is renamed to its final name last. A crash (even `kill -9`) mid-write leaves the previous
-checkpoints untouched and no folder that looks complete.
+A checkpoint is a folder `runs/<name>/checkpoints/step_00001000/` holding `model.safetensors`
+(the weights, tied embedding stored once), `optimizer.safetensors` and `meta.json` (step, data
+position, RNG states, optimizer hyperparameters, the resolved config, validation loss); plain
+safetensors and JSON, so loading never unpickles anything. It is written into a temporary
+folder, fsynced and renamed last, so a crash (even `kill -9`) never leaves one that looks
+complete. `load_model` is the one road from a checkpoint (or run folder) to a model, used by
+generation, evaluation, fine-tuning and export.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
+
+from palm.config import Config, ModelConfig, build_config
+from palm.distributed import pick_device
+from palm.errors import CheckpointError, ConfigError, DataError
+from palm.files import fsync_dir, fsync_file, write_atomic
+from palm.model import PaLM
+from palm.tokenizer import Tokenizer
 
 PREFIX = "step_"
 FILES = ("model.safetensors", "optimizer.safetensors", "meta.json")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written or used; the message names the file and the fix."""
+WHICH = ("best", "latest")  # which checkpoint of a run folder to load
 
 
 @dataclass
@@ -79,19 +84,6 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict[s
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
 def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
@@ -119,12 +111,12 @@ def save_checkpoint(
         meta = {"format": 1, "state": state.__dict__, "optimizer": rest, "config": config}
         (tmp / "meta.json").write_text(json.dumps(meta))
         for name in FILES:
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step from before a rollback
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if error.errno == errno.ENOSPC:
@@ -149,6 +141,22 @@ def list_checkpoints(root: Path) -> list[Path]:
         if p.is_dir() and p.name.startswith(PREFIX) and all((p / name).is_file() for name in FILES)
     ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def checkpoint_to_resume(root: Path, mode: str) -> Path | None:
+    """The checkpoint a run continues from under train.resume `mode` ("auto": the latest if
+    any; "must": the latest, an error if none; "never": none, an error if one exists)."""
+    checkpoints = list_checkpoints(root)
+    if checkpoints and mode == "never":
+        raise CheckpointError(
+            f"{root} already holds checkpoints; resume it "
+            f"(train.resume=auto) or choose another train.name"
+        )
+    if not checkpoints and mode == "must":
+        raise CheckpointError(
+            f"no complete checkpoint in {root} to resume; start a new run without --resume"
+        )
+    return checkpoints[-1] if checkpoints else None
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -196,18 +204,20 @@ def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path / "model.safetensors")
     except Exception as error:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(
-            f"{path / 'model.safetensors'} is unreadable ({error}); re-create that checkpoint"
+            f"{path / 'model.safetensors'} is corrupt ({error}); use another checkpoint "
+            f"(--which latest, or a step_* folder)"
         ) from None
 
 
-def check_same_model(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+def check_same_model(path: Path, saved: ModelConfig, current: ModelConfig) -> None:
     """Refuse to load weights of another model shape, naming the differing keys."""
+    saved_values, current_values = saved.to_dict(), current.to_dict()
     differ = sorted(
-        k for k in set(saved) | set(current) if saved.get(k) != current.get(k) and k != "dropout"
+        k for k in saved_values if saved_values[k] != current_values[k] and k != "dropout"
     )
     if differ:
         details = ", ".join(
-            f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in differ
+            f"{k}: checkpoint {saved_values[k]!r} vs config {current_values[k]!r}" for k in differ
         )
         raise CheckpointError(
             f"checkpoint {path} is for another model ({details}); use the "
@@ -226,3 +236,154 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     for path in checkpoints[:-keep]:
         if path != best:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# --- from a checkpoint to a model -------------------------------------------------------------
+
+
+def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """The checkpoint folder that `path` names: itself, or the best (lowest validation loss) or
+    latest (highest step) complete checkpoint of a run folder."""
+    if which not in WHICH:
+        raise ConfigError(f"which must be one of {WHICH}, got {which!r}")
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such checkpoint or run folder; pass "
+            f"runs/<name> or runs/<name>/checkpoints/step_NNNNNNNN"
+        )
+    if (path / "model.safetensors").is_file() and (path / "meta.json").is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = list_checkpoints(root)
+    if not found:
+        raise CheckpointError(
+            f"{path}: holds no complete checkpoint (step_*/ with "
+            f"model.safetensors, optimizer.safetensors and meta.json); "
+            f"train first or pass a checkpoint folder"
+        )
+    if which == "latest":
+        return found[-1]
+    scored = [(read_meta(p)["state"].get("val_loss"), p) for p in found]
+    scored = [(loss, p) for loss, p in scored if loss is not None]
+    # Without any evaluated checkpoint "best" cannot be decided; the latest is the honest pick.
+    return min(scored, key=lambda item: item[0])[1] if scored else found[-1]
+
+
+def saved_config(checkpoint: Path) -> Config:
+    """The resolved run config a checkpoint was saved with."""
+    try:
+        return build_config(read_meta(checkpoint)["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{checkpoint / 'meta.json'}: its config is unusable ({error}); "
+            f"was it written by this version of palm?"
+        ) from None
+
+
+def find_tokenizer(checkpoint: Path, explicit: str | Path | None = None) -> Path | None:
+    """The tokenizer.model next to the checkpoint, in its run folder, or the data folder."""
+    if explicit is not None:
+        return Path(explicit)
+    candidates = [
+        checkpoint / "tokenizer.model",
+        checkpoint.parent / "tokenizer.model",
+        checkpoint.parent.parent / "tokenizer.model",
+    ]
+    try:
+        candidates.append(Path(read_meta(checkpoint)["config"]["data"]["path"]) / "tokenizer.model")
+    except (KeyError, TypeError):
+        pass
+    return next((c for c in candidates if c.is_file()), None)
+
+
+@dataclass
+class LoadedModel:
+    model: PaLM  # in eval mode, on the requested device
+    tokenizer: Tokenizer | None  # None only when no tokenizer.model could be found
+    config: Config  # the resolved run config saved with the checkpoint
+    path: Path  # the checkpoint folder actually loaded
+    step: int
+    val_loss: float | None
+
+
+def load_model(
+    path: str | Path,
+    which: str = "best",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    tokenizer: str | Path | None = None,
+    require_tokenizer: bool = True,
+) -> LoadedModel:
+    """Build the model from the checkpoint's saved config and load its weights (strictly)."""
+    checkpoint = resolve_checkpoint(path, which)
+    config = saved_config(checkpoint)
+    model = PaLM(config.model)
+    missing, unexpected = model.load_state_dict(load_checkpoint_weights(checkpoint), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint / 'model.safetensors'} does not match its saved "
+            f"config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if isinstance(device, str):
+        device = pick_device(device, "--device")
+    model.to(device=device, dtype=dtype).eval()
+    tok_path = find_tokenizer(checkpoint, tokenizer)
+    if tok_path is None and require_tokenizer:
+        raise CheckpointError(
+            f"{checkpoint}: no tokenizer.model in it, its run folder or its "
+            f"data folder; pass --tokenizer PATH"
+        )
+    tok = Tokenizer.load(tok_path) if tok_path is not None else None
+    if tok is not None and tok.vocab_size > config.model.vocab_size:
+        raise CheckpointError(
+            f"{tok_path}: {tok.vocab_size} pieces, but the model has only "
+            f"{config.model.vocab_size}; pass the run's own --tokenizer"
+        )
+    state = read_meta(checkpoint).get("state", {})
+    return LoadedModel(
+        model, tok, config, checkpoint, int(state.get("step", 0)), state.get("val_loss")
+    )
+
+
+# --- run folders ------------------------------------------------------------------------------
+
+
+def init_from(config: Config) -> Config:
+    """For train.init_from (fine-tuning): the run config with that checkpoint's model shape
+    (dropout stays the run's), after checking that the data was tokenized with its tokenizer."""
+    path = resolve_checkpoint(config.train.init_from, "latest")
+    tokenizer, data_tokenizer = find_tokenizer(path), Path(config.data.path) / "tokenizer.model"
+    if tokenizer is not None and data_tokenizer.is_file():
+        if tokenizer.read_bytes() != data_tokenizer.read_bytes():
+            raise DataError(
+                f"{config.data.path} was tokenized with another tokenizer than "
+                f"{config.train.init_from} ({tokenizer}); prepare the data "
+                f"with it: download.py --tokenizer {tokenizer} ..."
+            )
+    model = dataclasses.replace(saved_config(path).model, dropout=config.model.dropout)
+    return dataclasses.replace(config, model=model)
+
+
+def prepare_run_dir(config: Config, is_main: bool) -> tuple[Path, str | None]:
+    """runs/<name>/, checked writable (on every rank: they may not share a disk); rank 0 writes
+    the resolved config.yaml and a copy of the data's tokenizer, so generate.py needs nothing
+    else. Returns the folder and the tokenizer's sha256 (None when the data has none)."""
+    run_dir = Path(config.train.runs_dir) / config.train.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"run folder {run_dir} is not writable ({error.strerror}); choose "
+            f"another with train.runs_dir=... or fix its permissions"
+        ) from None
+    tokenizer = Path(config.data.path) / "tokenizer.model"
+    blob = tokenizer.read_bytes() if tokenizer.is_file() else None
+    if is_main:
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if blob is not None:
+            write_atomic(run_dir / "tokenizer.model", blob)
+    return run_dir, None if blob is None else hashlib.sha256(blob).hexdigest()

@@ -1,18 +1,35 @@
-"""Model configuration: one frozen dataclass, the paper's presets (PaLM Table 1) and small ones.
+"""Configuration: the model (PaLM §2, presets from Table 1) and a run's data, optimiser and loop
+(PaLM §5), as frozen dataclasses loaded from YAML < `section.key=value` overrides.
 
 Names follow the paper: `d_model`, `n_layers`, `n_heads`, `head_dim`, `ffn_mult`, `vocab_size`.
-Every switch defaults to what PaLM does (§2); the others exist so the paper's ablations can be
-rerun at small scale.
+Every switch defaults to what PaLM does; the others exist to rerun the paper's ablations. Every
+choice list lives here once; a bad key or value is a `ConfigError` naming the valid ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from palm.errors import ConfigError
+
 ACTIVATIONS = ("swiglu", "gelu")
+OPTIMIZERS = ("adafactor", "adamw")
+SCHEDULES = ("palm", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "float32", "bfloat16")
+PARALLEL = ("none", "ddp", "fsdp")
+RESUME = ("auto", "must", "never")
+TOKENS_PER_MICRO_BATCH = 8192  # automatic micro-batch: about this many tokens per forward
+_LR_POWER = re.compile(r"^\s*lr\s*\^\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {choices}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,24 +66,21 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "head_dim", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
         if self.head_dim % 2:
-            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+            raise ConfigError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
         if self.ffn_mult <= 0 or self.ffn_hidden != self.ffn_mult * self.d_model:
-            raise ValueError(
+            raise ConfigError(
                 f"model.ffn_mult * model.d_model must be a positive integer, got "
                 f"{self.ffn_mult} * {self.d_model}"
             )
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}"
-            )
+        _check_choice("model.activation", self.activation, ACTIVATIONS)
         if self.xpos_scale_base < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"model.xpos_scale_base must be >= 0 (0 = plain RoPE), got {self.xpos_scale_base}"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def ffn_hidden(self) -> int:
@@ -82,21 +96,13 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset (see PRESETS), optionally with some fields replaced."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Build from a mapping (e.g. YAML); a `preset` key is the base, unknown keys are errors."""
-        values = dict(values)
-        base = cls.preset(values.pop("preset")) if "preset" in values else cls()
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown model key(s) {unknown}; valid keys: preset, {', '.join(sorted(fields))}"
-            )
-        return dataclasses.replace(base, **values)
+        return _section("model", cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,15 +110,11 @@ class ModelConfig:
 
 def _paper(n_layers: int, n_heads: int, d_model: int) -> ModelConfig:
     # PaLM Table 1: head size 256, d_ff = 4 d_model, 256k vocabulary, sequence length 2048.
-    return ModelConfig(
-        vocab_size=256_000,
-        d_model=d_model,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        head_dim=256,
-        ffn_mult=4.0,
-        max_seq_len=2048,
-    )
+    return ModelConfig(256_000, d_model, n_layers, n_heads, head_dim=256, max_seq_len=2048)
+
+
+def _small(vocab: int, d_model: int, n_layers: int, n_heads: int, head_dim: int, seq: int):
+    return ModelConfig(vocab, d_model, n_layers, n_heads, head_dim, max_seq_len=seq)
 
 
 # Parameter counts (tied embeddings): `palm info --preset NAME`; the README lists them.
@@ -122,37 +124,14 @@ PRESETS: dict[str, ModelConfig] = {
     "palm-62b": _paper(64, 32, 8192),
     "palm-540b": _paper(118, 48, 18432),
     # Small presets for CPUs and single GPUs (vocabulary is replaced by the data's at training).
-    "palm-tiny": ModelConfig(
-        vocab_size=8192, d_model=128, n_layers=4, n_heads=4, head_dim=32, max_seq_len=256
-    ),
-    "palm-s": ModelConfig(
-        vocab_size=8192, d_model=256, n_layers=4, n_heads=4, head_dim=64, max_seq_len=256
-    ),
-    "palm-m": ModelConfig(
-        vocab_size=32_000, d_model=512, n_layers=8, n_heads=8, head_dim=64, max_seq_len=512
-    ),
-    "palm-150m": ModelConfig(
-        vocab_size=32_000, d_model=768, n_layers=12, n_heads=12, head_dim=64, max_seq_len=1024
-    ),
-    "palm-350m": ModelConfig(
-        vocab_size=32_000, d_model=1024, n_layers=24, n_heads=16, head_dim=64, max_seq_len=2048
-    ),
-    "palm-1b": ModelConfig(
-        vocab_size=32_000, d_model=2048, n_layers=16, n_heads=8, head_dim=256, max_seq_len=2048
-    ),
+    #                    vocab  d_model layers heads head_dim max_seq_len
+    "palm-tiny": _small(8192, 128, 4, 4, 32, 256),
+    "palm-s": _small(8192, 256, 4, 4, 64, 256),
+    "palm-m": _small(32_000, 512, 8, 8, 64, 512),
+    "palm-150m": _small(32_000, 768, 12, 12, 64, 1024),
+    "palm-350m": _small(32_000, 1024, 24, 16, 64, 2048),
+    "palm-1b": _small(32_000, 2048, 16, 8, 256, 2048),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Run configuration: data, optimiser and training loop (PaLM §5), loaded from YAML + overrides
-# ---------------------------------------------------------------------------------------------
-
-OPTIMIZERS = ("adafactor", "adamw")
-SCHEDULES = ("palm", "cosine", "constant")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "float32", "bfloat16")
-PARALLEL = ("none", "ddp", "fsdp")
-RESUME = ("auto", "must", "never")
 
 
 @dataclass(frozen=True)
@@ -167,10 +146,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "micro_batch_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"data.{name} must be >= 0 (0 = default), got {getattr(self, name)}"
-                )
+            if (value := getattr(self, name)) < 0:
+                raise ConfigError(f"data.{name} must be >= 0 (0 = default), got {value}")
 
 
 @dataclass(frozen=True)
@@ -185,31 +162,43 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # "cosine": final lr as a fraction of the peak
     beta1: float = 0.9  # first-moment decay (PaLM: 0.9)
     beta2: float = 0.95  # AdamW only; Adafactor uses beta2_k = 1 - k^-0.8 (PaLM §5)
-    weight_decay: str = "lr^2"  # Adafactor: "lr^2" (PaLM) or a number; AdamW: a number
+    # Adafactor: "lr^2" (PaLM: lr^2 of the parameter per step) or a number; AdamW: a number.
+    # Kept as written (numbers as strings), so saved configs show what the user gave.
+    weight_decay: str = "lr^2"
     grad_clip: float = 1.0  # global gradient-norm clipping (PaLM: 1.0); 0 disables
     batch_ramp: bool = False  # PaLM's 1/4 -> 1/2 -> full batch ramp (§5), scaled to max_steps
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check_choice("optim.name", self.name, OPTIMIZERS)
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
         if self.lr <= 0 or self.grad_clip < 0:
-            raise ValueError("optim.lr must be > 0 and optim.grad_clip >= 0")
-        weight_decay_value(self.weight_decay)  # validates
+            raise ConfigError("optim.lr must be > 0 and optim.grad_clip >= 0")
+        try:
+            parse_weight_decay(self.weight_decay)
+        except ConfigError as error:
+            raise ConfigError(f"optim.{error}") from None
+        if self.name == "adamw" and _LR_POWER.match(str(self.weight_decay)):
+            raise ConfigError(
+                f"optim.weight_decay {self.weight_decay!r} is Adafactor's (PaLM §5); give AdamW "
+                f"a number, e.g. optim.weight_decay=0.1"
+            )
 
 
-def weight_decay_value(value: str | float) -> str | float:
-    """'lr^2' or a non-negative number (YAML may give either as a string)."""
-    if value == "lr^2":
-        return value
+def parse_weight_decay(value: str | float) -> tuple[float, float]:
+    """'lr^P' -> (1.0, P); a number w in [0, 1) -> (w, 0.0). The per-step decay rate is then
+    w * lr^P (T5X's form; PaLM §5: 'lr^2')."""
+    match = _LR_POWER.match(value) if isinstance(value, str) else None
+    if match is not None:
+        return 1.0, float(match.group(1))
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"optim.weight_decay must be 'lr^2' or a number, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"optim.weight_decay must be >= 0, got {number}")
-    return number
+        raise ConfigError(
+            f"weight_decay must be a number or 'lr^<power>' (e.g. 'lr^2'), got {value!r}"
+        ) from None
+    if not 0.0 <= number < 1.0:
+        raise ConfigError(f"weight_decay must be in [0, 1), got {number}")
+    return number, 0.0
 
 
 @dataclass(frozen=True)
@@ -251,23 +240,21 @@ class TrainConfig:
     max_rollbacks: int = 20  # give up (error) after this many rollbacks in one run
     sample_tokens: int = 64  # tokens sampled at the end of the run (0 = none)
     sample_prompt: str = ""  # prompt of that sample ("" = start of a document)
+    sample_temperature: float = 0.8  # its sampling temperature (0 = greedy)
+    sample_top_k: int = 40  # its top-k filter (0 = none)
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"train.device must be one of {DEVICES}, got {self.device!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"train.parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if self.resume not in RESUME:
-            raise ValueError(f"train.resume must be one of {RESUME}, got {self.resume!r}")
+        _check_choice("train.device", self.device, DEVICES)
+        _check_choice("train.precision", self.precision, PRECISIONS)
+        _check_choice("train.parallel", self.parallel, PARALLEL)
+        _check_choice("train.resume", self.resume, RESUME)
         if self.max_steps < 1:
-            raise ValueError(f"train.max_steps must be >= 1, got {self.max_steps}")
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         for name in ("log_every", "keep_checkpoints", "eval_batches", "spike_window"):
             if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.name or "/" in self.name:
-            raise ValueError(f"train.name must be a plain folder name, got {self.name!r}")
+            raise ConfigError(f"train.name must be a plain folder name, got {self.name!r}")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
@@ -284,6 +271,29 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def resolved(self, vocab_size: int, seq_len: int, batch_size: int, world_size: int) -> Config:
+        """What the prepared data decides filled in: the vocabulary (always the data's, unless
+        fine-tuning from a checkpoint), and seq_len / batch size where the config leaves them 0
+        (the manifest's defaults); the micro-batch where 0 (see `auto_micro_batch`)."""
+        data = self.data
+        seq_len = data.seq_len or seq_len
+        batch = data.batch_size or batch_size
+        if batch % world_size:
+            raise ConfigError(f"data.batch_size {batch} is not divisible by the {world_size} ranks")
+        micro = data.micro_batch_size or auto_micro_batch(batch // world_size, seq_len)
+        vocab = self.model.vocab_size if self.train.init_from else vocab_size
+        model = dataclasses.replace(
+            self.model, vocab_size=vocab, max_seq_len=max(self.model.max_seq_len, seq_len)
+        )
+        data = dataclasses.replace(data, seq_len=seq_len, batch_size=batch, micro_batch_size=micro)
+        return dataclasses.replace(self, model=model, data=data)
+
+
+def auto_micro_batch(per_rank_batch: int, seq_len: int) -> int:
+    """Largest divisor of the per-rank batch with at most ~TOKENS_PER_MICRO_BATCH tokens."""
+    limit = max(1, TOKENS_PER_MICRO_BATCH // seq_len)
+    return max(d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0 and d <= limit)
 
 
 def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
@@ -304,33 +314,35 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
             return str(value)
     else:
         return value
-    raise ValueError(f"{where} must be a {kind}, got {value!r}")
+    raise ConfigError(f"{where} must be a {kind}, got {value!r}")
 
 
 def build_config(values: dict[str, Any]) -> Config:
     """A Config from nested mappings {section: {key: value}}; unknown keys are errors."""
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config section(s) {unknown}; valid: {', '.join(SECTIONS)}")
-    sections = {}
-    for name, cls in SECTIONS.items():
-        given = dict(values.get(name) or {})
-        if not isinstance(given, dict):
-            raise ValueError(f"config section {name!r} must be a mapping")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        base = cls()
-        if name == "model" and "preset" in given:
-            base = ModelConfig.preset(given.pop("preset"))
-        bad = sorted(set(given) - set(fields))
-        if bad:
-            extra = "preset, " if name == "model" else ""
-            raise ValueError(
-                f"unknown key(s) {[f'{name}.{k}' for k in bad]}; valid {name} keys: "
-                f"{extra}{', '.join(sorted(fields))}"
-            )
-        given = {k: _coerce(name, fields[k], v) for k, v in given.items()}
-        sections[name] = dataclasses.replace(base, **given)
-    return Config(**sections)
+        raise ConfigError(f"unknown config section(s) {unknown}; valid: {', '.join(SECTIONS)}")
+    return Config(**{name: _section(name, cls, values.get(name)) for name, cls in SECTIONS.items()})
+
+
+def _section(name: str, cls: type, given: Any) -> Any:
+    """One section's dataclass from a mapping: every key known, every value of its field's type;
+    for the model, a `preset` key names the base the other keys replace."""
+    if not isinstance(given or {}, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping")
+    given = dict(given or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    base = (
+        ModelConfig.preset(given.pop("preset")) if name == "model" and "preset" in given else cls()
+    )
+    bad = sorted(set(given) - set(fields))
+    if bad:
+        extra = "preset, " if name == "model" else ""
+        raise ConfigError(
+            f"unknown {name} key(s) {[f'{name}.{k}' for k in bad]}; valid {name} keys: "
+            f"{extra}{', '.join(sorted(fields))}"
+        )
+    return dataclasses.replace(base, **{k: _coerce(name, fields[k], v) for k, v in given.items()})
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
@@ -342,7 +354,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
         key, sep, raw = item.partition("=")
         section, dot, field = key.partition(".")
         if not sep or not dot or not field:
-            raise ValueError(
+            raise ConfigError(
                 f"override {item!r} must look like section.key=value, e.g. train.max_steps=200"
             )
         value = yaml.safe_load(raw) if raw else ""
@@ -350,26 +362,39 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return nested
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file < `key=value` overrides; every key checked."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; a missing or malformed file is a ConfigError."""
     import yaml
 
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise ValueError(
-                f"config file {path} does not exist (see configs/ for examples)"
-            ) from None
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold sections model/data/optim/train")
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist (see configs/ for examples)"
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold sections model/data/optim/train")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < `key=value` overrides; every key checked."""
+    values = read_yaml(path) if path is not None else {}
     for section, given in parse_overrides(overrides or []).items():
         existing = values.setdefault(section, {})
         if not isinstance(existing, dict):
-            raise ValueError(f"config section {section!r} must be a mapping")
+            raise ConfigError(f"config section {section!r} must be a mapping")
         existing.update(given)
     return build_config(values)
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The model section of a YAML config file (or a file holding model keys only)."""
+    values = read_yaml(path)
+    try:
+        return ModelConfig.from_dict(values.get("model", values))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: {error}") from None

@@ -5,7 +5,10 @@ Pure functions of a ModelConfig, so any preset (540B included) is counted withou
 
 from __future__ import annotations
 
-from palm.config import ModelConfig
+from palm.config import PARALLEL, ModelConfig
+from palm.errors import ConfigError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes weights may be kept in
 
 
 def parameter_counts(config: ModelConfig) -> dict[str, int]:
@@ -69,10 +72,8 @@ def training_memory_bytes(
 
 
 # Logits per chunk: a (tokens, V) float32 block of about CHUNK_BYTES, but at least MIN_CHUNK_TOKENS
-# rows so that the three matmuls per chunk keep their efficiency at large vocabularies. Measured
-# on the 2-core CPU box (benchmarks/RESULTS.md): at vocab 8k, 256-token chunks were 2% faster per
-# step than whole logits and 512 3%, but 512 raised the resident peak by ~40 MiB; at vocab 32k,
-# 256-2048 were within noise of whole logits and 128 4% slower.
+# rows so that the three matmuls per chunk keep their efficiency at large vocabularies (the sizes
+# were chosen by measurement: benchmarks/RESULTS.md, "Fused loss").
 CHUNK_BYTES = 8 * 2**20
 MIN_CHUNK_TOKENS = 256
 
@@ -131,8 +132,8 @@ def per_device_memory_bytes(
     over the devices, and one block's weights are gathered whole while it runs (twice that with
     prefetching, which is what we count).
     """
-    if parallel not in ("none", "ddp", "fsdp"):
-        raise ValueError(f"parallel must be none, ddp or fsdp, got {parallel!r}")
+    if parallel not in PARALLEL:
+        raise ConfigError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     full = training_memory_bytes(config, param_bytes=param_bytes)
     share = devices if parallel == "fsdp" else 1
     out = {k: -(-full[k] // share) for k in ("weights", "gradients", "optimizer")}

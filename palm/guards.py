@@ -5,16 +5,32 @@ from __future__ import annotations
 import math
 import signal
 from collections import deque
+from pathlib import Path
 
 import numpy as np
+
+from palm.errors import TrainingError
 
 
 class SpikeDetector:
     """PaLM §5.1 loss spikes: a loss far above the recent running statistics, or not finite."""
 
-    def __init__(self, window: int, sigma: float, ratio: float, history: list[float]) -> None:
+    def __init__(
+        self, window: int, sigma: float, ratio: float, history: list[float] | None = None
+    ) -> None:
         self.sigma, self.ratio = sigma, ratio
-        self.losses: deque[float] = deque(history, maxlen=window)
+        self.losses: deque[float] = deque(history or (), maxlen=window)
+
+    def record(self, loss: float) -> None:
+        """A loss that was applied (not a spike) joins the running statistics."""
+        self.losses.append(loss)
+
+    def state_dict(self) -> list[float]:
+        """The window of recent losses, as saved in a checkpoint's training state."""
+        return list(self.losses)
+
+    def load_state_dict(self, losses: list[float]) -> None:
+        self.losses = deque(losses, maxlen=self.losses.maxlen)
 
     def is_spike(self, loss: float) -> bool:
         if not math.isfinite(loss):
@@ -24,6 +40,15 @@ class SpikeDetector:
         recent = np.array(self.losses)
         mean, std = recent.mean(), recent.std()
         return loss > mean + self.sigma * std and loss > self.ratio * mean
+
+
+def rollback_target(checkpoints: list[Path], spike_step: int, rollback_steps: int) -> Path:
+    """PaLM §5.1 "restarted training from a checkpoint roughly 100 steps before the spike": the
+    newest checkpoint at least `rollback_steps` before it, else the oldest one there is."""
+    if not checkpoints:
+        raise TrainingError(f"loss spike at step {spike_step} but no checkpoint to roll back to")
+    earlier = [p for p in checkpoints if int(p.name.split("_")[-1]) <= spike_step - rollback_steps]
+    return earlier[-1] if earlier else checkpoints[0]
 
 
 class StopSignal:

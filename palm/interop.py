@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from palm.config import ModelConfig
+from palm.errors import ConversionError
 from palm.model import PaLM
 
 _BLOCK_KEY = re.compile(r"^(\d+)\.fn\.")
@@ -29,9 +30,11 @@ def palm_pytorch_config(state_dict: dict[str, Tensor], max_seq_len: int = 2048) 
         q_dim = state_dict["1.fn.attn_out.weight"].shape[1]
         ffn_hidden = state_dict["1.fn.ff_out.1.weight"].shape[1]
     except KeyError as missing:
-        raise ValueError(f"not a palm_pytorch.PaLM state dict: key {missing} is missing") from None
+        raise ConversionError(
+            f"not a palm_pytorch.PaLM state dict: key {missing} is missing"
+        ) from None
     if block_ids != list(range(1, len(block_ids) + 1)):
-        raise ValueError(f"not a palm_pytorch.PaLM state dict: block indices {block_ids}")
+        raise ConversionError(f"not a palm_pytorch.PaLM state dict: block indices {block_ids}")
     # fused rows = q (H*Q) + k (Q) + v (Q) + 2 * ffn_hidden
     head_dim = (fused_rows - q_dim - 2 * ffn_hidden) // 2
     return ModelConfig(
@@ -67,17 +70,17 @@ def to_palm_pytorch(model: PaLM) -> dict[str, Tensor]:
     """A state dict that palm_pytorch.PaLM(dim, num_tokens, depth, dim_head, heads) loads."""
     c = model.config
     if not (c.parallel_block and c.multi_query and c.activation == "swiglu" and c.tie_embeddings):
-        raise ValueError(
+        raise ConversionError(
             "palm_pytorch only has the PaLM architecture: parallel block, "
             "multi-query, SwiGLU, tied embeddings"
         )
     if c.scale_logits:
-        raise ValueError(
+        raise ConversionError(
             "palm_pytorch does not scale logits by 1/sqrt(d_model); "
             "this model's outputs would differ (config.scale_logits is True)"
         )
     if c.xpos_scale_base or not c.final_norm:
-        raise ValueError(
+        raise ConversionError(
             "palm_pytorch has plain RoPE and a final LayerNorm; this model uses "
             "xPos or no final norm (export it to palm-rlhf-pytorch instead)"
         )
@@ -117,7 +120,7 @@ def _gain_offset(peer_version: str) -> float:
     return 1.0 if parts >= RLHF_GAIN_OFFSET_FROM else 0.0
 
 
-def _strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+def strip_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop DDP's `module.` and torch.compile's `_orig_mod.`: same weights, other names."""
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
 
@@ -137,25 +140,25 @@ def palm_rlhf_pytorch_config(
         ffn_hidden = sd["layers.0.fn.ff_out.2.weight"].shape[1]
         half = sd["layers.0.fn.rotary_emb.inv_freq"].shape[0]
     except KeyError as missing:
-        raise ValueError(
+        raise ConversionError(
             f"not a palm_rlhf_pytorch.PaLM state dict: key {missing} is missing"
         ) from None
     if any(".q_scale" in k or ".k_scale" in k for k in sd):
-        raise ValueError(
+        raise ConversionError(
             "palm_rlhf_pytorch state dict trained with qk_rmsnorm=True: not "
             "supported (the published checkpoints use qk_rmsnorm=False)"
         )
     if any(k.startswith("finetune_modules.") for k in sd):
-        raise ValueError(
+        raise ConversionError(
             "palm_rlhf_pytorch state dict holds LoRA finetune_modules; merge them "
             "first (PaLM.merge_finetune_params(scope)) and save again"
         )
     block_ids = sorted({int(m.group(1)) for k in sd if (m := _RLHF_BLOCK.match(k))})
     if block_ids != list(range(len(block_ids))):
-        raise ValueError(f"not a palm_rlhf_pytorch.PaLM state dict: block indices {block_ids}")
+        raise ConversionError(f"not a palm_rlhf_pytorch.PaLM state dict: block indices {block_ids}")
     head_dim = 2 * half  # fused rows = q (H*Q) + k (Q) + v (Q) + 2 * ffn_hidden
     if fused_rows != q_dim + 2 * head_dim + 2 * ffn_hidden or q_dim % head_dim:
-        raise ValueError(
+        raise ConversionError(
             f"palm_rlhf_pytorch state dict: fused projection has {fused_rows} rows, "
             f"not q {q_dim} + 2 x {head_dim} + 2 x {ffn_hidden}"
         )
@@ -180,7 +183,7 @@ def final_norm_was_trained(state_dict: dict[str, Tensor]) -> bool:
     norm got no gradient and AdamW left its gain at its initial ones; a norm in the graph is
     never exactly 1 after training.
     """
-    sd = _strip_prefixes(state_dict)
+    sd = strip_prefixes(state_dict)
     final, block = sd["norm.gamma"], sd["layers.0.fn.norm.gamma"]
     return not (torch.all(final == 1).item() and not torch.all(block == 1).item())
 
@@ -193,11 +196,11 @@ def from_palm_rlhf_pytorch(
     peer_version: str = "0.2.1",
 ) -> PaLM:
     """Build our PaLM holding the weights of a palm_rlhf_pytorch.PaLM state dict."""
-    sd = _strip_prefixes(state_dict)
+    sd = strip_prefixes(state_dict)
     config = palm_rlhf_pytorch_config(sd, max_seq_len, xpos_scale_base, final_norm)
     _check_rotary_buffers(sd, config)
     if "to_logits.weight" in sd and not torch.equal(sd["to_logits.weight"], sd["token_emb.weight"]):
-        raise ValueError(
+        raise ConversionError(
             "palm_rlhf_pytorch state dict: to_logits differs from token_emb (untied); "
             "only the tied model exists in palm_rlhf_pytorch"
         )
@@ -208,7 +211,7 @@ def from_palm_rlhf_pytorch(
     for layer in range(config.n_layers):
         peer = f"layers.{layer}.fn."
         if sd[peer + "norm.beta"].abs().max() != 0:  # a zeros buffer; ours has no bias at all
-            raise ValueError(f"palm_rlhf_pytorch state dict: {peer}norm.beta is not zero")
+            raise ConversionError(f"palm_rlhf_pytorch state dict: {peer}norm.beta is not zero")
         ours[f"blocks.{layer}.norm.weight"] = sd[peer + "norm.gamma"] + offset
         ours[f"blocks.{layer}.in_proj.weight"] = sd[peer + "fused_attn_ff_proj.weight"]
         ours[f"blocks.{layer}.attn_out.weight"] = sd[peer + "attn_out.weight"]
@@ -232,7 +235,7 @@ def _check_rotary_buffers(sd: dict[str, Tensor], config: ModelConfig) -> None:
         for name, want in (("inv_freq", inv_freq), ("scale", zeta)):
             got = sd.get(f"layers.{layer}.fn.rotary_emb.{name}")
             if got is None or not torch.allclose(got.float(), want, rtol=1e-6, atol=0):
-                raise ValueError(
+                raise ConversionError(
                     f"palm_rlhf_pytorch state dict: layers.{layer}.fn.rotary_emb."
                     f"{name} is not the base-10000 RoPE / xPos table we reproduce"
                 )
@@ -243,7 +246,7 @@ def to_palm_rlhf_pytorch(model: PaLM, peer_version: str = "0.2.1") -> dict[str, 
     rotary_xpos_scale_base=config.xpos_scale_base) loads strictly, for that peer version."""
     c = model.config
     if not (c.parallel_block and c.multi_query and c.activation == "swiglu" and c.tie_embeddings):
-        raise ValueError(
+        raise ConversionError(
             "palm_rlhf_pytorch only has the PaLM architecture: parallel block, "
             "multi-query, SwiGLU, tied embeddings"
         )
@@ -257,7 +260,9 @@ def to_palm_rlhf_pytorch(model: PaLM, peer_version: str = "0.2.1") -> dict[str, 
     if c.ffn_hidden % c.d_model:
         problems.append("its ffn_mult is not an integer")
     if problems:
-        raise ValueError("palm_rlhf_pytorch would compute something else: " + "; ".join(problems))
+        raise ConversionError(
+            "palm_rlhf_pytorch would compute something else: " + "; ".join(problems)
+        )
     offset = _gain_offset(peer_version)
     state = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
     inv_freq, zeta = _rotary_buffers(c.head_dim)
@@ -285,12 +290,12 @@ def convert_state_dict(state_dict: dict[str, Tensor], **options) -> PaLM:
     `options` go to the matching converter (max_seq_len, and for palm_rlhf_pytorch
     xpos_scale_base, final_norm, peer_version).
     """
-    sd = _strip_prefixes(state_dict)
+    sd = strip_prefixes(state_dict)
     if "token_emb.weight" in sd:
         return from_palm_rlhf_pytorch(sd, **options)
     if "0.weight" in sd:
         return from_palm_pytorch(sd, **{k: v for k, v in options.items() if k == "max_seq_len"})
-    raise ValueError(
+    raise ConversionError(
         "neither a palm_pytorch nor a palm_rlhf_pytorch state dict (no "
         "'0.weight' or 'token_emb.weight' key)"
     )

@@ -26,10 +26,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from palm.generate import TextStream
-from palm.inference import LoadedModel, load_model_for_inference
+from palm.checkpoint import LoadedModel, load_model
+from palm.errors import ConfigError
 from palm.perplexity import score_documents
-from palm.sampling import pad_left, stream
+from palm.sampling import TextStream, pad_left, stream
 
 
 @register_model("palm")
@@ -49,10 +49,8 @@ class PaLMLM(TemplateLM):
         super().__init__()
         if loaded is None:
             if checkpoint is None:
-                raise ValueError("PaLMLM needs checkpoint=DIR (a run or checkpoint folder)")
-            loaded = load_model_for_inference(
-                checkpoint, which, device or "cpu", tokenizer=tokenizer
-            )
+                raise ConfigError("PaLMLM needs checkpoint=DIR (a run or checkpoint folder)")
+            loaded = load_model(checkpoint, which, device or "cpu", tokenizer=tokenizer)
         if str(batch_size).startswith("auto"):
             batch_size = 8  # no automatic batch search: windows are short, 8 is safe
         self.loaded = loaded
@@ -84,7 +82,7 @@ class PaLMLM(TemplateLM):
                 # Condition on a document start, as generation and rolling scoring do.
                 context = [self.eot_token_id, *context]
             if not 0 < len(continuation) <= self.max_length:
-                raise ValueError(
+                raise ConfigError(
                     f"a continuation of {len(continuation)} tokens cannot be "
                     f"scored in a context of {self.max_length}"
                 )
@@ -206,7 +204,7 @@ def evaluate_tasks(
         manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown lm-eval task(s) {unknown}; list them with `lm_eval ls tasks` "
             f"or pass --include_path DIR with their YAML"
         )

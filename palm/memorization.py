@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palm.data.errors import DataError
-from palm.data.manifest import load_manifest
+from palm.data.loader import open_split
+from palm.errors import ConfigError, DataError
 from palm.model import PaLM
 from palm.sampling import generate
 
@@ -107,7 +107,7 @@ def memorization(
     """Exact-match rate of greedy continuations of spans of `tokens` (one split's stream)."""
     span = prompt_tokens + continuation_tokens
     if span > model.config.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"prompt_tokens + continuation_tokens = {span} exceeds the model's "
             f"context of {model.config.max_seq_len}"
         )
@@ -145,14 +145,5 @@ def memorization(
 
 def split_tokens(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, int | None]:
     """The token stream of a prepared split (memory-mapped) and its padding id, if padded."""
-    manifest = load_manifest(dataset_dir)
-    path = manifest.split_path(Path(dataset_dir), split)
-    n_tokens = int(manifest.splits[split]["n_tokens"])
-    dtype = np.dtype(manifest.dtype)
-    if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
-        raise DataError(
-            f"{path}: missing or not the size meta.json records; rerun "
-            f"download.py for {dataset_dir} with --force"
-        )
-    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+    tokens, manifest = open_split(dataset_dir, split)
     return tokens, manifest.pad_id if manifest.layout == "padded" else None

@@ -1,15 +1,20 @@
-"""What a run reports: metrics.jsonl, TensorBoard events, the console, and MFU's peak FLOP/s."""
+"""What a run reports: metrics.jsonl, TensorBoard events, the console and progress bar, and the
+peak FLOP/s that MFU (PaLM Appendix B) is measured against."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from palm.config import Config
+from palm.flops import mfu
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
 # torch.cuda.get_device_name(). MFU is reported against these (PaLM Appendix B).
@@ -104,3 +109,69 @@ class MetricsLogger:
             os.fsync(self.jsonl.fileno())
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), clamped so a diverged loss reports a huge number instead of overflowing."""
+    return math.exp(min(loss, 700.0))
+
+
+class Console:
+    """Rank 0's view of a run: a tqdm bar on a terminal, else one line per logged step (logs,
+    CI). Other ranks print nothing."""
+
+    def __init__(self, initial: int, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.enabled, self.total = enabled, total
+        self.bar = tqdm(
+            initial=initial,
+            total=total,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (enabled and sys.stderr.isatty()),
+        )
+
+    def advance(self, step: int) -> None:
+        """The loop reached `step` (forward after a step, backward after a rollback)."""
+        self.bar.update(step - self.bar.n)
+
+    def train(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float) -> None:
+        report = dict(
+            loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}"
+        )
+        if not self.bar.disable:
+            self.bar.set_postfix(report)
+        elif self.enabled:
+            line = " ".join(f"{k} {v}" for k, v in report.items())
+            print(f"step {step}/{self.total} {line}", flush=True)
+
+    def evaluation(self, step: int, val_loss: float) -> None:
+        self.write(
+            f"step {step}: validation loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}"
+        )
+
+    def write(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Throughput:
+    """Tokens per second and MFU (PaLM Appendix B) over the interval since the last lap."""
+
+    def __init__(self, config: Config, peak_flops: float) -> None:
+        self.config, self.peak_flops = config, peak_flops
+        self.tokens, self.started = 0, time.perf_counter()
+        self.tokens_per_s = self.mfu = 0.0
+
+    def lap(self) -> tuple[float, float]:
+        elapsed = time.perf_counter() - self.started
+        self.tokens_per_s = self.tokens / max(elapsed, 1e-9)
+        self.mfu = mfu(
+            self.tokens_per_s, self.config.model, self.config.data.seq_len, self.peak_flops
+        )
+        self.tokens, self.started = 0, time.perf_counter()
+        return self.tokens_per_s, self.mfu

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from palm.config import ModelConfig
+from palm.errors import ConfigError
 from palm.loss import LossOutput, linear_lm_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +309,7 @@ class PaLM(nn.Module):
         B, T = tokens.shape
         past = 0 if cache is None else cache.length
         if cache is not None and past + T > cache.max_len:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence of {past + T} tokens exceeds the cache's {cache.max_len}; "
                 "make the cache larger (new_cache(max_len=...))"
             )

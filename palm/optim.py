@@ -1,12 +1,9 @@
 """PaLM's optimizer (PaLM §5): Adafactor without factorisation, plus an AdamW alternative.
 
 PaLM §5: "Adafactor without factorization ... effectively equivalent to Adam with parameter
-scaling": the step is the learning rate times the RMS of the parameter (floored at 1e-3), beta1 =
-0.9, beta2 at step k = 1 - k^-0.8, and a "dynamic weight decay of lr^2.0".
-
-The update follows T5X (`t5x/adafactor.py`, `Adafactor.apply_param_gradient`, google-research/t5x;
-flax's older `flax/optim/adafactor.py` is the same), PaLM's own codebase, term by term. With
-k = 1, 2, ... the number of updates including this one (T5X: `t = step + 1`):
+scaling", beta1 = 0.9, beta2_k = 1 - k^-0.8, "dynamic weight decay of lr^2.0". The update is
+T5X's (`t5x/adafactor.py`, `apply_param_gradient`), term by term, with k = 1, 2, ... the number
+of updates including this one:
 
     v     = beta2_k * v + (1 - beta2_k) * (g^2 + eps1)      beta2_k = 1 - k^-decay_exponent
     u     = g / sqrt(v)
@@ -15,37 +12,15 @@ k = 1, 2, ... the number of updates including this one (T5X: `t = step + 1`):
     m     = beta1 * m + (1 - beta1) * s                     # momentum of the *scaled* update
     p     = (1 - wd) * p - m                                # wd = weight_decay * lr^lr_power
 
-Notes on T5X that fix choices the paper leaves open:
-- weight decay is *not* multiplied by the learning rate again: `new_param = (1 - weight_decay_rate)
-  * param - subtrahend`, with `weight_decay_rate = (weight_decay_rate or 1.0) *
-  learning_rate ** weight_decay_rate_lr_exponent`. PaLM's "lr^2.0" is that exponent = 2.0, so each
-  step multiplies p by (1 - lr^2) (1e-4 at lr = 1e-2). Like T5X it applies to every parameter.
-- no bias correction of m (the first ~10 steps are damped by 1 - 0.9^k); v needs none since
-  beta2_1 = 0.
-- update clipping `clipping_threshold` defaults to 1.0 in T5X and Adafactor; PaLM does not say
-  whether it was changed, so we keep 1.0 (None turns it off). PaLM's global gradient-norm clipping
-  at 1.0 is separate and done by the trainer (torch.nn.utils.clip_grad_norm_).
-
-Differences from `torch.optim.Adafactor` (torch 2.5+), which has no momentum and uses
-rho = min(lr, 1/sqrt(k)) and decay (1 - lr * weight_decay); eps1 there clamps sqrt(v) instead of
-being added to g^2. With beta1 = 0, lr <= 1/sqrt(k), 1-D parameters and its weight_decay = lr the
-two coincide (tests/test_optim.py checks this).
-
-DTensor parameters (FSDP2 `fully_shard`: Shard(0); tensor parallel; Replicate) are supported and
-give the single-process result: the elementwise math runs on each rank's local shard
-(`to_local()`), and the two per-tensor norms (RMS(p) and RMS(u)) are sums of squares over the
-whole parameter, so the local sums are all-reduced over the mesh dimensions the parameter is
-sharded on, all tensors of a step in one collective. The state (`exp_avg_sq`, `exp_avg`) are
-DTensors placed like their parameter, so `torch.distributed.checkpoint.state_dict`'s
-`get_optimizer_state_dict` / `set_optimizer_state_dict` (full or sharded) work.
+As in T5X, weight decay is not multiplied by lr again (lr^2 = 1e-4 per step at lr = 1e-2) and
+applies to every parameter, m has no bias correction, and update clipping stays at 1.0 (PaLM does
+not say it changed it). PaLM's global gradient-norm clipping at 1.0 is separate
+(`palm.distributed.clip_gradients`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import re
-import sys
 from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Any
@@ -53,100 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIMIZERS", "PaLMAdafactor", "build_optimizer"]
+from palm.config import OPTIMIZERS, OptimConfig, parse_weight_decay
+from palm.distributed import any_nonzero, dtensor_type, local_shard, sharded_norms
+from palm.errors import ConfigError
 
-_LR_POWER = re.compile(r"^\s*lr\s*\^\s*([0-9]*\.?[0-9]+)\s*$")
-
-
-def _dtensor_type() -> type | None:
-    """torch's DTensor class if it is loaded; if not, no parameter can be a DTensor (and importing
-    torch.distributed.tensor would cost seconds for single-process runs)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
-@functools.cache
-def _sharded_mesh_dims(placements: tuple[Any, ...]) -> tuple[int, ...]:
-    """The mesh dimensions a DTensor with these placements is split over (Shard, _StridedShard)."""
-    if any(pl.is_partial() for pl in placements):
-        raise RuntimeError(f"PaLMAdafactor: parameters cannot be Partial, got {placements}")
-    return tuple(d for d, pl in enumerate(placements) if pl.is_shard())
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard, the tensor itself (writes go through). `to_local()` is the same
-    tensor behind an autograd function that costs microseconds per call, four calls per
-    parameter per step."""
-    local = getattr(t, "_local_tensor", None)
-    return t.to_local() if local is None else local
-
-
-def _global_norms(layouts: list[tuple[Any, Any]]) -> Callable[..., list[list[Tensor] | None]]:
-    """For DTensor parameters laid out as `layouts` ((mesh, placements) each): a function mapping
-    per-shard norms to whole-tensor norms.
-
-    Each argument is None or a list of 0-D norms of the local shards, aligned with `layouts`. The
-    squares are summed over every mesh dimension where the parameter is sharded (Replicate needs
-    nothing), in float64, with one all-reduce per (mesh, sharded dims) for all lists together.
-    """
-    import torch.distributed as dist
-
-    plans: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
-    for i, (mesh, placements) in enumerate(layouts):
-        dims = _sharded_mesh_dims(placements)
-        if dims:
-            plans.setdefault((mesh, dims), []).append(i)
-
-    def reduce(*norm_lists: list[Tensor] | None) -> list[list[Tensor] | None]:
-        out = [None if norms is None else list(norms) for norms in norm_lists]
-        lists = [norms for norms in out if norms is not None]
-        for (mesh, dims), idx in plans.items():
-            flat = torch.stack([norms[i] for norms in lists for i in idx])
-            wide = torch.float32 if flat.device.type == "mps" else torch.float64
-            squares = flat.to(wide).square_()
-            for dim in dims:
-                dist.all_reduce(squares, group=mesh.get_group(dim))
-            values = squares.sqrt_().to(torch.float32).unbind()
-            j = 0
-            for norms in lists:
-                for i in idx:
-                    norms[i] = values[j]
-                    j += 1
-        return out
-
-    return reduce
-
-
-def _any_nonzero(tensors: list[Tensor]) -> bool:
-    """Whether any element of `tensors` (plain or DTensor, over all ranks holding them) is != 0."""
-    dtensor = _dtensor_type()
-    local = [t.to_local() if dtensor and isinstance(t, dtensor) else t for t in tensors]
-    flag = torch.stack([t.ne(0).any() for t in local]).any().to(torch.int32)
-    meshes = []
-    for t in tensors:
-        if dtensor and isinstance(t, dtensor) and t.device_mesh not in meshes:
-            meshes.append(t.device_mesh)
-    if meshes:  # the same decision on every rank, or the collectives in the step would hang
-        import torch.distributed as dist
-
-        for mesh in meshes:
-            for dim in range(mesh.ndim):
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-    return bool(flag)
-
-
-def _parse_weight_decay(weight_decay: float | str) -> tuple[float, float]:
-    """'lr^p' -> (1.0, p); a float w -> (w, 0.0). The rate is then `w * lr**p` (T5X's form)."""
-    if isinstance(weight_decay, str):
-        match = _LR_POWER.match(weight_decay)
-        if match is None:
-            raise ValueError(
-                f"weight_decay must be a float or 'lr^<power>' (e.g. 'lr^2'), got {weight_decay!r}"
-            )
-        return 1.0, float(match.group(1))
-    if not 0.0 <= float(weight_decay) < 1.0:
-        raise ValueError(f"weight_decay must be in [0, 1), got {weight_decay}")
-    return float(weight_decay), 0.0
+__all__ = ["PaLMAdafactor", "build_optimizer", "optimizer_for"]
 
 
 class PaLMAdafactor(torch.optim.Optimizer):
@@ -183,16 +69,16 @@ class PaLMAdafactor(torch.optim.Optimizer):
         multiply_by_parameter_scale: bool = True,
     ) -> None:
         if lr < 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+            raise ConfigError(f"lr must be >= 0, got {lr}")
         if beta1 is not None and not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"beta1 must be None or in [0, 1), got {beta1}")
+            raise ConfigError(f"beta1 must be None or in [0, 1), got {beta1}")
         if decay_exponent <= 0.0:
-            raise ValueError(f"decay_exponent must be > 0, got {decay_exponent}")
+            raise ConfigError(f"decay_exponent must be > 0, got {decay_exponent}")
         if eps1 < 0.0 or eps2 < 0.0:
-            raise ValueError(f"eps1 and eps2 must be >= 0, got {eps1}, {eps2}")
+            raise ConfigError(f"eps1 and eps2 must be >= 0, got {eps1}, {eps2}")
         if clip_threshold is not None and clip_threshold <= 0.0:
-            raise ValueError(f"clip_threshold must be None or > 0, got {clip_threshold}")
-        wd, wd_power = _parse_weight_decay(weight_decay)
+            raise ConfigError(f"clip_threshold must be None or > 0, got {clip_threshold}")
+        wd, wd_power = parse_weight_decay(weight_decay)
         # Only numbers, bools and None in the groups, so the state_dict stays weights_only-safe.
         defaults = {
             "lr": lr,
@@ -219,14 +105,14 @@ class PaLMAdafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             for p in params:
                 if p.grad.is_sparse or p.is_complex():
-                    raise RuntimeError("PaLMAdafactor supports dense real parameters only")
+                    raise ConfigError("PaLMAdafactor supports dense real parameters only")
             if self._only_initialise(group, params):
                 continue
             # Parameters skipped on some steps have fewer updates; bucket by their own k (and
@@ -259,16 +145,12 @@ class PaLMAdafactor(torch.optim.Optimizer):
             )
 
     def _only_initialise(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """torch.distributed.checkpoint's `_init_optim_state` (get/set_optimizer_state_dict on an
-        optimizer without state) steps once with lr = 0 and all-zero gradients to create the
-        state. That must not touch the parameters (a constant weight decay would, and eps1 = 0
-        would give 0/0), nor count as an update: create the state at step 0 and stop. A real
-        first step always has some non-zero gradient; the check runs only on a first step at
-        lr = 0, never in training.
-        """
+        """torch.distributed.checkpoint creates missing state by stepping once with lr = 0 and
+        zero gradients; that must neither move the parameters nor count as an update, so only
+        create the state (at step 0). A real first step always has a non-zero gradient."""
         if float(group["lr"]) != 0.0 or any(self.state.get(p) for p in params):
             return False
-        if _any_nonzero([p.grad for p in params]):
+        if any_nonzero([p.grad for p in params]):
             return False
         for p in params:
             self._init_state(group, p)
@@ -288,8 +170,11 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 p.copy_(q)
 
     def _update_dtensors(self, group: dict[str, Any], k: int, params: list[Tensor]) -> None:
-        """The same update for DTensor parameters (FSDP2, TP, Replicate): elementwise math on the
-        local shards, the per-tensor norms reduced over the whole (global) parameter."""
+        """The same update for DTensor parameters (FSDP2 Shard(0), tensor parallel, Replicate),
+        giving the single-process result: elementwise math on each rank's local shard, and the
+        two per-tensor norms (RMS(p), RMS(u)) as sums of squares all-reduced over the mesh
+        dimensions the parameter is sharded on, all tensors of a step in one collective. The
+        state is placed like its parameter, so `torch.distributed.checkpoint.state_dict` works."""
         p_local, g_local, v_local, m_local, layouts = [], [], [], [], []
         for p in params:
             grad, mesh, placements = p.grad, p.device_mesh, p.placements
@@ -299,16 +184,16 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 grad = grad.redistribute(mesh, placements)  # e.g. Partial (unreduced) gradients
             layouts.append((mesh, placements))
             state = self.state[p]
-            p_local.append(_local(p))
-            g_local.append(_local(grad))
-            v_local.append(_local(state["exp_avg_sq"]))
+            p_local.append(local_shard(p))
+            g_local.append(local_shard(grad))
+            v_local.append(local_shard(state["exp_avg_sq"]))
             if group["beta1"] > 0.0:
-                m_local.append(_local(state["exp_avg"]))
+                m_local.append(local_shard(state["exp_avg"]))
         p32 = [p if p.dtype == torch.float32 else p.float() for p in p_local]
         g32 = [g if g.dtype == torch.float32 else g.float() for g in g_local]
         numel_sqrt = [math.sqrt(max(p.numel(), 1)) for p in params]  # global sizes
         m = m_local if group["beta1"] > 0.0 else None
-        self._apply(group, k, p32, g32, v_local, m, numel_sqrt, _global_norms(layouts))
+        self._apply(group, k, p32, g32, v_local, m, numel_sqrt, sharded_norms(layouts))
         for p, q in zip(p_local, p32):
             if q is not p:
                 p.copy_(q)
@@ -316,7 +201,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
     @staticmethod
     def _placed_like(value: Tensor, p: Tensor) -> Tensor:
         """`value` as a float32 DTensor with `p`'s mesh and placements (a no-op when it is)."""
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         if isinstance(value, dtensor):
             if value.device_mesh == p.device_mesh and tuple(value.placements) == tuple(
                 p.placements
@@ -397,7 +282,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
         parameters the moments become DTensors placed like the parameter (a full plain tensor is
         cut to this rank's shard; DCP's set_optimizer_state_dict already hands DTensors).
         """
-        dtensor = _dtensor_type()
+        dtensor = dtensor_type()
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
@@ -410,9 +295,6 @@ class PaLMAdafactor(torch.optim.Optimizer):
                     self.state[p][key] = placed.to(torch.float32, copy=True)
                 else:
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
-
-
-OPTIMIZERS = ("adafactor", "adamw")
 
 
 def build_optimizer(name: str, params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
@@ -434,4 +316,19 @@ def build_optimizer(name: str, params: Iterable[Tensor], **kwargs: Any) -> torch
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
         return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_for(optim: OptimConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """The optimizer a run's `optim` config section asks for (PaLM §5 by default)."""
+    if optim.name == "adafactor":
+        return build_optimizer(
+            "adafactor", params, lr=optim.lr, beta1=optim.beta1, weight_decay=optim.weight_decay
+        )
+    return build_optimizer(
+        "adamw",
+        params,
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        weight_decay=float(optim.weight_decay),
+    )

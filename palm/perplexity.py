@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from palm.data.corpus import count_words, iter_documents
-from palm.data.errors import DataError
-from palm.data.manifest import load_manifest
+from palm.data.loader import open_split
+from palm.errors import ConfigError, DataError
 from palm.model import PaLM
 from palm.tokenizer import Tokenizer
 
@@ -77,7 +77,7 @@ def windows(n_targets: int, context: int, stride: int) -> Iterator[tuple[int, in
     is scored by the first window (begin a multiple of stride) with begin + context >= j.
     """
     if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+        raise ConfigError(f"stride must be in [1, context={context}], got {stride}")
     begin, done = 0, 0  # `done`: targets s_1 .. s_done already scored
     while done < n_targets:
         end = min(begin + context, n_targets)
@@ -97,7 +97,7 @@ def score_documents(
 ) -> list[tuple[float, int]]:
     """Per document (nll in nats, tokens scored): each conditioned on `prefix_id` (<eod>)."""
     if context > model.config.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"context {context} exceeds the model's max_seq_len "
             f"{model.config.max_seq_len}; use --context <= that"
         )
@@ -171,21 +171,15 @@ def split_source(
 ) -> tuple[list[np.ndarray], int, int]:
     """Documents of a prepared split with their byte and word counts (the manifest's, or
     recounted from the decoded text when only the first max_documents are used)."""
-    manifest = load_manifest(dataset_dir)
-    path = manifest.split_path(Path(dataset_dir), split)
+    mapped, manifest = open_split(dataset_dir, split)
     meta = Path(dataset_dir) / "meta.json"
     if manifest.tokenizer_sha256 and manifest.tokenizer_sha256 != tokenizer.sha256:
         raise DataError(
             f"{meta}: this data was encoded with another tokenizer than the "
             f"model's; pass that data's tokenizer (--tokenizer) or re-encode it"
         )
-    tokens = np.fromfile(path, dtype=np.dtype(manifest.dtype))
+    tokens = np.array(mapped)  # read once: the documents are cut from it
     info = manifest.splits[split]
-    if len(tokens) != int(info["n_tokens"]):
-        raise DataError(
-            f"{path}: {len(tokens)} tokens, meta.json records {info['n_tokens']}; "
-            f"rerun download.py for {dataset_dir} with --force"
-        )
     pad = manifest.pad_id if manifest.layout == "padded" else None
     docs = split_documents(tokens, manifest.eod_id, pad)
     if max_documents and max_documents < len(docs):

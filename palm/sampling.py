@@ -1,4 +1,5 @@
-"""Autoregressive sampling with the key/value cache: pure filters plus one decoding loop.
+"""Autoregressive sampling with the key/value cache: pure filters, one decoding loop, and the
+streaming of its tokens as text.
 
 Under multi-query attention the cache is one head wide (PaLM §2), so each new token costs one
 forward of a single position against the cached keys/values: cost per token stays flat.
@@ -15,17 +16,19 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from palm.errors import ConfigError
 from palm.model import PaLM
+from palm.tokenizer import Tokenizer
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
     """Reject sampling options that would silently mean something else."""
     if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
+        raise ConfigError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
+        raise ConfigError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}")
 
 
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
@@ -66,7 +69,7 @@ def next_token(
 def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
     """Token lists of different lengths -> (tokens (B, T), mask (B, T)); mask False = padding."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start it with <eod>)")
+        raise ConfigError("every prompt needs at least one token (start it with <eod>)")
     width = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.bool)
@@ -111,7 +114,7 @@ def stream(
     batch, length = prompt.shape
     total = length + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
             f"exceeds the model's context of {model.config.max_seq_len} tokens; "
             f"shorten the prompt or lower max_new_tokens"
@@ -191,3 +194,65 @@ def generate(
         )
     )
     return torch.stack(tokens, dim=1) if tokens else prompt[:, :0]
+
+
+class TextStream:
+    """Turns one row's token ids into printable text, cut at the first stop string.
+
+    Text is re-decoded from all ids each step (SentencePiece pieces can merge bytes), and text
+    that could still become a stop string, or a half-decoded UTF-8 character, is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already handed out
+        self.done = False
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly printable text."""
+        if self.done:
+            return ""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.done = self.text[: min(hits)], True
+            return self.flush()
+        safe = len(self.text) - max((len(s) - 1 for s in self.stops), default=0)
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
+            safe -= 1  # an incomplete UTF-8 sequence: wait for its remaining bytes
+        out = self.text[self.emitted : max(safe, self.emitted)]
+        self.emitted += len(out)
+        return out
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+
+def sample_text(
+    model: PaLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    seed: int = 0,
+) -> str:
+    """`prompt` continued by up to `max_new_tokens` sampled tokens, read as the start of a
+    document (after <eod>, like the packed training data), and cut to the model's context."""
+    device = next(model.parameters()).device
+    ids = [tokenizer.eod_id] + tokenizer.encode(prompt)
+    room = model.config.max_seq_len - len(ids)
+    new = generate(
+        model,
+        torch.tensor([ids], device=device),
+        min(max_new_tokens, room),
+        temperature=temperature,
+        top_k=top_k,
+        eod_id=tokenizer.eod_id,
+        generator=torch.Generator(device).manual_seed(seed),
+    )
+    return prompt + tokenizer.decode(new[0].tolist())

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from palm.config import SCHEDULES, Config
+from palm.errors import ConfigError
+
 __all__ = [
     "LR_SCHEDULES",
     "BatchRamp",
@@ -27,7 +30,7 @@ __all__ = [
 
 def _check_step(step: int) -> None:
     if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
+        raise ConfigError(f"step must be >= 0, got {step}")
 
 
 def palm_lr(step: int, *, peak: float = 1e-2, constant_steps: int = 10_000) -> float:
@@ -69,7 +72,7 @@ def constant_lr(step: int, *, peak: float, warmup_steps: int = 0) -> float:
     return peak
 
 
-LR_SCHEDULES = ("palm", "cosine", "constant")
+LR_SCHEDULES = SCHEDULES  # the config's list: one copy
 
 
 @dataclass(frozen=True)
@@ -85,22 +88,35 @@ class LRSchedule:
 
     def __post_init__(self) -> None:
         if self.name not in LR_SCHEDULES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown lr schedule {self.name!r}; choose one of {', '.join(LR_SCHEDULES)}"
             )
         if not self.peak > 0.0:
-            raise ValueError(f"peak learning rate must be > 0, got {self.peak}")
+            raise ConfigError(f"peak learning rate must be > 0, got {self.peak}")
         if self.name == "palm" and self.constant_steps < 1:
-            raise ValueError(f"constant_steps must be >= 1, got {self.constant_steps}")
+            raise ConfigError(f"constant_steps must be >= 1, got {self.constant_steps}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.name == "cosine" and not 0 <= self.warmup_steps < self.total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"cosine needs 0 <= warmup_steps < total_steps, got "
                 f"warmup_steps={self.warmup_steps}, total_steps={self.total_steps}"
             )
         if not 0.0 <= self.min_ratio <= 1.0:
-            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+            raise ConfigError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
+
+    @classmethod
+    def from_config(cls, config: Config) -> LRSchedule:
+        """The schedule a run's `optim` section describes, over its `train.max_steps`."""
+        o = config.optim
+        return cls(
+            name=o.schedule,
+            peak=o.lr,
+            constant_steps=o.constant_steps,
+            warmup_steps=o.warmup_steps,
+            total_steps=config.train.max_steps,
+            min_ratio=o.min_lr_ratio,
+        )
 
 
 def lr_at(step: int, schedule: LRSchedule) -> float:
@@ -135,16 +151,24 @@ class BatchRamp:
         # Accept lists (e.g. from YAML) but store tuples so the dataclass stays hashable.
         object.__setattr__(self, "stages", tuple((int(u), int(b)) for u, b in self.stages))
         if not self.stages:
-            raise ValueError("BatchRamp needs at least one (until_step, batch_size) stage")
+            raise ConfigError("BatchRamp needs at least one (until_step, batch_size) stage")
         previous = 0
         for until, batch in self.stages:
             if until <= previous:
-                raise ValueError(
+                raise ConfigError(
                     f"until_step values must be positive and strictly increasing, got {self.stages}"
                 )
             if batch < 1:
-                raise ValueError(f"batch sizes must be >= 1, got {self.stages}")
+                raise ConfigError(f"batch sizes must be >= 1, got {self.stages}")
             previous = until
+
+    @classmethod
+    def from_config(cls, config: Config) -> BatchRamp:
+        """PaLM's ramp (optim.batch_ramp) or one batch size, over train.max_steps."""
+        batch, steps = config.data.batch_size, config.train.max_steps
+        return (
+            cls.paper_shape(batch, steps) if config.optim.batch_ramp else cls.constant(batch, steps)
+        )
 
     @classmethod
     def constant(cls, batch_size: int, total_steps: int = 1) -> BatchRamp:
@@ -157,7 +181,7 @@ class BatchRamp:
         until 115/255, then final (each at least 1). Stages that round to no steps are dropped.
         """
         if final_batch < 1 or total_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"final_batch and total_steps must be >= 1, got {final_batch}, {total_steps}"
             )
         shape = [
@@ -205,12 +229,12 @@ def micro_batches(batch_size: int, micro_batch_size: int) -> int:
     of data-parallel ranks). A remainder would silently change the batch, so it is an error.
     """
     if batch_size < 1 or micro_batch_size < 1:
-        raise ValueError(
+        raise ConfigError(
             f"batch sizes must be >= 1, got batch_size={batch_size}, "
             f"micro_batch_size={micro_batch_size}"
         )
     if batch_size % micro_batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {batch_size} is not a multiple of micro_batch_size "
             f"{micro_batch_size}; choose a micro batch that divides every batch "
             f"size of the ramp"

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from palm.errors import TokenizerError
+
 PAD_PIECE, EOD_PIECE, UNK_PIECE = "<pad>", "<eod>", "<unk>"
 # The newline is a user-defined piece: SentencePiece trains on lines, so it would otherwise
 # never learn "\n" and every newline in code would cost a byte-fallback token.
@@ -34,10 +36,6 @@ NEWLINE = "\n"
 # tokenizer.json special tokens, in order of preference: GPT-NeoX/GPT-2 style, then others.
 HF_EOD_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<eod>")
 HF_PAD_TOKENS = ("<|padding|>", "<pad>", "[PAD]")
-
-
-class TokenizerError(Exception):
-    """A tokenizer that cannot be trained or loaded; the message is one line naming the fix."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,37 +26,40 @@ import torch
 from torch import Tensor
 
 from palm.checkpoint import (
-    CheckpointError,
     TrainingState,
     capture_rng,
     check_same_model,
+    checkpoint_to_resume,
+    init_from,
     list_checkpoints,
     load_checkpoint,
     load_checkpoint_weights,
+    prepare_run_dir,
     prune_checkpoints,
+    resolve_checkpoint,
     restore_rng,
     save_checkpoint,
+    saved_config,
 )
 from palm.config import Config
+from palm.data import load_manifest, open_windows, rank_sample_indices
 from palm.distributed import (
+    clip_gradients,
     full_state_dicts,
     gradient_sync,
     init_distributed,
     load_full_state_dicts,
-    wrap_model,
-)
-from palm.flops import flops_per_token
-from palm.guards import SpikeDetector, StopSignal
-from palm.loss import IGNORE_INDEX
-from palm.metrics import MetricsLogger, peak_flops
-from palm.run import (
-    RunSetup,
-    build_model,
-    clip_gradients,
-    make_optimizer,
+    parallelize,
     pick_device,
-    prepare_run,
+    pick_precision,
 )
+from palm.errors import TrainingError
+from palm.guards import SpikeDetector, StopSignal, rollback_target
+from palm.loss import IGNORE_INDEX, LossOutput
+from palm.metrics import Console, MetricsLogger, Throughput, peak_flops, perplexity
+from palm.model import PaLM
+from palm.optim import optimizer_for
+from palm.sampling import sample_text
 from palm.schedules import (
     BatchRamp,
     LRSchedule,
@@ -66,9 +68,7 @@ from palm.schedules import (
     micro_batches,
     samples_before,
 )
-
-# A test hook: (step, micro_step, loss) -> loss, used to inject loss spikes.
-LossHook = Callable[[int, int, Tensor], Tensor]
+from palm.tokenizer import Tokenizer
 
 
 @dataclass
@@ -86,57 +86,65 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, config: Config, loss_hook: LossHook | None = None) -> None:
+    """One run of PaLM §5 training: built from a Config, run by `fit()`.
+
+    Holds two handles to the network: `model`, the single-device PaLM (parameters, evaluation,
+    sampling), and `train_module`, what forward/backward run through (the model itself, or DDP
+    around it; compiled in place with train.compile).
+    """
+
+    def __init__(self, config: Config) -> None:
         self.dist = init_distributed(config.train.parallel, pick_device(config.train.device).type)
-        self.setup: RunSetup = prepare_run(config, self.dist)
-        self.config = self.setup.config  # resolved: vocabulary, seq_len, batch from the data
-        self.loss_hook = loss_hook
+        self.device = self.dist.device(pick_device(config.train.device).type)
+        self.precision = pick_precision(config.train.precision, self.device)
+        self.config, tokenizer_sha256 = self._resolve(config)
         c = self.config
-        self.device = self.setup.device
+        self.train_data, self.valid_data = open_windows(c.data.path, c.data.seq_len, c.data.seed)
+        self.train_data.check_compatible(tokenizer_sha256, c.model.vocab_size)
         torch.manual_seed(c.train.seed)  # the same initial weights on every rank
-        self.model = build_model(c, self.dist, self.device)
-        # What runs forward/backward: the model, wrapped by DDP (FSDP2 shards it in place).
-        self.wrapped = (
-            self.model
-            if self.dist.parallel == "fsdp"
-            else wrap_model(self.model, self.dist, self.device)
+        self.model, self.train_module = parallelize(
+            lambda: PaLM(c.model),
+            self.dist,
+            self.device,
+            meta_init=c.train.meta_init,
+            activation_checkpointing=c.train.activation_checkpointing,
+            compile=c.train.compile,
         )
-        self.forward = torch.compile(self.wrapped) if c.train.compile else self.wrapped
-        self.optimizer = make_optimizer(c, self.model)
-        self.schedule = LRSchedule(
-            name=c.optim.schedule,
-            peak=c.optim.lr,
-            constant_steps=c.optim.constant_steps,
-            warmup_steps=c.optim.warmup_steps,
-            total_steps=c.train.max_steps,
-            min_ratio=c.optim.min_lr_ratio,
-        )
-        batch = c.data.batch_size
-        self.ramp = (
-            BatchRamp.paper_shape(batch, c.train.max_steps)
-            if c.optim.batch_ramp
-            else BatchRamp.constant(batch, c.train.max_steps)
-        )
+        self.optimizer = optimizer_for(c.optim, self.model.parameters())
+        self.schedule = LRSchedule.from_config(c)
+        self.ramp = BatchRamp.from_config(c)
         for _, stage_batch in self.ramp.stages:  # fail now, not at the first ramp boundary
             micro_batches(stage_batch // self.dist.world_size, c.data.micro_batch_size)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.setup.precision == "bfloat16"
-            else nullcontext()
-        )
+        bf16 = self.precision == "bfloat16"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.state = TrainingState(step=0)
-        self.ckpt_root = self.setup.run_dir / "checkpoints"
-        self.flops_per_token = flops_per_token(c.model, c.data.seq_len)
+        self.spikes = SpikeDetector(c.train.spike_window, c.train.spike_sigma, c.train.spike_ratio)
+        self.ckpt_root = self.run_dir / "checkpoints"
         self.peak_flops, self.peak_source = peak_flops(
-            self.device, torch.float32 if self.setup.precision == "float32" else torch.bfloat16
+            self.device, torch.bfloat16 if bf16 else torch.float32
         )
 
-    # --- checkpoints --------------------------------------------------------------------------
+    def _resolve(self, config: Config) -> tuple[Config, str | None]:
+        """The config with what the data (and train.init_from) decides; the run folder."""
+        manifest = load_manifest(config.data.path)
+        if config.train.init_from:
+            config = init_from(config)
+        resolved = config.resolved(
+            manifest.vocab_size, manifest.seq_len, manifest.batch_size, self.dist.world_size
+        )
+        if resolved.model.vocab_size != config.model.vocab_size:
+            self.dist.print(
+                f"note: model.vocab_size {config.model.vocab_size} replaced by the data's "
+                f"{manifest.vocab_size} (the vocabulary always comes from the data)"
+            )
+        self.run_dir, tokenizer_sha256 = prepare_run_dir(resolved, self.dist.is_main)
+        return resolved, tokenizer_sha256
 
     def save(self) -> None:
         """Every rank helps gather the full state (FSDP); rank 0 writes it."""
         self.state.rng = capture_rng()
-        model_state, optimizer_state = full_state_dicts(self.wrapped, self.optimizer)
+        self.state.recent_losses = self.spikes.state_dict()
+        model_state, optimizer_state = full_state_dicts(self.train_module, self.optimizer)
         if self.dist.is_main:
             save_checkpoint(
                 self.ckpt_root, model_state, optimizer_state, self.state, self.config.to_dict()
@@ -145,87 +153,63 @@ class Trainer:
         self.dist.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
 
     def load(self, path: Path) -> None:
+        check_same_model(path, saved_config(path).model, self.config.model)
         loaded = load_checkpoint(path)
-        check_same_model(path, loaded.config["model"], self.config.to_dict()["model"])
         load_full_state_dicts(
-            self.wrapped, self.optimizer, loaded.model_state, loaded.optimizer_state
+            self.train_module, self.optimizer, loaded.model_state, loaded.optimizer_state
         )
         self.state = loaded.state
+        self.spikes.load_state_dict(self.state.recent_losses)
         restore_rng(self.state.rng)
 
     def resume(self) -> None:
-        checkpoints = list_checkpoints(self.ckpt_root)
-        mode = self.config.train.resume
-        if checkpoints and mode == "never":
-            raise CheckpointError(
-                f"{self.ckpt_root} already holds checkpoints; resume it "
-                f"(train.resume=auto) or choose another train.name"
-            )
-        if not checkpoints and mode == "must":
-            raise CheckpointError(
-                f"no complete checkpoint in {self.ckpt_root} to resume; "
-                f"start a new run without --resume"
-            )
-        if not checkpoints and self.config.train.init_from:
-            self.init_weights(self.config.train.init_from)
-        if checkpoints and mode in ("auto", "must"):
-            self.load(checkpoints[-1])
-            if self.dist.is_main:
-                print(f"resumed from {checkpoints[-1]} at step {self.state.step}")
+        """Continue the run's latest checkpoint (train.resume), or start from train.init_from."""
+        t = self.config.train
+        path = checkpoint_to_resume(self.ckpt_root, t.resume)
+        if path is not None:
+            self.load(path)
+            self.dist.print(f"resumed from {path} at step {self.state.step}")
+        elif t.init_from:  # fine-tuning: another checkpoint's weights, a fresh optimizer, step 0
+            source = resolve_checkpoint(t.init_from, "latest")
+            weights = load_checkpoint_weights(source)
+            load_full_state_dicts(self.train_module, self.optimizer, weights, {"state": {}})
+            self.dist.print(f"initialised from {source}")
 
-    def init_weights(self, source: str) -> None:
-        """Fine-tuning: the weights of another checkpoint, with a fresh optimizer and step 0."""
-        from palm.inference import resolve_checkpoint
-
-        path = resolve_checkpoint(source, "latest")
-        weights = load_checkpoint_weights(path)
-        load_full_state_dicts(self.wrapped, self.optimizer, weights, {"state": {}})
-        if self.dist.is_main:
-            print(f"initialised from {path}")
-
-    def roll_back(self, spike_step: int, loss: float, log: MetricsLogger) -> None:
+    def roll_back(self, spike_step: int, loss: float, log: MetricsLogger, console: Console) -> None:
         """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it."""
         t = self.config.train
+        self.optimizer.zero_grad(set_to_none=True)  # the spiking gradient is never applied
         if self.state.rollbacks >= t.max_rollbacks:
-            raise RuntimeError(
+            raise TrainingError(
                 f"loss spiked again at step {spike_step} after {t.max_rollbacks} "
                 f"rollbacks; lower optim.lr or inspect the data"
             )
-        candidates = list_checkpoints(self.ckpt_root)
-        if not candidates:
-            raise RuntimeError(f"loss spike at step {spike_step} but no checkpoint to roll back to")
-        target = [p for p in candidates if int(p.name[5:]) <= spike_step - t.rollback_steps]
-        path = target[-1] if target else candidates[0]
+        path = rollback_target(list_checkpoints(self.ckpt_root), spike_step, t.rollback_steps)
         rollbacks = self.state.rollbacks + 1
         self.load(path)
         back_to = self.state.step
         skip = max(t.skip_batches, spike_step - back_to + 1)  # never replay the spiking batch
-        self.state.sample_offset += samples_before(back_to + skip, self.ramp) - samples_before(
-            back_to, self.ramp
-        )
+        skipped = samples_before(back_to + skip, self.ramp) - samples_before(back_to, self.ramp)
+        self.state.sample_offset += skipped
         self.state.rollbacks = rollbacks
-        log.log(
-            {
-                "step": spike_step,
-                "kind": "event",
-                "event": "loss_spike",
-                "loss": loss,
-                "rolled_back_to": back_to,
-                "skipped_batches": skip,
-            }
+        event = {"event": "loss_spike", "loss": loss, "rolled_back_to": back_to}
+        log.log({"step": spike_step, "kind": "event", **event, "skipped_batches": skip})
+        console.write(
+            f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
+            f"{back_to}, skipping {skip} batches"
         )
-        if self.dist.is_main:
-            print(
-                f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
-                f"{back_to}, skipping {skip} batches"
-            )
-
-    # --- one step -----------------------------------------------------------------------------
+        console.advance(back_to)
 
     def batch_indices(self, step: int) -> np.ndarray:
+        """This rank's global sample numbers for optimizer step `step` (PaLM §5 batch ramp)."""
         batch = batch_size_at(step, self.ramp)
         first = samples_before(step, self.ramp) + self.state.sample_offset
-        return self.setup.rank_indices(first, batch)
+        return rank_sample_indices(first, batch, self.dist.rank, self.dist.world_size)
+
+    def loss(self, step: int, micro_step: int, out: LossOutput) -> Tensor:
+        """The loss to backpropagate for one micro-batch: the model's (cross-entropy + z-loss).
+        A seam for subclasses (the tests inject loss spikes here)."""
+        return out.loss
 
     def train_step(self, step: int) -> tuple[float, float, float, int]:
         """Forward/backward over this rank's micro-batches of one step.
@@ -236,7 +220,7 @@ class Trainer:
         micro = self.config.data.micro_batch_size
         n_micro = micro_batches(len(indices), micro)
         batches = [
-            self.setup.train.batch(indices[i * micro : (i + 1) * micro]) for i in range(n_micro)
+            self.train_data.batch(indices[i * micro : (i + 1) * micro]) for i in range(n_micro)
         ]
         # Weight each micro-batch by its share of the global batch's target tokens, so the
         # gradient is that of the mean over the whole batch (padding excluded), however it is
@@ -247,26 +231,38 @@ class Trainer:
         ce_sum = z_sum = 0.0
         for micro_step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with gradient_sync(self.wrapped, self.dist, micro_step == n_micro - 1):
+            with gradient_sync(self.train_module, self.dist, micro_step == n_micro - 1):
                 with self.autocast:
                     # The loss comes out of the model's forward (fused with the output
                     # projection, palm.loss.linear_lm_loss), so DDP/FSDP/compile see it all.
-                    out = self.forward(x, targets=y, z_loss_coef=self.config.train.z_loss)
-                loss = out.loss
-                if self.loss_hook is not None:
-                    loss = self.loss_hook(step, micro_step, loss)
+                    out = self.train_module(x, targets=y, z_loss_coef=self.config.train.z_loss)
+                loss = self.loss(step, micro_step, out)
                 (loss * (out.n_tokens * scale)).backward()
             share = out.n_tokens / max(n_total, 1)
-            # Kept on the device: one host sync per step, not one per micro-batch.
+            # Whatever `loss()` added to the model's loss is reported as cross-entropy (zero
+            # unless a subclass changed it). Kept on the device: one host sync per step.
             ce_sum = ce_sum + ((out.cross_entropy + loss - out.loss) * share).detach()
             z_sum = z_sum + (out.z_loss * share).detach()
         ce_sum, z_sum = self.dist.all_reduce_sum([float(ce_sum), float(z_sum)], self.device)
         return ce_sum + z_sum, ce_sum, z_sum, n_total
 
+    def optimizer_step(self, step: int, loss: float) -> float:
+        """Clip the global gradient norm (PaLM §5: 1.0), update; returns the norm."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = clip_gradients(params, self.config.optim.grad_clip)
+        if not math.isfinite(grad_norm) or not math.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss or gradient at step {step} "
+                f"(enable train.spike_detection to roll back instead)"
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation cross-entropy over a fixed set of windows (the same every time)."""
-        valid = self.setup.valid
+        valid = self.valid_data
         if valid is None:
             return None
         self.model.eval()
@@ -281,7 +277,9 @@ class Trainer:
                 chunk = np.arange(1)
             x, y = valid.batch(chunk)
             with self.autocast:
-                out = self.forward(x.to(self.device), targets=y.to(self.device), z_loss_coef=0.0)
+                out = self.train_module(
+                    x.to(self.device), targets=y.to(self.device), z_loss_coef=0.0
+                )
             if start < len(mine):
                 total += float(out.cross_entropy) * float(out.n_tokens)
                 count += int(out.n_tokens)
@@ -289,158 +287,112 @@ class Trainer:
         self.model.train()
         return total / max(count, 1)
 
-    # --- the loop -----------------------------------------------------------------------------
-
     def fit(self) -> TrainResult:
-        c, t = self.config, self.config.train
+        """Train to train.max_steps (or a signal, or train.max_minutes): PaLM §5's loop."""
+        t = self.config.train
         self.resume()
-        is_main = self.dist.is_main
-        log = MetricsLogger(self.setup.run_dir, enabled=is_main)
+        log = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
+        console = Console(self.state.step, t.max_steps, enabled=self.dist.is_main)
         if t.spike_detection and not list_checkpoints(self.ckpt_root):
             self.save()  # something to roll back to before the first regular checkpoint
-        detector = SpikeDetector(
-            t.spike_window, t.spike_sigma, t.spike_ratio, self.state.recent_losses
-        )
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        start_time = interval_start = time.perf_counter()
-        interval_tokens, tokens_per_s, mfu, stopped_by = 0, 0.0, 0.0, "max_steps"
-        val_loss = None
-        progress = self.setup.progress(initial=self.state.step, total=t.max_steps)
+        meter = Throughput(self.config, self.peak_flops)
+        val_loss, stopped_by, start = None, "max_steps", time.perf_counter()
         self.model.train()
         with StopSignal() as stop:
             while self.state.step < t.max_steps:
                 step = self.state.step
-                lr = lr_at(step, self.schedule)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                lr = self.set_lr(step)
                 loss, ce, z, n_tokens = self.train_step(step)
-                if t.spike_detection and detector.is_spike(loss):
-                    self.optimizer.zero_grad(set_to_none=True)  # never applied
-                    self.roll_back(step, loss, log)
-                    detector = SpikeDetector(
-                        t.spike_window, t.spike_sigma, t.spike_ratio, self.state.recent_losses
-                    )
-                    progress.n = self.state.step
+                if t.spike_detection and self.spikes.is_spike(loss):
+                    self.roll_back(step, loss, log, console)
                     continue
-                grad_norm = clip_gradients(params, c.optim.grad_clip)
-                if not math.isfinite(grad_norm) or not math.isfinite(loss):
-                    raise RuntimeError(
-                        f"non-finite loss or gradient at step {step} "
-                        f"(enable train.spike_detection to roll back instead)"
-                    )
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                detector.losses.append(loss)
+                grad_norm = self.optimizer_step(step, loss)
+                self.spikes.record(loss)
                 self.state.step = step = step + 1
                 self.state.tokens_seen += n_tokens  # global: all ranks
-                self.state.recent_losses = list(detector.losses)
-                interval_tokens += n_tokens
-                progress.update(1)
-                over_time = t.max_minutes and time.perf_counter() - start_time > 60 * t.max_minutes
-                # All ranks stop together: a signal or the clock seen by any rank counts.
-                signalled, over_time = self.dist.all_reduce_sum(
-                    [float(stop.received is not None), float(over_time)], self.device
-                )
-                stopped_by = "signal" if signalled else "time_limit" if over_time else stopped_by
+                meter.tokens += n_tokens
+                console.advance(step)
+                stopped_by = self.should_stop(stop, start)
                 finished = step >= t.max_steps or stopped_by != "max_steps"
                 if step % t.log_every == 0 or finished:
-                    elapsed = time.perf_counter() - interval_start
-                    tokens_per_s = interval_tokens / max(elapsed, 1e-9)
-                    mfu = tokens_per_s * self.flops_per_token / self.peak_flops
-                    log.log(
-                        {
-                            "step": step,
-                            "kind": "train",
-                            "tokens": self.state.tokens_seen,
-                            "loss": loss,
-                            "cross_entropy": ce,
-                            "z_loss": z,
-                            "lr": lr,
-                            "grad_norm": grad_norm,
-                            "tokens_per_s": tokens_per_s,
-                            "mfu": mfu,
-                        }
+                    metrics = dict(
+                        loss=loss, cross_entropy=ce, z_loss=z, lr=lr, grad_norm=grad_norm
                     )
-                    report = dict(
-                        loss=f"{loss:.3f}",
-                        lr=f"{lr:.2e}",
-                        tok_s=f"{tokens_per_s:,.0f}",
-                        mfu=f"{mfu:.1%}",
-                    )
-                    if not progress.disable:
-                        progress.set_postfix(report)
-                    elif is_main:  # no terminal (a log file, CI): one line per logged step
-                        print(
-                            f"step {step}/{t.max_steps} "
-                            + " ".join(f"{k} {v}" for k, v in report.items()),
-                            flush=True,
-                        )
-                    interval_start, interval_tokens = time.perf_counter(), 0
+                    self.log_train(step, metrics, meter, log, console)
                 if (t.eval_every and step % t.eval_every == 0) or finished:
-                    val_loss = self.evaluate()
-                    self.state.val_loss = val_loss
-                    if val_loss is not None:
-                        perplexity = math.exp(min(val_loss, 700))
-                        log.log(
-                            {
-                                "step": step,
-                                "kind": "eval",
-                                "val_loss": val_loss,
-                                "val_perplexity": perplexity,
-                            }
-                        )
-                        if is_main:
-                            progress.write(
-                                f"step {step}: validation loss {val_loss:.4f}, "
-                                f"perplexity {perplexity:.2f}"
-                            )
+                    val_loss = self.evaluate_and_log(step, log, console)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or finished:
                     self.save()
                 self.state.val_loss = None
                 if finished:
                     break
-        progress.close()
+        console.close()
         log.close()
+        return self.result(val_loss, meter, stopped_by)
+
+    def set_lr(self, step: int) -> float:
+        """PaLM §5: the learning rate of update `step`, a pure function of it."""
+        lr = lr_at(step, self.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def should_stop(self, stop: StopSignal, start: float) -> str:
+        """ "signal", "time_limit" or "max_steps" (go on): all ranks decide together, so a signal
+        or the clock seen by any rank stops every one."""
+        minutes = self.config.train.max_minutes
+        over_time = bool(minutes) and time.perf_counter() - start > 60 * minutes
+        signalled, over_time = self.dist.all_reduce_sum(
+            [float(stop.received is not None), float(over_time)], self.device
+        )
+        return "signal" if signalled else "time_limit" if over_time else "max_steps"
+
+    def log_train(
+        self, step: int, metrics: dict, meter: Throughput, log: MetricsLogger, console: Console
+    ) -> None:
+        tokens_per_s, step_mfu = meter.lap()
+        record = {"step": step, "kind": "train", "tokens": self.state.tokens_seen, **metrics}
+        log.log({**record, "tokens_per_s": tokens_per_s, "mfu": step_mfu})
+        console.train(step, metrics["loss"], metrics["lr"], tokens_per_s, step_mfu)
+
+    def evaluate_and_log(self, step: int, log: MetricsLogger, console: Console) -> float | None:
+        val_loss = self.state.val_loss = self.evaluate()
+        if val_loss is not None:
+            record = {"val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+            log.log({"step": step, "kind": "eval", **record})
+            console.evaluation(step, val_loss)
+        return val_loss
+
+    def result(self, val_loss: float | None, meter: Throughput, stopped_by: str) -> TrainResult:
+        sample = self.sample() if self.dist.is_main or self.dist.parallel == "fsdp" else None
         return TrainResult(
-            self.setup.run_dir,
+            self.run_dir,
             self.state.step,
             val_loss,
-            None if val_loss is None else math.exp(min(val_loss, 700)),
-            tokens_per_s,
-            mfu,
+            None if val_loss is None else perplexity(val_loss),
+            meter.tokens_per_s,
+            meter.mfu,
             self.state.rollbacks,
             stopped_by,
-            self.sample() if is_main or self.dist.parallel == "fsdp" else None,
-            is_main,
+            sample,
+            self.dist.is_main,
         )
 
     def sample(self) -> str | None:
-        """A short sample from the trained model, so a run shows what it learned."""
+        """A short sample of the trained model (train.sample_*): what the run learned."""
         t = self.config.train
-        path = self.setup.run_dir / "tokenizer.model"
+        path = self.run_dir / "tokenizer.model"
         if t.sample_tokens <= 0 or not path.is_file():
             return None
-        from palm.sampling import generate
-        from palm.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.load(path)
-        prompt = [tokenizer.eod_id] + tokenizer.encode(t.sample_prompt)
-        room = self.config.model.max_seq_len - len(prompt)
-        generator = torch.Generator(self.device).manual_seed(t.seed)
-        new = generate(
-            self.model,
-            torch.tensor([prompt], device=self.device),
-            min(t.sample_tokens, room),
-            temperature=0.8,
-            top_k=40,
-            eod_id=tokenizer.eod_id,
-            generator=generator,
-        )
-        return t.sample_prompt + tokenizer.decode(new[0].tolist())
+        return sample_text(
+            self.model, Tokenizer.load(path), t.sample_prompt, t.sample_tokens,
+            temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed,
+        )  # fmt: skip
 
 
-def train(config: Config, loss_hook: LossHook | None = None) -> TrainResult:
-    trainer = Trainer(config, loss_hook)
+def train(config: Config) -> TrainResult:
+    """Train one run from its config; the process group (if any) is closed afterwards."""
+    trainer = Trainer(config)
     try:
         return trainer.fit()
     finally:

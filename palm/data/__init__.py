@@ -4,37 +4,27 @@
     windows = TokenWindows("data/python-stdlib", "train", seq_len=256, seed=0)
     x, y = windows.batch(rank_sample_indices(first_sample, global_batch, rank, world_size))
 
-Names are imported on first use (PEP 562), so `download.py` never imports torch.
+This package never imports the model, checkpoints or pretrained weights. Names are imported on
+first use (PEP 562), so `download.py` never imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 _EXPORTS = {
-    "DataError": "palm.data.errors",
+    "DataError": "palm.errors",
     "IGNORE_INDEX": "palm.data.loader",
     "TokenWindows": "palm.data.loader",
     "epoch_permutation": "palm.data.loader",
+    "open_split": "palm.data.loader",
+    "open_windows": "palm.data.loader",
     "rank_sample_indices": "palm.data.loader",
     "Manifest": "palm.data.manifest",
     "load_manifest": "palm.data.manifest",
 }
-__all__ = [  # noqa: RUF022  (the order of _EXPORTS)
-    "DataError",
-    "IGNORE_INDEX",
-    "TokenWindows",
-    "epoch_permutation",
-    "rank_sample_indices",
-    "Manifest",
-    "load_manifest",
-]
-
-if TYPE_CHECKING:
-    from palm.data.errors import DataError
-    from palm.data.loader import IGNORE_INDEX, TokenWindows, epoch_permutation, rank_sample_indices
-    from palm.data.manifest import Manifest, load_manifest
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

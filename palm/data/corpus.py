@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palm.data.errors import DataError
+from palm.errors import DataError
 
 SPLITS = ("train", "validation", "test")
 DOCUMENT_MODES = ("auto", "file", "line", "paragraph", "wikitext")

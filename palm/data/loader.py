@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palm.data.errors import DataError
-from palm.data.manifest import Manifest, load_manifest
+from palm.data.manifest import META_NAME, Manifest, load_manifest
+from palm.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100  # targets at padding positions: ignored by cross-entropy
 
@@ -65,17 +65,35 @@ def rank_sample_indices(
     """The global sample numbers rank `rank` reads for a step whose batch starts at
     `first_sample`: a contiguous, disjoint slice of global_batch // world_size samples."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
     if global_batch < 1 or global_batch % world_size:
-        raise ValueError(
+        raise ConfigError(
             f"global batch {global_batch} is not divisible by world size "
             f"{world_size}; choose a batch size that is a multiple of it"
         )
     if first_sample < 0:
-        raise ValueError(f"first_sample must be >= 0, not {first_sample}")
+        raise ConfigError(f"first_sample must be >= 0, not {first_sample}")
     per_rank = global_batch // world_size
     start = first_sample + rank * per_rank
     return np.arange(start, start + per_rank, dtype=np.int64)
+
+
+def open_split(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, Manifest]:
+    """The token stream of one prepared split, memory-mapped, after checking its size against
+    meta.json; with the manifest. Every reader of token files goes through here."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    path = manifest.split_path(dataset_dir, split)
+    n_tokens = int(manifest.splits[split]["n_tokens"])
+    dtype = np.dtype(manifest.dtype)
+    if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
+        raise DataError(
+            f"{path}: missing or not the {n_tokens * dtype.itemsize:,} bytes {META_NAME} "
+            f"records (truncated or replaced); rerun download.py for {dataset_dir} with --force"
+        )
+    if n_tokens == 0:  # mmap refuses empty files
+        return np.zeros(0, dtype=dtype), manifest
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,)), manifest
 
 
 class TokenWindows:
@@ -83,18 +101,10 @@ class TokenWindows:
 
     def __init__(self, dataset_dir: str | Path, split: str, seq_len: int, seed: int) -> None:
         self.dataset_dir = Path(dataset_dir)
-        self.manifest: Manifest = load_manifest(self.dataset_dir)
         self.split, self.seq_len, self.seed = split, int(seq_len), int(seed)
-        m = self.manifest
-        path = m.split_path(self.dataset_dir, split)
-        n_tokens = int(m.splits[split]["n_tokens"])
-        dtype = np.dtype(m.dtype)
-        fix = f"rerun download.py for {self.dataset_dir} with --force"
-        if not path.exists() or path.stat().st_size != n_tokens * dtype.itemsize:
-            raise DataError(
-                f"{path}: missing or not the {n_tokens * dtype.itemsize:,} bytes "
-                f"meta.json records (truncated or replaced); {fix}"
-            )
+        self.tokens, m = open_split(self.dataset_dir, split)
+        self.manifest: Manifest = m
+        path, n_tokens = m.split_path(self.dataset_dir, split), len(self.tokens)
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, not {seq_len}")
         if m.layout == "padded":
@@ -112,7 +122,6 @@ class TokenWindows:
                 f"{path}: {n_tokens} tokens is less than one window of "
                 f"{seq_len + 1}; use a smaller seq_len or a bigger corpus"
             )
-        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
         self._offsets = np.arange(seq_len + 1, dtype=np.int64)
         self._permutations: dict[int, np.ndarray] = {}
 
@@ -131,7 +140,7 @@ class TokenWindows:
         """Window numbers of global samples: perm(seed, s // n)[s % n]."""
         samples = np.asarray(sample_indices, dtype=np.int64).reshape(-1)
         if samples.size and samples.min() < 0:
-            raise ValueError("sample indices must be >= 0")
+            raise ConfigError("sample indices must be >= 0")
         epochs, positions = np.divmod(samples, self._n)
         out = np.empty_like(samples)
         for epoch in np.unique(epochs):
@@ -166,3 +175,15 @@ class TokenWindows:
                 f"the one the data was encoded with ({m.tokenizer_sha256[:12]}...); "
                 "use that tokenizer.model or re-run download.py with --force"
             )
+
+
+def open_windows(
+    dataset_dir: str | Path, seq_len: int, seed: int
+) -> tuple[TokenWindows, TokenWindows | None]:
+    """A dataset's training windows and, when it has more than one window of it, its
+    validation windows (None otherwise)."""
+    train = TokenWindows(dataset_dir, "train", seq_len, seed)
+    splits = train.manifest.splits
+    if "validation" in splits and splits["validation"]["n_tokens"] > seq_len:
+        return train, TokenWindows(dataset_dir, "validation", seq_len, seed)
+    return train, None

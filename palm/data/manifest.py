@@ -12,7 +12,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from palm.data.errors import DataError
+from palm.errors import DataError
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"

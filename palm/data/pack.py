@@ -30,7 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from palm.data.corpus import count_words
-from palm.data.errors import DataError
+from palm.errors import DataError
+from palm.files import publish, temporary_path
 from palm.tokenizer import Tokenizer
 
 
@@ -92,7 +93,7 @@ class SplitWriter:
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype) -> None:
         self.final = folder / f"{split}.bin"
-        self.temporary = folder / f".{split}.bin.tmp-{os.getpid()}"
+        self.temporary = temporary_path(self.final)
         self.dtype = dtype
         self.stats = SplitStats(self.final.name)
         self._hash = hashlib.sha256()
@@ -119,7 +120,7 @@ class SplitWriter:
             self._handle.flush()
             os.fsync(self._handle.fileno())
             self._handle.close()
-            os.replace(self.temporary, self.final)
+            publish(self.temporary, self.final)
         except OSError as error:
             self.abort()
             raise DataError(

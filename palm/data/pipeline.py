@@ -22,11 +22,11 @@ import numpy as np
 import sentencepiece
 
 from palm.data.corpus import SPLITS, Corpus, iter_documents, split_of
-from palm.data.download import sha256_file
-from palm.data.errors import DataError
 from palm.data.manifest import META_NAME, Manifest, load_manifest
 from palm.data.pack import PackConfig, pack, token_dtype
-from palm.data.sources import SourceOptions, resolve, write_atomic
+from palm.data.sources import SourceOptions, resolve, write_dataset_file
+from palm.errors import DataError
+from palm.files import TEMPORARY_GLOB, sha256_file
 from palm.tokenizer import Tokenizer, TokenizerTrainConfig, train_sentencepiece, vocab_file_text
 
 
@@ -107,7 +107,7 @@ def prepare_tokenizer(corpus: Corpus, config: PrepareConfig, out: Path) -> tuple
     if config.tokenizer_path is not None:
         tokenizer = Tokenizer.load(config.tokenizer_path)
         if not target.exists() or sha256_file(target) != tokenizer.sha256:
-            write_atomic(target, tokenizer.model_bytes)
+            write_dataset_file(target, tokenizer.model_bytes)
         print(f"tokenizer: using {config.tokenizer_path} ({tokenizer.vocab_size} pieces)")
         how = {"given": str(config.tokenizer_path)}
     elif target.exists() and not config.force:
@@ -128,7 +128,7 @@ def prepare_tokenizer(corpus: Corpus, config: PrepareConfig, out: Path) -> tuple
         )
         started = time.perf_counter()
         model = train_sentencepiece(training_lines(corpus, config), train_config)
-        write_atomic(target, model)
+        write_dataset_file(target, model)
         tokenizer = Tokenizer.load(target)
         how = {
             "trained_on": f"{corpus.name}/train",
@@ -148,7 +148,7 @@ def prepare_tokenizer(corpus: Corpus, config: PrepareConfig, out: Path) -> tuple
             "train one with download.py --tokenize True"
         )
     if config.vocab_file is not None:
-        write_atomic(config.vocab_file, vocab_file_text(tokenizer))
+        write_dataset_file(config.vocab_file, vocab_file_text(tokenizer))
         print(f"tokenizer: vocabulary ({tokenizer.vocab_size} lines) -> {config.vocab_file}")
     return tokenizer, {"path": target.name, "vocab_size": tokenizer.vocab_size, **how}
 
@@ -267,7 +267,7 @@ def process(
             "sentencepiece": sentencepiece.__version__,
         },
     )
-    write_atomic(out / META_NAME, manifest.to_json())
+    write_dataset_file(out / META_NAME, manifest.to_json())
     print(f"process: manifest -> {out / META_NAME}")
     return manifest
 
@@ -294,7 +294,7 @@ def prepare(config: PrepareConfig) -> Path:
 
 def _clean_temporaries(out: Path) -> None:
     """Remove what an interrupted run left under temporary names."""
-    for leftover in out.glob(".*.tmp-*"):
+    for leftover in out.glob(TEMPORARY_GLOB):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:

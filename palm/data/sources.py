@@ -10,13 +10,43 @@ Local-path datasets are read where they are and never copied.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from palm.data.corpus import Corpus, local_corpus, stdlib_documents
-from palm.data.download import WIKITEXT_FILES, FetchConfig, fetch, mirror_urls, safe_extract
-from palm.data.errors import DataError
+from palm.errors import DataError
+from palm.fetch import FetchConfig, RemoteFile, fetch, mirror_urls, safe_extract
+from palm.files import write_atomic
+
+# WikiText (Merity et al. 2016). The original S3 bucket is gone; the author now serves the zips
+# from wikitext.smerity.com. The Hugging Face URLs are community re-uploads of the same zips
+# (only these two exist as zips there); the checksum is what makes any mirror trustworthy.
+WIKITEXT_BASE = "https://wikitext.smerity.com/"
+_HF = "https://huggingface.co/datasets/"
+WIKITEXT_FILES: dict[str, RemoteFile] = {
+    "wikitext-103-raw-v1": RemoteFile(
+        "wikitext-103-raw-v1.zip",
+        191_984_949,
+        "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
+        (_HF + "mattdangerw/wikitext-103-raw/resolve/main/wikitext-103-raw-v1.zip",),
+    ),
+    "wikitext-103-v1": RemoteFile(
+        "wikitext-103-v1.zip",
+        190_229_076,
+        "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
+    ),
+    "wikitext-2-raw-v1": RemoteFile(
+        "wikitext-2-raw-v1.zip",
+        4_721_645,
+        "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+        (_HF + "ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip",),
+    ),
+    "wikitext-2-v1": RemoteFile(
+        "wikitext-2-v1.zip",
+        4_475_746,
+        "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -84,7 +114,7 @@ def wikitext_corpus(name: str, raw: Path, options: SourceOptions) -> Corpus:
                 f"{spec.inner}/ under {raw / spec.variant}, or rerun with --download_data True"
             )
         print(f"download: {remote.name} ({remote.size / 1e6:.1f} MB)")
-        fetch(remote, raw, mirror_urls(remote, options.mirrors), options.fetch)
+        fetch(remote, raw, mirror_urls(remote, options.mirrors, WIKITEXT_BASE), options.fetch)
         safe_extract(zip_path, raw / spec.variant)
         for f in files.values():
             if not f.exists():
@@ -126,24 +156,16 @@ def stdlib_corpus(folder: Path, options: SourceOptions) -> Corpus:
         f"download: collecting {info['n_files']} standard-library texts "
         f"({info['n_bytes'] / 1e6:.1f} MB, Python {info['python_version']}) into {out}"
     )
-    write_atomic(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
-    write_atomic(info_path, json.dumps(info, indent=2) + "\n")
+    write_dataset_file(out, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    write_dataset_file(info_path, json.dumps(info, indent=2) + "\n")
     return Corpus("python-stdlib", {"train": (out,)}, False, "file", info)
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write to a temporary name, fsync, rename: readers never see a partial file."""
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_dataset_file(path: Path, data: str | bytes) -> None:
+    """`palm.files.write_atomic`, with a failure (a full disk) reported as a DataError."""
     try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        write_atomic(path, data)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise DataError(
             f"{path}: cannot write ({error.strerror}); free disk space or choose another --path"
         ) from None

@@ -11,9 +11,12 @@ expressed in that peer or the checkpoint is unusable (one `error:` line); 2 bad 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
+
+from palm.cli import run
+from palm.errors import ConversionError, PalmError
+from palm.files import atomic_file
 
 TARGETS = ("palm-rlhf-pytorch", "palm-pytorch")
 
@@ -41,33 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run(lambda: export(args))
+
+
+def export(args: argparse.Namespace) -> None:
     import torch
 
-    from palm.checkpoint import CheckpointError
-    from palm.inference import load_model_for_inference
+    from palm.checkpoint import load_model
     from palm.interop import to_palm_pytorch, to_palm_rlhf_pytorch
 
+    model = load_model(
+        args.checkpoint, device="cpu", dtype=torch.float32, require_tokenizer=False
+    ).model
     try:
-        model = load_model_for_inference(
-            args.checkpoint, device="cpu", dtype=torch.float32, require_tokenizer=False
-        ).model
         if args.to == "palm-rlhf-pytorch":
             state = to_palm_rlhf_pytorch(model, args.peer_version)
         else:
             state = to_palm_pytorch(model)
-    except (CheckpointError, ValueError) as error:
-        print(f"error: {args.checkpoint}: {error}", file=sys.stderr)
-        return 1
+    except ConversionError as error:
+        raise ConversionError(f"{args.checkpoint}: {error}") from None
     c = model.config
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + f".tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, args.out)
+        with atomic_file(args.out) as handle:
+            torch.save(state, handle)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
-        print(f"error: cannot write {args.out}: {error.strerror or error}", file=sys.stderr)
-        return 1
+        raise PalmError(f"cannot write {args.out}: {error.strerror or error}") from None
     ff_mult = c.ffn_hidden // c.d_model
     extra = (
         f", rotary_xpos_scale_base={c.xpos_scale_base:g}" if args.to == "palm-rlhf-pytorch" else ""
@@ -77,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         f"depth={c.n_layers}, dim_head={c.head_dim}, heads={c.n_heads}, ff_mult={ff_mult}"
         f"{extra}).load_state_dict(torch.load(path, weights_only=True))"
     )
-    return 0
 
 
 if __name__ == "__main__":

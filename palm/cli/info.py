@@ -5,36 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from palm.config import PRESETS, ModelConfig
+from palm.cli import run
+from palm.config import PARALLEL, PRESETS, ModelConfig, load_model_config
 from palm.flops import (
+    DTYPE_BYTES,
     flops_per_token,
     parameter_counts,
     per_device_memory_bytes,
     training_memory_bytes,
 )
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def load_model_config(path: str | Path) -> ModelConfig:
-    """The model section of a YAML config file (or a file holding model keys only)."""
-    import yaml
-
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise SystemExit(f"error: config file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise SystemExit(f"error: {path} is not valid YAML: {error}") from None
-    if not isinstance(values, dict):
-        raise SystemExit(f"error: {path} must hold a mapping of keys to values")
-    try:
-        return ModelConfig.from_dict(values.get("model", values))
-    except (TypeError, ValueError) as error:
-        raise SystemExit(f"error: {path}: {error}") from None
 
 
 def describe(config: ModelConfig, seq_len: int, dtype: str) -> dict:
@@ -102,18 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     plan = parser.add_argument_group("per-GPU memory of a data-parallel run")
     plan.add_argument("--gpus", type=int, default=0, help="devices the run is spread over")
-    plan.add_argument("--parallel", choices=("none", "ddp", "fsdp"), default="fsdp")
+    plan.add_argument("--parallel", choices=PARALLEL, default="fsdp")
     plan.add_argument("--micro_batch", type=int, default=1, help="sequences per device per pass")
     plan.add_argument("--activation_checkpointing", action="store_true")
     plan.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU")
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     args = parser.parse_args(argv)
+    if args.gpus and args.parallel == "none" and args.gpus != 1:
+        parser.error("--parallel none means one GPU; use ddp or fsdp for several")
+    return run(lambda: report(args))
+
+
+def report(args: argparse.Namespace) -> None:
     config = ModelConfig.preset(args.preset) if args.preset else load_model_config(args.config)
     seq_len = args.seq_len or config.max_seq_len
     info = describe(config, seq_len, args.dtype)
     if args.gpus:
-        if args.parallel == "none" and args.gpus != 1:
-            parser.error("--parallel none means one GPU; use ddp or fsdp for several")
         per_gpu = per_device_memory_bytes(
             config,
             args.gpus,
@@ -138,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         print()
     else:
         print(format_report(args.preset or args.config, info))
-    return 0
 
 
 if __name__ == "__main__":

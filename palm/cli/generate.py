@@ -6,8 +6,8 @@
 Every prompt is conditioned on <eod> first, i.e. read as the start of a document, as in the
 packed training data (PaLM §5). A single sequence is streamed as it is made; several (more
 prompts, or --num_samples > 1) decode as one left-padded batch and print when done.
-Exit status: 0 done; 1 an error (one `error:` line naming the file or option and the fix);
-2 bad command line; 130 interrupted.
+Exit status (every command alike): 0 done; 1 a runtime failure (one `error:` line naming the
+file and the fix); 2 a bad command line; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ from collections.abc import Sequence
 
 import torch
 
-from palm.checkpoint import CheckpointError
-from palm.inference import WHICH, LoadedModel, load_model_for_inference
-from palm.sampling import check_sampling, pad_left, stream
-from palm.tokenizer import Tokenizer, TokenizerError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from palm.checkpoint import WHICH, LoadedModel, load_model
+from palm.cli import run
+from palm.errors import ConfigError, PalmError
+from palm.flops import DTYPE_BYTES
+from palm.sampling import TextStream, check_sampling, pad_left, stream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,45 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--echo", action="store_true", help="print each prompt before its sample")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="float32", help="weights and cache dtype"
+        "--dtype", choices=tuple(DTYPE_BYTES), default="float32", help="weights and cache dtype"
     )
     return p
-
-
-class TextStream:
-    """Turns one row's token ids into printable text, cut at the first stop string.
-
-    Text is re-decoded from all ids each step (SentencePiece pieces can merge bytes), and text
-    that could still become a stop string, or a half-decoded UTF-8 character, is held back.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
-        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
-        self.ids: list[int] = []
-        self.emitted = 0  # characters already handed out
-        self.done = False
-        self.text = ""
-
-    def push(self, token: int) -> str:
-        """Add a token; return the newly printable text."""
-        if self.done:
-            return ""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (self.text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.text, self.done = self.text[: min(hits)], True
-            return self.flush()
-        safe = len(self.text) - max((len(s) - 1 for s in self.stops), default=0)
-        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-            safe -= 1  # an incomplete UTF-8 sequence: wait for its remaining bytes
-        out = self.text[self.emitted : max(safe, self.emitted)]
-        self.emitted += len(out)
-        return out
-
-    def flush(self) -> str:
-        out, self.emitted = self.text[self.emitted :], len(self.text)
-        return out
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -136,12 +99,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             with open(name, encoding="utf-8") as handle:
                 prompts.append(handle.read())
         except (OSError, UnicodeDecodeError) as error:
-            raise ValueError(
+            raise PalmError(
                 f"--prompt_file {name}: cannot read it ({error}); pass a UTF-8 text file"
             ) from None
     if not prompts:
         if sys.stdin.isatty():
-            raise ValueError(
+            raise ConfigError(
                 "no prompt: pass --prompt TEXT, --prompt_file FILE, --interactive, "
                 "or pipe text on standard input"
             )
@@ -164,7 +127,7 @@ def sample(
     context = model.config.max_seq_len
     for text, ids in zip(prompts, encoded):
         if len(ids) + args.max_new_tokens > context:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt {text[:30]!r}... is {len(ids)} tokens; with "
                 f"--max_new_tokens {args.max_new_tokens} that exceeds the model's "
                 f"context of {context}; shorten it or lower --max_new_tokens"
@@ -227,36 +190,32 @@ def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.
         line = line.rstrip("\n")
         try:
             sample(loaded, [line.replace("\\n", "\n")], args, generator)
-        except ValueError as error:  # e.g. a prompt too long: report it and keep the loop
+        except PalmError as error:  # e.g. a prompt too long: report it and keep the loop
             print(f"error: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
-        if args.max_new_tokens < 1 or args.num_samples < 1:
-            raise ValueError("--max_new_tokens and --num_samples must be >= 1")
-        if args.interactive and (args.prompt or args.prompt_file):
-            raise ValueError("--interactive reads prompts itself; drop --prompt/--prompt_file")
-        prompts = [] if args.interactive else read_prompts(args)
-        loaded = load_model_for_inference(
-            args.checkpoint, args.which, args.device, DTYPES[args.dtype], args.tokenizer
-        )
-        print(f"loaded {loaded.path} (step {loaded.step})", file=sys.stderr)
-        device = next(loaded.model.parameters()).device
-        generator = torch.Generator(device).manual_seed(args.seed)
-        if args.interactive:
-            interactive(loaded, args, generator)
-        else:
-            sample(loaded, prompts, args, generator)
-    except (CheckpointError, TokenizerError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run(lambda: generate_from_args(args))
+
+
+def generate_from_args(args: argparse.Namespace) -> None:
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ConfigError("--max_new_tokens and --num_samples must be >= 1")
+    if args.interactive and (args.prompt or args.prompt_file):
+        raise ConfigError("--interactive reads prompts itself; drop --prompt/--prompt_file")
+    prompts = [] if args.interactive else read_prompts(args)
+    loaded = load_model(
+        args.checkpoint, args.which, args.device, getattr(torch, args.dtype), args.tokenizer
+    )
+    print(f"loaded {loaded.path} (step {loaded.step})", file=sys.stderr)
+    device = next(loaded.model.parameters()).device
+    generator = torch.Generator(device).manual_seed(args.seed)
+    if args.interactive:
+        interactive(loaded, args, generator)
+    else:
+        sample(loaded, prompts, args, generator)
 
 
 if __name__ == "__main__":

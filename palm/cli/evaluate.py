@@ -6,8 +6,8 @@ Three jobs, one per invocation:
     palm evaluate runs/wt103 --data data/wikitext-103 --memorization      # PaLM §7
     palm evaluate runs/wt103 --tasks lambada_openai,hellaswag             # lm-evaluation-harness
 `--json` prints one machine-readable JSON object on standard output instead of the table.
-Exit status: 0 done; 1 an error (one `error:` line naming the file or option and the fix);
-2 bad command line; 130 interrupted.
+Exit status (every command alike): 0 done; 1 a runtime failure (one `error:` line naming the
+file and the fix); 2 a bad command line; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import argparse
 import json
 import sys
 
-from palm.checkpoint import CheckpointError
+from palm.checkpoint import WHICH, LoadedModel, load_model
+from palm.cli import run
 from palm.data.corpus import DOCUMENT_MODES
-from palm.data.errors import DataError
-from palm.inference import WHICH, LoadedModel, load_model_for_inference
-from palm.tokenizer import TokenizerError
+from palm.errors import ConfigError, PalmError
 
 SPLIT_ALIASES = {"valid": "validation", "val": "validation"}
 
@@ -112,7 +111,7 @@ def run_perplexity(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     context = args.context or loaded.model.config.max_seq_len
     stride = args.stride or max(1, context // 2)
     if not 1 <= stride <= context:
-        raise ValueError(f"--stride {stride} must be in [1, --context {context}]")
+        raise ConfigError(f"--stride {stride} must be in [1, --context {context}]")
     result = perplexity(
         loaded.model,
         docs,
@@ -147,7 +146,7 @@ def run_memorization(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     from palm.memorization import memorization, split_tokens
 
     if args.spans < 1 or args.prompt_tokens < 1 or args.continuation_tokens < 1:
-        raise ValueError("--spans, --prompt_tokens and --continuation_tokens must be >= 1")
+        raise ConfigError("--spans, --prompt_tokens and --continuation_tokens must be >= 1")
     results = {}
     for split in filter(None, args.memorization_splits.split(",")):
         split = SPLIT_ALIASES.get(split, split)
@@ -179,7 +178,7 @@ def run_tasks(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     try:
         from palm.lm_eval_adapter import evaluate_tasks
     except ImportError as error:
-        raise ValueError(
+        raise PalmError(
             f"--tasks needs lm-evaluation-harness ({error}); "
             f"pip install 'palm-lm[eval]' (or pip install lm-eval)"
         ) from None
@@ -205,39 +204,33 @@ def run_tasks(loaded: LoadedModel, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run(lambda: evaluate_from_args(args))
+
+
+def evaluate_from_args(args: argparse.Namespace) -> None:
     modes = [
         bool(args.tasks),
         args.memorization,
         bool(args.text) or (bool(args.data) and not args.memorization and not args.tasks),
     ]
-    try:
-        if sum(modes) != 1:
-            raise ValueError(
-                "choose one job: --data DIR (perplexity), --text FILE, "
-                "--memorization with --data DIR, or --tasks NAMES"
-            )
-        if args.memorization and not args.data:
-            raise ValueError("--memorization needs --data DIR (the prepared training data)")
-        if args.text and args.data:
-            raise ValueError("--text and --data both name what to score; pass one")
-        if args.batch_size < 1 or args.context < 0 or args.stride < 0 or args.max_documents < 0:
-            raise ValueError("--batch_size must be >= 1; --context, --stride, --max_documents >= 0")
-        loaded = load_model_for_inference(
-            args.checkpoint, args.which, args.device, tokenizer=args.tokenizer
+    if sum(modes) != 1:
+        raise ConfigError(
+            "choose one job: --data DIR (perplexity), --text FILE, "
+            "--memorization with --data DIR, or --tasks NAMES"
         )
-        print(f"loaded {loaded.path} (step {loaded.step})", file=sys.stderr)
-        job = run_tasks if args.tasks else run_memorization if args.memorization else run_perplexity
-        out = job(loaded, args)
-    except (CheckpointError, DataError, TokenizerError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    if args.memorization and not args.data:
+        raise ConfigError("--memorization needs --data DIR (the prepared training data)")
+    if args.text and args.data:
+        raise ConfigError("--text and --data both name what to score; pass one")
+    if args.batch_size < 1 or args.context < 0 or args.stride < 0 or args.max_documents < 0:
+        raise ConfigError("--batch_size must be >= 1; --context, --stride, --max_documents >= 0")
+    loaded = load_model(args.checkpoint, args.which, args.device, tokenizer=args.tokenizer)
+    print(f"loaded {loaded.path} (step {loaded.step})", file=sys.stderr)
+    job = run_tasks if args.tasks else run_memorization if args.memorization else run_perplexity
+    out = job(loaded, args)
     if args.json:
         out = {"checkpoint": str(loaded.path), "step": loaded.step, **out}
         print(json.dumps(out, indent=2, default=str))
-    return 0
 
 
 if __name__ == "__main__":

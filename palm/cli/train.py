@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from palm.checkpoint import CheckpointError
+from palm.cli import run
 from palm.config import load_config
-from palm.data.errors import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,19 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + (["train.resume=must"] if args.resume else [])
-    try:
-        config = load_config(args.config, overrides)
-        from palm.trainer import train  # imported late: argument errors stay fast
+    return run(lambda: train_from_args(args.config, overrides))
 
-        result = train(config)
-    except (ValueError, CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+def train_from_args(config_file: str | None, overrides: list[str]) -> None:
+    config = load_config(config_file, overrides)
+    from palm.trainer import train  # imported late: argument errors stay fast
+
+    result = train(config)
     if not result.is_main:
-        return 0
+        return
     if result.sample is not None:
         print("sample:\n" + result.sample)
     ppl = "n/a" if result.val_perplexity is None else f"{result.val_perplexity:.2f}"
@@ -58,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         f"finished at step {result.step} ({result.stopped_by}); validation perplexity {ppl}; "
         f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; run folder {result.run_dir}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Fetching raw archives over HTTP, done properly, and unpacking them safely.
+"""Fetching files over HTTP, done properly, and unpacking archives safely (no dataset names here).
 
 A download goes to `NAME.part`, resumes with an HTTP Range request after a cut, retries with
 exponential backoff, falls through to the next mirror on a 404 or a bad checksum, and is renamed
@@ -8,7 +8,6 @@ verified, and an interrupted run leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -22,7 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from palm.data.errors import DataError
+from palm.errors import DataError
+from palm.files import publish, sha256_file
 
 # The author's host refuses Python's default User-Agent ("Python-urllib/3.x").
 USER_AGENT = "palm-lm/0.1 (+https://github.com; python-urllib)"
@@ -37,37 +37,6 @@ class RemoteFile:
     fallback_urls: tuple[str, ...] = ()  # full URLs tried after the base-address mirrors
 
 
-# WikiText (Merity et al. 2016). The original S3 bucket is gone; the author now serves the zips
-# from wikitext.smerity.com. The Hugging Face URLs are community re-uploads of the same zips
-# (only these two exist as zips there); the checksum is what makes any mirror trustworthy.
-WIKITEXT_BASE = "https://wikitext.smerity.com/"
-_HF = "https://huggingface.co/datasets/"
-WIKITEXT_FILES: dict[str, RemoteFile] = {
-    "wikitext-103-raw-v1": RemoteFile(
-        "wikitext-103-raw-v1.zip",
-        191_984_949,
-        "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
-        (_HF + "mattdangerw/wikitext-103-raw/resolve/main/wikitext-103-raw-v1.zip",),
-    ),
-    "wikitext-103-v1": RemoteFile(
-        "wikitext-103-v1.zip",
-        190_229_076,
-        "242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590",
-    ),
-    "wikitext-2-raw-v1": RemoteFile(
-        "wikitext-2-raw-v1.zip",
-        4_721_645,
-        "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
-        (_HF + "ggml-org/ci/resolve/main/wikitext-2-raw-v1.zip",),
-    ),
-    "wikitext-2-v1": RemoteFile(
-        "wikitext-2-v1.zip",
-        4_475_746,
-        "92675f1d63015c1c8b51f1656a52d5bdbc33aafa60cc47a218a66e7ee817488c",
-    ),
-}
-
-
 @dataclass(frozen=True)
 class FetchConfig:
     retries: int = 5  # attempts per mirror for transient failures (cuts, timeouts, 5xx)
@@ -76,23 +45,15 @@ class FetchConfig:
     progress: bool = True  # tqdm bar on stderr with bytes, rate and ETA
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def mirror_urls(remote: RemoteFile, bases: list[str] | None) -> list[str]:
+def mirror_urls(remote: RemoteFile, bases: list[str] | None, default_base: str) -> list[str]:
     """URLs to try in order: each base address + name, then the built-in fallbacks.
 
-    `bases` given (by --mirror or PALM_DATA_MIRRORS) replaces the defaults entirely, so a test
-    or an offline mirror never reaches the internet by accident.
+    `bases` given (by --mirror or PALM_DATA_MIRRORS) replaces `default_base` and the fallbacks
+    entirely, so a test or an offline mirror never reaches the internet by accident.
     """
     if bases:
         return [base.rstrip("/") + "/" + remote.name for base in bases]
-    return [WIKITEXT_BASE + remote.name, *remote.fallback_urls]
+    return [default_base.rstrip("/") + "/" + remote.name, *remote.fallback_urls]
 
 
 class _Permanent(Exception):
@@ -128,7 +89,7 @@ def fetch(
                 file=sys.stderr,
             )
             continue
-        os.replace(part, final)  # atomic: the checksum has already matched
+        publish(part, final)  # atomic: the checksum has already matched
         return final
     raise DataError(
         f"could not download {remote.name} ({'; '.join(failures)}); place it by hand at "
@@ -247,5 +208,5 @@ def safe_extract(archive: Path, target: Path) -> list[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
+    publish(staging, target)
     return [target / name for name in names]

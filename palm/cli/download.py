@@ -1,7 +1,8 @@
-"""`python3 download.py ...` / `palm download ...`: download, tokenize and pack a corpus.
+"""`python3 download.py ...` / `palm download ...`: download, tokenize and pack a corpus
+(palm.data.pipeline), then optionally fetch and convert pretrained weights (palm.pretrained).
 
-Exit status: 0 done; 1 a step failed (one `error:` line says which file and the fix);
-2 bad command line; 130 interrupted.
+Exit status (every command alike): 0 done; 1 a step failed (one `error:` line naming the file
+and the fix); 2 a bad command line; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ import os
 import sys
 from pathlib import Path
 
-from palm.data.download import FetchConfig
-from palm.data.errors import DataError
+from palm.cli import run
+from palm.data.corpus import DOCUMENT_MODES
 from palm.data.pipeline import PrepareConfig, prepare
 from palm.data.sources import SourceOptions
+from palm.fetch import FetchConfig
+from palm.hub import hub_download, progress_config
 from palm.pretrained import (
     DEFAULT_PRETRAINED,
     FINAL_NORM_CHOICES,
     NEOX_TOKENIZER,
     PRETRAINED,
-    hub_download,
     install,
-    progress_config,
 )
-from palm.tokenizer import TokenizerError
 
 MIRRORS_ENV = "PALM_DATA_MIRRORS"  # comma-separated base addresses, like --mirror
 
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--documents",
         default="auto",
-        choices=("auto", "file", "line", "paragraph", "wikitext"),
+        choices=DOCUMENT_MODES,
         help="how text files are cut into documents; auto: WikiText articles for "
         "WikiText, one document per file otherwise (.jsonl: one per record)",
     )
@@ -217,20 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def download_pretrained(args: argparse.Namespace) -> int:
+def download_pretrained(args: argparse.Namespace) -> None:
     """Fetch, verify and convert the --pretrained weights into PATH/pretrained/NAME/."""
-    try:
-        install(
-            args.pretrained,
-            args.path,
-            dict(os.environ),
-            progress_config(args.retries),
-            args.pretrained_final_norm,
-        )
-    except DataError as error:  # PretrainedError included
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    install(
+        args.pretrained,
+        args.path,
+        dict(os.environ),
+        progress_config(args.retries),
+        args.pretrained_final_norm,
+    )
 
 
 def download_tokenizer(args: argparse.Namespace) -> Path:
@@ -286,24 +281,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.tokenizer is not None and not args.tokenize:
         parser.error("--tokenizer PATH needs --tokenize True (it replaces training)")
-    try:
-        if args.download_models:
-            args.tokenizer = download_tokenizer(args)
-        config = config_from_args(args, dict(os.environ))
-        prepare(config)
-    except (DataError, TokenizerError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(
-            "interrupted: finished files are intact, unfinished ones were left under "
-            "temporary names and are removed on the next run",
-            file=sys.stderr,
-        )
-        return 130
+    return run(
+        lambda: download(args),
+        interrupted="interrupted: finished files are intact, unfinished ones were left under "
+        "temporary names and are removed on the next run",
+    )
+
+
+def download(args: argparse.Namespace) -> None:
+    if args.download_models:
+        args.tokenizer = download_tokenizer(args)
+    prepare(config_from_args(args, dict(os.environ)))
     if args.download_pretrained:
-        return download_pretrained(args)
-    return 0
+        download_pretrained(args)
 
 
 if __name__ == "__main__":
