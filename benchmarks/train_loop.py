@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from palm.config import load_config
 from palm.data.manifest import Manifest
+from palm.distributed import clip_gradients
 from palm.flops import flops_per_token
 from palm.metrics import measure_matmul_peak
-from palm.run import clip_gradients
 from palm.trainer import Trainer
 
 # The model benchmark's reference sizes (issue 2): S and M.

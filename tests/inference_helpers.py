@@ -181,7 +181,7 @@ def write_corpus(folder: Path, seed: int = 0) -> Path:
 
 def prepare_dataset(root: Path) -> Path:
     """The real data pipeline (download.py) on the local corpus; returns the dataset folder."""
-    from palm.data.cli import main
+    from palm.cli.download import main
 
     corpus = write_corpus(root / "corpus")
     rc = main(

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from palm.cli.download import build_parser, main
 from palm.data import TokenWindows, load_manifest, pack
-from palm.data.cli import build_parser, main
 from palm.tokenizer import Tokenizer
 
 TINY = [

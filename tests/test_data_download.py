@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from palm.data import download, load_manifest, sources
-from palm.data.cli import main
-from palm.data.download import FetchConfig, RemoteFile, fetch, safe_extract
-from palm.data.errors import DataError
+from palm.cli.download import main
+from palm.data import load_manifest, sources
+from palm.errors import DataError
+from palm.fetch import FetchConfig, RemoteFile, fetch, safe_extract
 
 FAST = FetchConfig(retries=3, backoff_s=0.01, timeout_s=5, progress=False)
 
@@ -152,9 +152,8 @@ def test_documented_command_against_local_mirror(tmp_path: Path, monkeypatch, ca
             zf.writestr(f"wikitext-2-raw/wiki.{split}.raw", text)
     data = buffer.getvalue()
     monkeypatch.setitem(
-        download.WIKITEXT_FILES, "wikitext-2-raw-v1", remote_for("wikitext-2-raw-v1.zip", data)
+        sources.WIKITEXT_FILES, "wikitext-2-raw-v1", remote_for("wikitext-2-raw-v1.zip", data)
     )
-    monkeypatch.setattr(sources, "WIKITEXT_FILES", download.WIKITEXT_FILES)
     srv = Server({"wikitext-2-raw-v1.zip": data})
     monkeypatch.setenv("PALM_DATA_MIRRORS", f"{srv.url}/missing,{srv.url}/cut")
     # The weights step (tested against a local hub in test_pretrained.py) must not reach the

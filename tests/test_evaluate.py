@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from inference_helpers import one_thread, prepare_dataset, tiny_model_config, write_run  # noqa: F401
 
-from palm.evaluate import main
-from palm.inference import load_model_for_inference
+from palm.checkpoint import load_model
+from palm.cli.evaluate import main
 from palm.model import PaLM
 from palm.perplexity import score_documents, split_documents, windows
 
@@ -80,7 +80,7 @@ def test_word_perplexity_and_bits_per_byte_match_a_hand_computation(setup, capsy
     # WikiText convention) and bytes, and the NLL of each document from one full forward.
     text = (dataset.parent.parent / "corpus" / "validation.txt").read_text()
     words = len(text.split()) + text.count("\n")
-    loaded = load_model_for_inference(run)
+    loaded = load_model(run)
     tok = loaded.tokenizer
     # download.py --documents paragraph: a blank line stays with the paragraph before it.
     parts = text.split("\n\n")
@@ -152,15 +152,16 @@ def test_max_documents_recounts_words_and_stride_changes_context(setup, capsys):
 
 def test_evaluate_errors_are_one_clear_line(setup, capsys, tmp_path):
     dataset, run = setup
+    # Exit 2: a bad command line; 1: a runtime failure (missing files), as every command.
     cases = [
-        ((run,), "choose one job"),
-        ((run, "--data", tmp_path / "missing"), "meta.json: not found"),
-        ((run, "--data", dataset, "--split", "dev"), "no split 'dev'"),
-        ((run, "--data", dataset, "--context", 16, "--stride", 32), "--stride 32"),
-        ((run, "--data", dataset, "--context", 4096), "exceeds the model's max_seq_len"),
-        ((tmp_path / "nope", "--data", dataset), "no such checkpoint"),
+        ((run,), "choose one job", 2),
+        ((run, "--data", tmp_path / "missing"), "meta.json: not found", 1),
+        ((run, "--data", dataset, "--split", "dev"), "no split 'dev'", 1),
+        ((run, "--data", dataset, "--context", 16, "--stride", 32), "--stride 32", 2),
+        ((run, "--data", dataset, "--context", 4096), "exceeds the model's max_seq_len", 2),
+        ((tmp_path / "nope", "--data", dataset), "no such checkpoint", 1),
     ]
-    for argv, message in cases:
-        assert main([str(a) for a in argv]) == 1
+    for argv, message, code in cases:
+        assert main([str(a) for a in argv]) == code, message
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("error:") and message in last, last

@@ -11,10 +11,10 @@ import pytest
 import torch
 from inference_helpers import one_thread, prepare_dataset, tiny_model_config, write_run  # noqa: F401
 
-from palm.generate import TextStream, main
-from palm.inference import load_model_for_inference, resolve_checkpoint
+from palm.checkpoint import load_model, resolve_checkpoint
+from palm.cli.generate import main
 from palm.model import PaLM
-from palm.sampling import generate, pad_left, top_k_filter, top_p_filter
+from palm.sampling import TextStream, generate, pad_left, top_k_filter, top_p_filter
 from palm.tokenizer import Tokenizer
 
 
@@ -152,7 +152,7 @@ def test_cli_greedy_output_is_the_models_greedy_decoding(run, capsys):
         capsys, run, "--prompt", "the world", "--max_new_tokens", 12, "--temperature", 0
     )
     assert rc == 0
-    loaded = load_model_for_inference(run)
+    loaded = load_model(run)
     tok = loaded.tokenizer
     prompt = torch.tensor([[tok.eod_id] + tok.encode("the world")])
     new = generate(loaded.model, prompt, 12, temperature=0.0, eod_id=tok.eod_id)[0].tolist()
@@ -206,8 +206,8 @@ def test_cli_seed_batches_stdin_stop_and_samples(run, capsys, monkeypatch):
 
 
 def test_cli_streams_a_single_sequence(run):
-    loaded = load_model_for_inference(run)
-    from palm.generate import build_parser, sample
+    loaded = load_model(run)
+    from palm.cli.generate import build_parser, sample
 
     args = build_parser().parse_args([str(run), "--max_new_tokens", "20", "--ignore_eod"])
     writes = []
@@ -234,9 +234,9 @@ def test_cli_errors_are_one_clear_line(run, capsys, tmp_path):
     rc, _, err = cli(capsys, tmp_path / "nope", "--prompt", "x")
     assert rc == 1 and "nope" in err and "no such checkpoint" in err
     rc, _, err = cli(capsys, run, "--prompt", "the " * 400, "--max_new_tokens", 10)
-    assert rc == 1 and "exceeds the model's context of 320" in err
+    assert rc == 2 and "exceeds the model's context of 320" in err  # a bad command line: 2
     rc, _, err = cli(capsys, run, "--prompt", "x", "--top_p", 1.5)
-    assert rc == 1 and "top_p" in err
+    assert rc == 2 and "top_p" in err
     with pytest.raises(SystemExit) as exit_info:
         main([str(run), "--prompt", "x", "--typical_p", "0.9"])
     assert exit_info.value.code == 2

@@ -155,7 +155,7 @@ def test_simple_evaluate_by_registered_name_and_palm_evaluate_cli(env, capsys):
         math.exp(-sum(rolling) / words), rel=1e-5
     )
 
-    from palm.evaluate import main
+    from palm.cli.evaluate import main
 
     capsys.readouterr()
     rc = main(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from inference_helpers import one_thread, prepare_dataset, tiny_model_config, write_run  # noqa: F401
 
-from palm.evaluate import main
+from palm.cli.evaluate import main
 from palm.memorization import memorization, sample_span_starts
 from palm.model import PaLM
 

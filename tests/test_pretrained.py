@@ -16,11 +16,13 @@ import torch
 from inference_helpers import WORDS, write_corpus
 
 from palm import pretrained
-from palm.data.cli import main as download_main
-from palm.export import main as export_main
-from palm.inference import load_model_for_inference
+from palm.checkpoint import load_model
+from palm.cli.download import main as download_main
+from palm.cli.export import main as export_main
+from palm.errors import PretrainedError
+from palm.hub import HubFile, git_blob_sha1
 from palm.interop import convert_state_dict, from_palm_rlhf_pytorch
-from palm.pretrained import HubFile, Pretrained, git_blob_sha1
+from palm.pretrained import Pretrained
 from palm.tokenizer import Tokenizer
 
 peer_lib = pytest.importorskip("palm_rlhf_pytorch", reason="pip install palm-rlhf-pytorch==0.2.1")
@@ -187,7 +189,7 @@ def test_documented_command_gives_the_peers_logits(assets, hub_env, tmp_path, mo
     peer = assets[0]
     assert data_command(tmp_path, "--download_pretrained", "True", "--pretrained", "palm-410m") == 0
     run = tmp_path / "data" / "pretrained" / "palm-410m"
-    loaded = load_model_for_inference(run, device="cpu", dtype=torch.float32)
+    loaded = load_model(run, device="cpu", dtype=torch.float32)
     c = loaded.model.config
     assert (c.xpos_scale_base, c.max_seq_len, c.final_norm, c.scale_logits) == (
         512,
@@ -328,5 +330,5 @@ def test_hf_tokenizer_backend(assets):
 def test_weights_only_loading_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"w": torch.zeros(1), "obj": threading.Lock}, path)
-    with pytest.raises(pretrained.PretrainedError, match="not a loadable PyTorch state dict"):
+    with pytest.raises(PretrainedError, match="not a loadable PyTorch state dict"):
         pretrained.load_peer_state_dict(path)

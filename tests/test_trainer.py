@@ -158,15 +158,19 @@ def test_keeps_last_checkpoints_plus_best(dataset, tmp_path):
     assert not [p for p in (result.run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+class SpikeOnce(Trainer):
+    """The loss of step 6 turns non-finite once: it must never reach the weights."""
+
+    spiked = False
+
+    def loss(self, step, micro_step, out):
+        if step == 6 and not self.spiked:
+            self.spiked = True
+            return out.loss * float("inf")
+        return out.loss
+
+
 def test_loss_spike_rolls_back_and_skips_batches(dataset, tmp_path):
-    spiked = []
-
-    def hook(step, micro_step, loss):
-        if step == 6 and not spiked:
-            spiked.append(step)
-            return loss * float("inf")  # a non-finite loss: must never reach the weights
-        return loss
-
     config = tiny_config(
         dataset,
         tmp_path,
@@ -175,7 +179,7 @@ def test_loss_spike_rolls_back_and_skips_batches(dataset, tmp_path):
         "train.rollback_steps=2",
         "train.skip_batches=3",
     )
-    trainer = Trainer(config, loss_hook=hook)
+    trainer = SpikeOnce(config)
     result = trainer.fit()
     assert result.rollbacks == 1 and result.step == 10
     weights = final_weights(result.run_dir)
