@@ -63,11 +63,11 @@ def write_random_dataset(folder: Path, vocab: int, n_tokens: int) -> None:
 def bare_steps(trainer: Trainer, steps: int) -> list[float]:
     """Seconds per step of forward/loss/backward/clip/optimizer on in-memory batches."""
     indices = trainer.batch_indices(0)
-    x, y = trainer.setup.train.batch(indices)
+    x, y = trainer.train_data.batch(indices)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = trainer.forward(x, targets=y, z_loss_coef=1e-4)
+        out = trainer.train_module(x, targets=y, z_loss_coef=1e-4)
         out.loss.backward()
         clip_gradients(list(trainer.model.parameters()), 1.0)
         trainer.optimizer.step()
@@ -89,7 +89,7 @@ def loop_steps(trainer: Trainer, steps: int) -> float:
     train = {**c.train.__dict__, "max_steps": start_step + steps}
     trainer.config = type(c)(c.model, c.data, c.optim, type(c.train)(**train))
     trainer.fit()
-    metrics = trainer.setup.run_dir / "metrics.jsonl"
+    metrics = trainer.run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     mine = [r for r in records if r.get("kind") == "train" and r["step"] > start_step]
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in _per_step_tokens(mine))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,27 @@ def xpos_scales(positions: Tensor, head_dim: int, scale_base: float, center: int
     power = (positions.to(torch.float32) - center) / scale_base  # (T,)
     scale = zeta[None, :] ** power[:, None]  # (T, head_dim/2)
     return torch.cat((scale, scale), dim=-1)
+
+
+class RotaryTables(NamedTuple):
+    """cos/sin tables (T, head_dim) for queries and for keys. Plain RoPE (PaLM) uses the same
+    two for both; xPos scales the queries' by s and divides the keys' by s."""
+
+    q_cos: Tensor
+    q_sin: Tensor
+    k_cos: Tensor
+    k_sin: Tensor
+
+
+def rotary_tables(positions: Tensor, config: ModelConfig, dtype: torch.dtype) -> RotaryTables:
+    """The tables every layer shares for these positions (computed in float32, then cast)."""
+    cos, sin = rope_angles(positions, config.head_dim, config.rope_base)
+    if not config.xpos_scale_base:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        return RotaryTables(cos, sin, cos, sin)
+    s = xpos_scales(positions, config.head_dim, config.xpos_scale_base, config.max_seq_len // 2)
+    tables = (cos * s, sin * s, cos / s, sin / s)
+    return RotaryTables(*(t.to(dtype) for t in tables))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +166,7 @@ class PaLMBlock(nn.Module):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rope: RotaryTables,
         cache: KVCache | None,
         layer: int,
     ) -> Tensor:
@@ -155,10 +176,7 @@ class PaLMBlock(nn.Module):
         q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Q)
         k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
         v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
-        if cos.dim() == 3:  # xPos: tables stacked (2, T, Q), [0] for queries, [1] for keys
-            q, k = apply_rope(q, cos[0], sin[0]), apply_rope(k, cos[1], sin[1])
-        else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.k_cos, rope.k_sin)
         past = 0
         if cache is not None:
             past = cache.length
@@ -205,7 +223,7 @@ class PaLMBlock(nn.Module):
         return F.dropout(h, self.config.dropout, self.training) if self.config.dropout else h
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: Tensor, rope: RotaryTables, cache: KVCache | None = None, layer: int = 0
     ) -> Tensor:
         qkv_rows = self.q_dim + 2 * self.kv_dim
         if self.mlp_norm is None:
@@ -214,15 +232,13 @@ class PaLMBlock(nn.Module):
             # One split() into views, not slices: its backward is one cat of the pieces'
             # gradients, where each slice's would allocate and add a zero-filled (B, T, rows).
             q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
-            attn = self.attention(q, k, v, cos, sin, cache, layer)
+            attn = self.attention(q, k, v, rope, cache, layer)
             mlp = self.activation(*mlp_in)
             return x + self.residual_dropout(self.attn_out(attn) + self.mlp_out(mlp))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         weight = self.in_proj.weight
         q, k, v = F.linear(self.norm(x), weight[:qkv_rows]).split(self.row_sizes[:3], dim=-1)
-        x = x + self.residual_dropout(
-            self.attn_out(self.attention(q, k, v, cos, sin, cache, layer))
-        )
+        x = x + self.residual_dropout(self.attn_out(self.attention(q, k, v, rope, cache, layer)))
         mlp_in = F.linear(self.mlp_norm(x), weight[qkv_rows:]).split(self.row_sizes[3:], dim=-1)
         mlp = self.activation(*mlp_in)
         return x + self.residual_dropout(self.mlp_out(mlp))
@@ -314,15 +330,10 @@ class PaLM(nn.Module):
                 "make the cache larger (new_cache(max_len=...))"
             )
         positions = torch.arange(past, past + T, device=tokens.device)
-        cos, sin = rope_angles(positions, c.head_dim, c.rope_base)  # shared by all layers
-        if c.xpos_scale_base:
-            # xPos: queries get cos*s, sin*s and keys cos/s, sin/s (s from xpos_scales).
-            s = xpos_scales(positions, c.head_dim, c.xpos_scale_base, c.max_seq_len // 2)
-            cos, sin = torch.stack((cos * s, cos / s)), torch.stack((sin * s, sin / s))
         x = self.embedding(tokens)  # (B, T, D); PaLM: no scaling, no LayerNorm on embeddings
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rope = rotary_tables(positions, c, x.dtype)  # shared by all layers
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer)
+            x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
         if c.final_norm:

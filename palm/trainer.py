@@ -94,8 +94,8 @@ class Trainer:
     """
 
     def __init__(self, config: Config) -> None:
-        self.dist = init_distributed(config.train.parallel, pick_device(config.train.device).type)
-        self.device = self.dist.device(pick_device(config.train.device).type)
+        self.world = init_distributed(config.train.parallel, pick_device(config.train.device).type)
+        self.device = self.world.device(pick_device(config.train.device).type)
         self.precision = pick_precision(config.train.precision, self.device)
         self.config, tokenizer_sha256 = self._resolve(config)
         c = self.config
@@ -104,7 +104,7 @@ class Trainer:
         torch.manual_seed(c.train.seed)  # the same initial weights on every rank
         self.model, self.train_module = parallelize(
             lambda: PaLM(c.model),
-            self.dist,
+            self.world,
             self.device,
             meta_init=c.train.meta_init,
             activation_checkpointing=c.train.activation_checkpointing,
@@ -114,7 +114,7 @@ class Trainer:
         self.schedule = LRSchedule.from_config(c)
         self.ramp = BatchRamp.from_config(c)
         for _, stage_batch in self.ramp.stages:  # fail now, not at the first ramp boundary
-            micro_batches(stage_batch // self.dist.world_size, c.data.micro_batch_size)
+            micro_batches(stage_batch // self.world.world_size, c.data.micro_batch_size)
         bf16 = self.precision == "bfloat16"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.state = TrainingState(step=0)
@@ -130,14 +130,14 @@ class Trainer:
         if config.train.init_from:
             config = init_from(config)
         resolved = config.resolved(
-            manifest.vocab_size, manifest.seq_len, manifest.batch_size, self.dist.world_size
+            manifest.vocab_size, manifest.seq_len, manifest.batch_size, self.world.world_size
         )
         if resolved.model.vocab_size != config.model.vocab_size:
-            self.dist.print(
+            self.world.print(
                 f"note: model.vocab_size {config.model.vocab_size} replaced by the data's "
                 f"{manifest.vocab_size} (the vocabulary always comes from the data)"
             )
-        self.run_dir, tokenizer_sha256 = prepare_run_dir(resolved, self.dist.is_main)
+        self.run_dir, tokenizer_sha256 = prepare_run_dir(resolved, self.world.is_main)
         return resolved, tokenizer_sha256
 
     def save(self) -> None:
@@ -145,12 +145,12 @@ class Trainer:
         self.state.rng = capture_rng()
         self.state.recent_losses = self.spikes.state_dict()
         model_state, optimizer_state = full_state_dicts(self.train_module, self.optimizer)
-        if self.dist.is_main:
+        if self.world.is_main:
             save_checkpoint(
                 self.ckpt_root, model_state, optimizer_state, self.state, self.config.to_dict()
             )
             prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
-        self.dist.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
+        self.world.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
 
     def load(self, path: Path) -> None:
         check_same_model(path, saved_config(path).model, self.config.model)
@@ -168,12 +168,12 @@ class Trainer:
         path = checkpoint_to_resume(self.ckpt_root, t.resume)
         if path is not None:
             self.load(path)
-            self.dist.print(f"resumed from {path} at step {self.state.step}")
+            self.world.print(f"resumed from {path} at step {self.state.step}")
         elif t.init_from:  # fine-tuning: another checkpoint's weights, a fresh optimizer, step 0
             source = resolve_checkpoint(t.init_from, "latest")
             weights = load_checkpoint_weights(source)
             load_full_state_dicts(self.train_module, self.optimizer, weights, {"state": {}})
-            self.dist.print(f"initialised from {source}")
+            self.world.print(f"initialised from {source}")
 
     def roll_back(self, spike_step: int, loss: float, log: MetricsLogger, console: Console) -> None:
         """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it."""
@@ -204,7 +204,7 @@ class Trainer:
         """This rank's global sample numbers for optimizer step `step` (PaLM §5 batch ramp)."""
         batch = batch_size_at(step, self.ramp)
         first = samples_before(step, self.ramp) + self.state.sample_offset
-        return rank_sample_indices(first, batch, self.dist.rank, self.dist.world_size)
+        return rank_sample_indices(first, batch, self.world.rank, self.world.world_size)
 
     def loss(self, step: int, micro_step: int, out: LossOutput) -> Tensor:
         """The loss to backpropagate for one micro-batch: the model's (cross-entropy + z-loss).
@@ -226,12 +226,12 @@ class Trainer:
         # gradient is that of the mean over the whole batch (padding excluded), however it is
         # split over micro-batches and ranks. DDP/FSDP average over ranks, hence the world size.
         local_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
-        n_total = int(self.dist.all_reduce_sum([local_tokens], self.device)[0])
-        scale = self.dist.world_size / max(n_total, 1)
+        n_total = int(self.world.all_reduce_sum([local_tokens], self.device)[0])
+        scale = self.world.world_size / max(n_total, 1)
         ce_sum = z_sum = 0.0
         for micro_step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with gradient_sync(self.train_module, self.dist, micro_step == n_micro - 1):
+            with gradient_sync(self.train_module, self.world, micro_step == n_micro - 1):
                 with self.autocast:
                     # The loss comes out of the model's forward (fused with the output
                     # projection, palm.loss.linear_lm_loss), so DDP/FSDP/compile see it all.
@@ -243,7 +243,7 @@ class Trainer:
             # unless a subclass changed it). Kept on the device: one host sync per step.
             ce_sum = ce_sum + ((out.cross_entropy + loss - out.loss) * share).detach()
             z_sum = z_sum + (out.z_loss * share).detach()
-        ce_sum, z_sum = self.dist.all_reduce_sum([float(ce_sum), float(z_sum)], self.device)
+        ce_sum, z_sum = self.world.all_reduce_sum([float(ce_sum), float(z_sum)], self.device)
         return ce_sum + z_sum, ce_sum, z_sum, n_total
 
     def optimizer_step(self, step: int, loss: float) -> float:
@@ -269,7 +269,7 @@ class Trainer:
         micro = self.config.data.micro_batch_size
         # The same windows whatever the number of ranks, shared out among them.
         n = min(self.config.train.eval_batches * micro, len(valid))
-        mine = np.arange(self.dist.rank, n, self.dist.world_size)  # each rank scores a share
+        mine = np.arange(self.world.rank, n, self.world.world_size)  # each rank scores a share
         total, count = 0.0, 0
         for start in range(0, max(len(mine), 1), micro):
             chunk = mine[start : start + micro]
@@ -283,7 +283,7 @@ class Trainer:
             if start < len(mine):
                 total += float(out.cross_entropy) * float(out.n_tokens)
                 count += int(out.n_tokens)
-        total, count = self.dist.all_reduce_sum([total, count], self.device)
+        total, count = self.world.all_reduce_sum([total, count], self.device)
         self.model.train()
         return total / max(count, 1)
 
@@ -291,8 +291,8 @@ class Trainer:
         """Train to train.max_steps (or a signal, or train.max_minutes): PaLM §5's loop."""
         t = self.config.train
         self.resume()
-        log = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
-        console = Console(self.state.step, t.max_steps, enabled=self.dist.is_main)
+        log = MetricsLogger(self.run_dir, enabled=self.world.is_main)
+        console = Console(self.state.step, t.max_steps, enabled=self.world.is_main)
         if t.spike_detection and not list_checkpoints(self.ckpt_root):
             self.save()  # something to roll back to before the first regular checkpoint
         meter = Throughput(self.config, self.peak_flops)
@@ -342,7 +342,7 @@ class Trainer:
         or the clock seen by any rank stops every one."""
         minutes = self.config.train.max_minutes
         over_time = bool(minutes) and time.perf_counter() - start > 60 * minutes
-        signalled, over_time = self.dist.all_reduce_sum(
+        signalled, over_time = self.world.all_reduce_sum(
             [float(stop.received is not None), float(over_time)], self.device
         )
         return "signal" if signalled else "time_limit" if over_time else "max_steps"
@@ -364,7 +364,7 @@ class Trainer:
         return val_loss
 
     def result(self, val_loss: float | None, meter: Throughput, stopped_by: str) -> TrainResult:
-        sample = self.sample() if self.dist.is_main or self.dist.parallel == "fsdp" else None
+        sample = self.sample() if self.world.is_main or self.world.parallel == "fsdp" else None
         return TrainResult(
             self.run_dir,
             self.state.step,
@@ -375,7 +375,7 @@ class Trainer:
             self.state.rollbacks,
             stopped_by,
             sample,
-            self.dist.is_main,
+            self.world.is_main,
         )
 
     def sample(self) -> str | None:
@@ -396,4 +396,4 @@ def train(config: Config) -> TrainResult:
     try:
         return trainer.fit()
     finally:
-        trainer.dist.close()
+        trainer.world.close()
