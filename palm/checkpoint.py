@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from palm.config import Config, ModelConfig, build_config
 from palm.distributed import pick_device
 from palm.errors import CheckpointError, ConfigError, DataError
-from palm.files import fsync_dir, fsync_file, write_atomic
+from palm.files import fsync_dir, fsync_file, publish, temporary_path, write_atomic
 from palm.model import PaLM
 from palm.tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ def save_checkpoint(
 ) -> Path:
     """Write one checkpoint atomically under `root`; returns its folder."""
     final = checkpoint_dir(root, state.step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = temporary_path(final)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -115,8 +115,7 @@ def save_checkpoint(
         fsync_dir(tmp)
         if final.exists():  # a checkpoint of the same step from before a rollback
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
+        publish(tmp, final)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if error.errno == errno.ENOSPC:
@@ -319,12 +318,13 @@ def load_model(
     checkpoint = resolve_checkpoint(path, which)
     config = saved_config(checkpoint)
     model = PaLM(config.model)
-    missing, unexpected = model.load_state_dict(load_checkpoint_weights(checkpoint), strict=False)
-    if missing or unexpected:
+    try:  # strict: missing, unexpected or differently shaped tensors are all refused
+        model.load_state_dict(load_checkpoint_weights(checkpoint))
+    except RuntimeError as error:
+        detail = " ".join(str(error).split("\n\t")[1:3]) or str(error)
         raise CheckpointError(
-            f"{checkpoint / 'model.safetensors'} does not match its saved "
-            f"config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+            f"{checkpoint / 'model.safetensors'} does not match its saved config ({detail[:300]})"
+        ) from None
     if isinstance(device, str):
         device = pick_device(device, "--device")
     model.to(device=device, dtype=dtype).eval()

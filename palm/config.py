@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "float32", "bfloat16")
 PARALLEL = ("none", "ddp", "fsdp")
 RESUME = ("auto", "must", "never")
+IGNORE_INDEX = -100  # a target id left out of the loss (padding); the loader and the loss agree
 TOKENS_PER_MICRO_BATCH = 8192  # automatic micro-batch: about this many tokens per forward
 _LR_POWER = re.compile(r"^\s*lr\s*\^\s*([0-9]*\.?[0-9]+)\s*$")
 
@@ -277,15 +278,13 @@ class Config:
         fine-tuning from a checkpoint), and seq_len / batch size where the config leaves them 0
         (the manifest's defaults); the micro-batch where 0 (see `auto_micro_batch`)."""
         data = self.data
-        seq_len = data.seq_len or seq_len
-        batch = data.batch_size or batch_size
+        seq_len, batch = data.seq_len or seq_len, data.batch_size or batch_size
         if batch % world_size:
             raise ConfigError(f"data.batch_size {batch} is not divisible by the {world_size} ranks")
         micro = data.micro_batch_size or auto_micro_batch(batch // world_size, seq_len)
         vocab = self.model.vocab_size if self.train.init_from else vocab_size
-        model = dataclasses.replace(
-            self.model, vocab_size=vocab, max_seq_len=max(self.model.max_seq_len, seq_len)
-        )
+        max_len = max(self.model.max_seq_len, seq_len)
+        model = dataclasses.replace(self.model, vocab_size=vocab, max_seq_len=max_len)
         data = dataclasses.replace(data, seq_len=seq_len, batch_size=batch, micro_batch_size=micro)
         return dataclasses.replace(self, model=model, data=data)
 
@@ -296,25 +295,18 @@ def auto_micro_batch(per_rank_batch: int, seq_len: int) -> int:
     return max(d for d in range(1, per_rank_batch + 1) if per_rank_batch % d == 0 and d <= limit)
 
 
+_ACCEPTS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str, int, float)}
+
+
 def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
-    """Check a value against the field's declared type; ints are accepted for floats."""
+    """Check a value against the field's declared type; ints are accepted for floats, and
+    numbers for strings (kept as written). A bool is never taken for a number or the reverse."""
     kind = field.type if isinstance(field.type, str) else field.type.__name__
-    where = f"{section}.{field.name}"
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-    elif kind == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif kind == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind == "str":
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:
+    if kind not in _ACCEPTS:
         return value
-    raise ConfigError(f"{where} must be a {kind}, got {value!r}")
+    if isinstance(value, _ACCEPTS[kind]) and (kind == "bool") == isinstance(value, bool):
+        return {"float": float, "str": str}.get(kind, lambda v: v)(value)
+    raise ConfigError(f"{section}.{field.name} must be a {kind}, got {value!r}")
 
 
 def build_config(values: dict[str, Any]) -> Config:

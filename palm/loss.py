@@ -6,14 +6,14 @@ z-loss = coef * log(Z)^2, with Z the softmax normaliser, pushes log Z towards 0 
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from palm.config import IGNORE_INDEX  # targets with this value are left out of both terms
 from palm.flops import chunk_tokens_for
-
-IGNORE_INDEX = -100  # targets with this value (padding) are left out of both terms
 
 
 class LossOutput(NamedTuple):
@@ -23,6 +23,12 @@ class LossOutput(NamedTuple):
     cross_entropy: Tensor  # mean negative log-likelihood per target token (nats)
     z_loss: Tensor  # coef * mean(log(Z)^2), already multiplied by its coefficient
     n_tokens: Tensor  # number of targets that counted
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """exp(mean negative log-likelihood), clamped so a diverged loss gives a huge number, not an
+    overflow."""
+    return math.exp(min(mean_nll, 700.0))
 
 
 def _nll_and_log_z(logits: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:

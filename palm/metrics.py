@@ -15,6 +15,7 @@ import torch
 
 from palm.config import Config
 from palm.flops import mfu
+from palm.loss import perplexity_of
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against
 # torch.cuda.get_device_name(). MFU is reported against these (PaLM Appendix B).
@@ -111,11 +112,6 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
-def perplexity(loss: float) -> float:
-    """exp(loss), clamped so a diverged loss reports a huge number instead of overflowing."""
-    return math.exp(min(loss, 700.0))
-
-
 class Console:
     """Rank 0's view of a run: a tqdm bar on a terminal, else one line per logged step (logs,
     CI). Other ranks print nothing."""
@@ -148,7 +144,7 @@ class Console:
 
     def evaluation(self, step: int, val_loss: float) -> None:
         self.write(
-            f"step {step}: validation loss {val_loss:.4f}, perplexity {perplexity(val_loss):.2f}"
+            f"step {step}: validation loss {val_loss:.4f}, perplexity {perplexity_of(val_loss):.2f}"
         )
 
     def write(self, message: str) -> None:

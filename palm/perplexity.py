@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from palm.data.corpus import count_words, iter_documents
 from palm.data.loader import open_split
 from palm.errors import ConfigError, DataError
+from palm.loss import IGNORE_INDEX, perplexity_of
 from palm.model import PaLM
 from palm.tokenizer import Tokenizer
 
@@ -49,7 +50,7 @@ class PerplexityResult:
 
     @property
     def token_perplexity(self) -> float:
-        return math.exp(min(self.nll / max(self.n_tokens, 1), 700))
+        return perplexity_of(self.nll / max(self.n_tokens, 1))
 
     @property
     def bits_per_byte(self) -> float:
@@ -57,7 +58,7 @@ class PerplexityResult:
 
     @property
     def word_perplexity(self) -> float:
-        return math.exp(min(self.nll / max(self.n_words, 1), 700))
+        return perplexity_of(self.nll / max(self.n_words, 1))
 
     def to_dict(self) -> dict:
         return {
@@ -120,7 +121,7 @@ def score_documents(
         chunk = [items[i] for i in order[start : start + batch_size]]
         width = max(len(tokens) for _, tokens, _ in chunk) - 1
         inputs = torch.zeros(len(chunk), width, dtype=torch.long)
-        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         for row, (_, tokens, n_scored) in enumerate(chunk):
             t = torch.from_numpy(tokens)
             n = len(tokens) - 1
@@ -129,7 +130,10 @@ def score_documents(
             targets[row, n - n_scored : n] = t[n - n_scored + 1 :]
         logits = model(inputs.to(device)).float()  # (B, T, V)
         nll = F.cross_entropy(
-            logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none"
+            logits.flatten(0, 1),
+            targets.to(device).flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         ).view(len(chunk), width)
         for row, (index, _, n_scored) in enumerate(chunk):
             totals[index][0] += float(nll[row].sum())

@@ -55,8 +55,8 @@ from palm.distributed import (
 )
 from palm.errors import TrainingError
 from palm.guards import SpikeDetector, StopSignal, rollback_target
-from palm.loss import IGNORE_INDEX, LossOutput
-from palm.metrics import Console, MetricsLogger, Throughput, peak_flops, perplexity
+from palm.loss import IGNORE_INDEX, LossOutput, perplexity_of
+from palm.metrics import Console, MetricsLogger, Throughput, peak_flops
 from palm.model import PaLM
 from palm.optim import optimizer_for
 from palm.sampling import sample_text
@@ -358,7 +358,7 @@ class Trainer:
     def evaluate_and_log(self, step: int, log: MetricsLogger, console: Console) -> float | None:
         val_loss = self.state.val_loss = self.evaluate()
         if val_loss is not None:
-            record = {"val_loss": val_loss, "val_perplexity": perplexity(val_loss)}
+            record = {"val_loss": val_loss, "val_perplexity": perplexity_of(val_loss)}
             log.log({"step": step, "kind": "eval", **record})
             console.evaluation(step, val_loss)
         return val_loss
@@ -369,7 +369,7 @@ class Trainer:
             self.run_dir,
             self.state.step,
             val_loss,
-            None if val_loss is None else perplexity(val_loss),
+            None if val_loss is None else perplexity_of(val_loss),
             meter.tokens_per_s,
             meter.mfu,
             self.state.rollbacks,

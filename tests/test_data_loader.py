@@ -1,6 +1,7 @@
 """The loader: batches are a pure function of (seed, sample numbers), windows are drawn without
 replacement per epoch, ranks are disjoint, padding is ignored, and mismatches are refused.
-Datasets here are written by hand (tokens = 0, 1, 2, ...), so every window has a known answer."""
+Datasets here are written by hand (conftest's `make_dataset`: tokens = 0, 1, 2, ...), so every
+window has a known answer."""
 
 from __future__ import annotations
 
@@ -18,33 +19,7 @@ from palm.data import (
     rank_sample_indices,
 )
 from palm.data.loader import _splitmix64_array, splitmix64
-from palm.data.manifest import FORMAT_VERSION, Manifest
-
-
-def write_dataset(
-    folder: Path,
-    tokens: np.ndarray,
-    layout: str = "combined",
-    seq_len: int = 8,
-    pad_id: int = 0,
-    vocab_size: int = 60000,
-) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens.astype(np.uint16).tofile(folder / "train.bin")
-    manifest = Manifest(
-        dataset="hand",
-        vocab_size=vocab_size,
-        dtype="uint16",
-        eod_id=1,
-        pad_id=pad_id,
-        seq_len=seq_len,
-        batch_size=4,
-        layout=layout,
-        splits={"train": {"path": "train.bin", "n_tokens": int(tokens.size)}},
-        tokenizer_sha256="ab" * 32,
-    )
-    (folder / "meta.json").write_text(manifest.to_json())
-    return folder
+from palm.data.manifest import FORMAT_VERSION
 
 
 def test_splitmix64_matches_scalar_reference() -> None:
@@ -64,10 +39,10 @@ def test_epoch_permutation_is_a_permutation_and_varies() -> None:
     assert np.array_equal(p0, epoch_permutation(7, 0, 1000))
 
 
-def test_windows_are_exact_and_cover_each_epoch_once(tmp_path: Path) -> None:
+def test_windows_are_exact_and_cover_each_epoch_once(tmp_path: Path, make_dataset) -> None:
     seq_len, n_tokens = 8, 8 * 25 + 1
     tokens = np.arange(n_tokens)
-    windows = TokenWindows(write_dataset(tmp_path, tokens), "train", seq_len, seed=3)
+    windows = TokenWindows(make_dataset(tmp_path, tokens), "train", seq_len, seed=3)
     assert len(windows) == 25
     x, y = windows.batch(np.arange(50))  # two full epochs
     assert x.shape == y.shape == (50, seq_len) and x.dtype == y.dtype
@@ -82,8 +57,8 @@ def test_windows_are_exact_and_cover_each_epoch_once(tmp_path: Path) -> None:
     assert sorted(y[:25].reshape(-1).tolist()) == list(range(1, n_tokens))
 
 
-def test_resume_is_bit_exact_and_ranks_are_disjoint(tmp_path: Path) -> None:
-    folder = write_dataset(tmp_path, np.arange(8 * 48 + 1))  # 48 windows = 4 steps of 12
+def test_resume_is_bit_exact_and_ranks_are_disjoint(tmp_path: Path, make_dataset) -> None:
+    folder = make_dataset(tmp_path, np.arange(8 * 48 + 1))  # 48 windows = 4 steps of 12
     run = TokenWindows(folder, "train", 8, seed=11)
     global_batch, world = 12, 3
     # Uninterrupted: steps 0..9 on one process, the whole global batch.
@@ -109,10 +84,10 @@ def test_rank_sample_indices() -> None:
         rank_sample_indices(0, 8, 4, 4)
 
 
-def test_padding_is_ignored_in_targets(tmp_path: Path) -> None:
+def test_padding_is_ignored_in_targets(tmp_path: Path, make_dataset) -> None:
     # Rows of seq_len + 1 = 5: a document "5 6 <eod>" padded with 0.
     rows = np.array([[5, 6, 7, 8, 9], [9, 10, 1, 0, 0]])
-    folder = write_dataset(tmp_path, rows.reshape(-1), layout="padded", seq_len=4)
+    folder = make_dataset(tmp_path, rows.reshape(-1), layout="padded", seq_len=4)
     windows = TokenWindows(folder, "train", 4, seed=0)
     assert len(windows) == 2
     x, y = windows.batch([windows.windows([0, 1]).tolist().index(1)])
@@ -121,8 +96,8 @@ def test_padding_is_ignored_in_targets(tmp_path: Path) -> None:
         TokenWindows(folder, "train", 8, seed=0)
 
 
-def test_check_compatible(tmp_path: Path) -> None:
-    windows = TokenWindows(write_dataset(tmp_path, np.arange(100), vocab_size=500), "train", 8, 0)
+def test_check_compatible(tmp_path: Path, make_dataset) -> None:
+    windows = TokenWindows(make_dataset(tmp_path, np.arange(100), vocab_size=500), "train", 8, 0)
     windows.check_compatible("ab" * 32, 512)
     windows.check_compatible(None, 500)
     with pytest.raises(DataError, match="vocab_size >= 500"):
@@ -131,20 +106,20 @@ def test_check_compatible(tmp_path: Path) -> None:
         windows.check_compatible("cd" * 32, 512)
 
 
-def test_missing_corrupt_and_truncated_are_clear(tmp_path: Path) -> None:
+def test_missing_corrupt_and_truncated_are_clear(tmp_path: Path, make_dataset) -> None:
     with pytest.raises(DataError, match=r"meta.json: not found.*download.py"):
         load_manifest(tmp_path / "nothing")
-    folder = write_dataset(tmp_path / "d", np.arange(100))
+    folder = make_dataset(tmp_path / "d", np.arange(100))
     (folder / "meta.json").write_text("{ not json")
     with pytest.raises(DataError, match="corrupt.*download.py"):
         load_manifest(folder)
-    folder = write_dataset(tmp_path / "e", np.arange(100))
+    folder = make_dataset(tmp_path / "e", np.arange(100))
     raw = json.loads((folder / "meta.json").read_text())
     del raw["dtype"]
     (folder / "meta.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match="missing dtype"):
         load_manifest(folder)
-    folder = write_dataset(tmp_path / "f", np.arange(100))
+    folder = make_dataset(tmp_path / "f", np.arange(100))
     with open(folder / "train.bin", "r+b") as handle:
         handle.truncate(50)
     with pytest.raises(DataError, match="truncated"):

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from test_trainer import write_dataset
 
 from palm.checkpoint import list_checkpoints
 from palm.config import load_config
@@ -98,9 +97,9 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, make_dataset):
     root = tmp_path_factory.mktemp("dist")
-    dataset = write_dataset(root / "data" / "synthetic")
+    dataset = make_dataset(root / "data" / "synthetic")
     runs = root / "runs"
     one = train(load_config(None, args(dataset, runs, "one", 5))).run_dir
     return dataset, runs, one

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from inference_helpers import one_thread, prepare_dataset, tiny_model_config, write_run  # noqa: F401
 
 from palm.checkpoint import load_model
 from palm.cli.evaluate import main
@@ -19,7 +18,7 @@ from palm.perplexity import score_documents, split_documents, windows
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
+def setup(tmp_path_factory, prepare_dataset, write_run) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("eval")
     dataset = prepare_dataset(root)
     return dataset, write_run(root, dataset)
@@ -49,7 +48,7 @@ def test_windows_score_every_target_once_within_the_context():
         list(windows(10, 4, 5))
 
 
-def test_sliding_window_nll_matches_per_token_brute_force():
+def test_sliding_window_nll_matches_per_token_brute_force(tiny_model_config):
     torch.manual_seed(0)
     model = PaLM(tiny_model_config(vocab_size=50, max_seq_len=16)).eval()
     docs = [torch.randint(2, 50, (n,)).tolist() for n in (5, 23, 40, 1)]

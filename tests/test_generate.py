@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from inference_helpers import one_thread, prepare_dataset, tiny_model_config, write_run  # noqa: F401
 
 from palm.checkpoint import load_model, resolve_checkpoint
 from palm.cli.generate import main
@@ -19,20 +18,26 @@ from palm.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, prepare_dataset, write_run) -> Path:
     root = tmp_path_factory.mktemp("gen")
     return write_run(root, prepare_dataset(root))
 
 
-def small_model(seed: int = 0, **overrides) -> PaLM:
-    torch.manual_seed(seed)
-    config = tiny_model_config(vocab_size=97, max_seq_len=96)
-    config = type(config)(**{**config.to_dict(), **overrides})
-    return PaLM(config).eval()
+@pytest.fixture(scope="session")
+def small_model(tiny_model_config):
+    """`small_model(seed=0, **overrides)`: a tiny PaLM (vocab 97), in eval mode."""
+
+    def make(seed: int = 0, **overrides) -> PaLM:
+        torch.manual_seed(seed)
+        config = tiny_model_config(vocab_size=97, max_seq_len=96)
+        config = type(config)(**{**config.to_dict(), **overrides})
+        return PaLM(config).eval()
+
+    return make
 
 
 @pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
-def test_greedy_with_cache_equals_greedy_without(overrides):
+def test_greedy_with_cache_equals_greedy_without(overrides, small_model):
     model = small_model(**overrides)
     prompt = torch.randint(0, 97, (3, 7))
     cached = generate(model, prompt, 40, temperature=0.0)
@@ -41,7 +46,7 @@ def test_greedy_with_cache_equals_greedy_without(overrides):
     assert torch.equal(cached, uncached)
 
 
-def test_decoding_feeds_one_token_per_step():
+def test_decoding_feeds_one_token_per_step(small_model):
     """Flat cost per token: after the prompt every forward sees one position (the cache)."""
     model = small_model()
     widths = []
@@ -53,7 +58,7 @@ def test_decoding_feeds_one_token_per_step():
     assert widths == [9] + [1] * 19
 
 
-def test_left_padded_batch_matches_each_prompt_alone():
+def test_left_padded_batch_matches_each_prompt_alone(small_model):
     model = small_model(1)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42, 43]]
     tokens, mask = pad_left(prompts)
@@ -105,7 +110,7 @@ def test_top_k_filter_keeps_exactly_the_k_largest():
     assert torch.equal(kept, expected)
 
 
-def test_same_seed_same_samples_and_top_k_1_is_greedy():
+def test_same_seed_same_samples_and_top_k_1_is_greedy(small_model):
     model = small_model(2)
     prompt = torch.randint(0, 97, (2, 5))
 
@@ -118,7 +123,7 @@ def test_same_seed_same_samples_and_top_k_1_is_greedy():
     assert torch.equal(draw(3, top_k=1), generate(model, prompt, 30, temperature=0.0))
 
 
-def test_eod_stops_rows_and_pads_them_with_eod():
+def test_eod_stops_rows_and_pads_them_with_eod(small_model):
     model = small_model(3)
     prompt = torch.randint(0, 97, (1, 4))
     first = int(generate(model, prompt, 1, temperature=0.0)[0, 0])

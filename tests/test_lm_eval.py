@@ -13,7 +13,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from inference_helpers import one_thread, prepare_dataset, write_run  # noqa: F401
 
 TASKS = {
     "palm_toy_mc": """
@@ -62,7 +61,7 @@ DOCS = [
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, prepare_dataset, write_run):
     root = tmp_path_factory.mktemp("lmeval")
     with pytest.MonkeyPatch.context() as mp:
         # Offline, with caches inside the test folder (read when `datasets` is first imported).

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from inference_helpers import one_thread, prepare_dataset, tiny_model_config, write_run  # noqa: F401
 
 from palm.cli.evaluate import main
 from palm.memorization import memorization, sample_span_starts
@@ -23,7 +22,7 @@ V = 50
 
 
 @pytest.fixture(scope="module")
-def bigram() -> tuple[PaLM, np.ndarray]:
+def bigram(tiny_model_config) -> tuple[PaLM, np.ndarray]:
     torch.manual_seed(0)
     config = tiny_model_config(V, max_seq_len=128)
     model = PaLM(type(config)(**{**config.to_dict(), "tie_embeddings": False})).eval()
@@ -78,7 +77,7 @@ def test_span_sampling_is_seeded_bounded_and_skips_padding():
     assert len(everything) == len(tokens) - 100 + 1 - 100  # all clean starts, each once
 
 
-def test_cli_reports_train_and_held_out_rates(tmp_path: Path, capsys):
+def test_cli_reports_train_and_held_out_rates(tmp_path: Path, capsys, prepare_dataset, write_run):
     dataset = prepare_dataset(tmp_path)
     run = write_run(tmp_path, dataset, val_losses=(1.0,))
     capsys.readouterr()  # download.py's own report

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from inference_helpers import WORDS, write_corpus
 
 from palm import pretrained
 from palm.checkpoint import load_model
@@ -56,7 +55,7 @@ def make_peer(seed: int = 0, train_final_norm: bool = True):
     return peer
 
 
-def tokenizer_json() -> bytes:
+def tokenizer_json(words: list[str]) -> bytes:
     """A GPT-NeoX-style byte-level BPE tokenizer.json, trained here (eod 0, padding 1)."""
     from tokenizers import Tokenizer as HF
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -69,7 +68,7 @@ def tokenizer_json() -> bytes:
         special_tokens=["<|endoftext|>", "<|padding|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
+    tok.train_from_iterator([" ".join(words)] * 20, trainer)
     return tok.to_str().encode()
 
 
@@ -142,9 +141,9 @@ class Hub:
 
 
 @pytest.fixture(scope="module")
-def assets():
+def assets(corpus_words):
     peer = make_peer()
-    return peer, save_bytes(peer.state_dict()), tokenizer_json()
+    return peer, save_bytes(peer.state_dict()), tokenizer_json(corpus_words)
 
 
 @pytest.fixture
@@ -160,32 +159,40 @@ def hub_env(assets, tmp_path, monkeypatch):
     hub.close()
 
 
-def data_command(tmp_path: Path, *extra: str) -> int:
-    corpus = write_corpus(tmp_path / "corpus")
-    return download_main(
-        [
-            "--path",
-            str(tmp_path / "data"),
-            "--dataset",
-            str(corpus),
-            "--documents",
-            "paragraph",
-            "--seq_len",
-            "32",
-            "--batch_size",
-            "8",
-            "--n_workers",
-            "1",
-            "--download_data",
-            "False",
-            "--download_models",
-            "True",
-            *extra,
-        ]
-    )
+@pytest.fixture(scope="session")
+def data_command(make_corpus):
+    """`data_command(tmp_path, *extra)`: download.py on a local corpus, models downloaded."""
+
+    def run(tmp_path: Path, *extra: str) -> int:
+        corpus = make_corpus(tmp_path / "corpus")
+        return download_main(
+            [
+                "--path",
+                str(tmp_path / "data"),
+                "--dataset",
+                str(corpus),
+                "--documents",
+                "paragraph",
+                "--seq_len",
+                "32",
+                "--batch_size",
+                "8",
+                "--n_workers",
+                "1",
+                "--download_data",
+                "False",
+                "--download_models",
+                "True",
+                *extra,
+            ]
+        )
+
+    return run
 
 
-def test_documented_command_gives_the_peers_logits(assets, hub_env, tmp_path, monkeypatch):
+def test_documented_command_gives_the_peers_logits(
+    assets, hub_env, tmp_path, monkeypatch, data_command
+):
     peer = assets[0]
     assert data_command(tmp_path, "--download_pretrained", "True", "--pretrained", "palm-410m") == 0
     run = tmp_path / "data" / "pretrained" / "palm-410m"
@@ -216,14 +223,14 @@ def test_documented_command_gives_the_peers_logits(assets, hub_env, tmp_path, mo
     assert len(hub_env.requests) == before
 
 
-def test_offline_without_cache_names_the_file(hub_env, tmp_path, monkeypatch, capsys):
+def test_offline_without_cache_names_the_file(hub_env, tmp_path, monkeypatch, capsys, data_command):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert data_command(tmp_path, "--download_pretrained", "True") == 1
     err = capsys.readouterr().err
     assert "HF_HUB_OFFLINE=1" in err and "EleutherAI/gpt-neox-20b/tokenizer.json" in err
 
 
-def test_corrupt_download_is_refused(assets, tmp_path, monkeypatch, capsys):
+def test_corrupt_download_is_refused(assets, tmp_path, monkeypatch, capsys, data_command):
     hub = Hub(assets[1], assets[2], corrupt=True)
     try:
         monkeypatch.setitem(pretrained.PRETRAINED, "palm-410m", SPEC)
@@ -237,7 +244,7 @@ def test_corrupt_download_is_refused(assets, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "data" / "pretrained").exists()
 
 
-def test_export_loads_into_the_peer(assets, hub_env, tmp_path):
+def test_export_loads_into_the_peer(assets, hub_env, tmp_path, data_command):
     peer = assets[0]
     assert data_command(tmp_path, "--download_pretrained", "True") == 0
     out = tmp_path / "peer.pt"

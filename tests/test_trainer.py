@@ -11,81 +11,23 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from palm.checkpoint import CheckpointError, list_checkpoints
-from palm.config import Config, load_config
-from palm.data.manifest import Manifest
+from palm.config import load_config
+from palm.files import TEMPORARY_GLOB
 from palm.schedules import LRSchedule, lr_at
 from palm.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 64
+VOCAB = 64  # the vocabulary of conftest's synthetic `dataset`
 
 
-def write_dataset(folder: Path, n_tokens: int = 6000, seed: int = 0) -> Path:
-    """A prepared dataset in download.py's format, with learnable structure: runs of counting."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = {}
-    for split, n in (("train", n_tokens), ("validation", n_tokens // 5)):
-        starts = rng.integers(1, VOCAB, size=n // 8 + 1)
-        tokens = ((starts[:, None] + np.arange(8)[None, :]) % (VOCAB - 1) + 1).reshape(-1)[:n]
-        tokens.astype(np.uint16).tofile(folder / f"{split}.bin")
-        splits[split] = {"path": f"{split}.bin", "n_tokens": n, "n_documents": n // 8, "sha256": ""}
-    manifest = Manifest(
-        dataset="synthetic",
-        vocab_size=VOCAB,
-        dtype="uint16",
-        eod_id=0,
-        pad_id=VOCAB - 1,
-        seq_len=16,
-        batch_size=8,
-        layout="combined",
-        splits=splits,
-        tokenizer_sha256="",
-    )
-    (folder / "meta.json").write_text(manifest.to_json())
-    return folder
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return write_dataset(tmp_path / "data" / "synthetic")
-
-
-def tiny_config(dataset: Path, runs: Path, *extra: str) -> Config:
-    return load_config(
-        None,
-        [
-            f"data.path={dataset}",
-            f"train.runs_dir={runs}",
-            "train.name=t",
-            "model.d_model=32",
-            "model.n_layers=2",
-            "model.n_heads=2",
-            "model.head_dim=16",
-            "data.micro_batch_size=4",
-            "train.log_every=1",
-            "train.eval_every=4",
-            "train.eval_batches=2",
-            "train.checkpoint_every=4",
-            "train.sample_tokens=0",
-            "train.max_steps=8",
-            "optim.lr=0.01",
-            *extra,
-        ],
-    )
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors")
-
-
-def test_resumed_training_is_bit_identical_to_uninterrupted(dataset, tmp_path):
+def test_resumed_training_is_bit_identical_to_uninterrupted(
+    dataset, tmp_path, tiny_config, final_weights
+):
     straight = train(tiny_config(dataset, tmp_path / "a"))
     assert straight.step == 8
     half = train(tiny_config(dataset, tmp_path / "b", "train.max_steps=4"))
@@ -102,7 +44,7 @@ def test_resumed_training_is_bit_identical_to_uninterrupted(dataset, tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_gradient_accumulation_averages_over_the_whole_batch(dataset, tmp_path):
+def test_gradient_accumulation_averages_over_the_whole_batch(dataset, tmp_path, tiny_config):
     grads = []
     for micro in (8, 2):
         trainer = Trainer(
@@ -115,7 +57,7 @@ def test_gradient_accumulation_averages_over_the_whole_batch(dataset, tmp_path):
         torch.testing.assert_close(g_acc, g_full, atol=1e-6, rtol=1e-5)
 
 
-def test_metrics_follow_the_schedule_and_tensorboard_reads_them(dataset, tmp_path):
+def test_metrics_follow_the_schedule_and_tensorboard_reads_them(dataset, tmp_path, tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = tiny_config(dataset, tmp_path, "optim.schedule=cosine", "optim.warmup_steps=2")
@@ -142,7 +84,7 @@ def test_metrics_follow_the_schedule_and_tensorboard_reads_them(dataset, tmp_pat
     assert saved.model.vocab_size == VOCAB and saved.data.seq_len == 16
 
 
-def test_keeps_last_checkpoints_plus_best(dataset, tmp_path):
+def test_keeps_last_checkpoints_plus_best(dataset, tmp_path, tiny_config):
     result = train(
         tiny_config(
             dataset,
@@ -170,7 +112,7 @@ class SpikeOnce(Trainer):
         return out.loss
 
 
-def test_loss_spike_rolls_back_and_skips_batches(dataset, tmp_path):
+def test_loss_spike_rolls_back_and_skips_batches(dataset, tmp_path, tiny_config, final_weights):
     config = tiny_config(
         dataset,
         tmp_path,
@@ -207,7 +149,7 @@ def test_detector_flags_a_loss_far_above_its_history():
     assert not SpikeDetector(50, 6.0, 1.5, [3.0] * 5).is_spike(9.0)  # too little history
 
 
-def test_checkpoint_of_another_model_is_refused(dataset, tmp_path):
+def test_checkpoint_of_another_model_is_refused(dataset, tmp_path, tiny_config):
     train(tiny_config(dataset, tmp_path, "train.max_steps=2"))
     with pytest.raises(CheckpointError, match="another model.*d_model"):
         train(tiny_config(dataset, tmp_path, "train.max_steps=4", "model.d_model=64"))
@@ -215,7 +157,9 @@ def test_checkpoint_of_another_model_is_refused(dataset, tmp_path):
         train(tiny_config(dataset, tmp_path, "train.resume=never"))
 
 
-def test_full_disk_while_checkpointing_keeps_previous_checkpoint(dataset, tmp_path, monkeypatch):
+def test_full_disk_while_checkpointing_keeps_previous_checkpoint(
+    dataset, tmp_path, monkeypatch, tiny_config
+):
     import errno
 
     import palm.checkpoint as checkpoint
@@ -322,7 +266,7 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(dataset, tmp_path
     # Kill the moment a checkpoint is being written (a temporary folder exists).
     try:
         wait_for(
-            lambda: root.is_dir() and any(p.name.startswith(".tmp") for p in root.iterdir()),
+            lambda: root.is_dir() and any(p.match(TEMPORARY_GLOB) for p in root.iterdir()),
             timeout=30,
         )
     except TimeoutError:
@@ -349,7 +293,9 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(dataset, tmp_path
     assert f"at step {last}" in result.stdout and f"finished at step {last + 2}" in result.stdout
 
 
-def test_fine_tuning_starts_from_another_runs_weights(dataset, tmp_path):
+def test_fine_tuning_starts_from_another_runs_weights(
+    dataset, tmp_path, tiny_config, final_weights
+):
     source = train(tiny_config(dataset, tmp_path / "pre", "train.max_steps=4"))
     # The model shape comes from the checkpoint, not from this run's (different) model section.
     tuned = train(

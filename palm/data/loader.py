@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from palm.config import IGNORE_INDEX
 from palm.data.manifest import META_NAME, Manifest, load_manifest
 from palm.errors import ConfigError, DataError
-
-IGNORE_INDEX = -100  # targets at padding positions: ignored by cross-entropy
 
 _MASK64 = (1 << 64) - 1
 
