@@ -2,10 +2,13 @@
 setting at fault and the fix.
 
 Library code raises these and never exits; `palm.cli.run` turns them into exit codes: a
-`ConfigError` (bad command line or config) is 2, every other `PalmError` is 1.
+`ConfigError` (bad command line or config) is 2, every other `PalmError` is 1. What palm works
+around instead of failing is said in one `warning:` line (`warn`).
 """
 
 from __future__ import annotations
+
+import sys
 
 
 class PalmError(Exception):
@@ -32,6 +35,10 @@ class CheckpointError(PalmError, RuntimeError):
     """A checkpoint that cannot be written, found or used."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files fail verification; a run folder falls back to an older one."""
+
+
 class ConversionError(PalmError, ValueError):
     """Weights that cannot be converted to or from a peer's format (palm.interop)."""
 
@@ -42,3 +49,8 @@ class PretrainedError(PalmError):
 
 class TrainingError(PalmError, RuntimeError):
     """A run that cannot go on (repeated loss spikes, non-finite gradients)."""
+
+
+def warn(message: str) -> None:
+    """A problem palm worked around (e.g. a corrupt checkpoint skipped): one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""Guards of a long run: loss-spike detection (PaLM §5.1) and clean stops on signals."""
+"""Guards of a long run: loss spikes and non-finite steps (PaLM §5.1), the checkpoint a rollback
+returns to, and clean stops on signals."""
 
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ def rollback_target(checkpoints: list[Path], spike_step: int, rollback_steps: in
         raise TrainingError(f"loss spike at step {spike_step} but no checkpoint to roll back to")
     earlier = [p for p in checkpoints if int(p.name.split("_")[-1]) <= spike_step - rollback_steps]
     return earlier[-1] if earlier else checkpoints[0]
+
+
+def recent_repeat(earlier_steps: list[int], step: int, window: int) -> bool:
+    """Whether an earlier non-finite step lies within `window` steps before `step` (then a
+    skipped update is not enough: the run rolls back)."""
+    return any(step - window < s < step for s in earlier_steps)
 
 
 class StopSignal:

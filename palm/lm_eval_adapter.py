@@ -26,9 +26,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from palm.checkpoint import LoadedModel, load_model
 from palm.errors import ConfigError
 from palm.perplexity import score_documents
+from palm.runs import LoadedModel, load_model
 from palm.sampling import TextStream, pad_left, stream
 
 

@@ -145,5 +145,5 @@ def memorization(
 
 def split_tokens(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, int | None]:
     """The token stream of a prepared split (memory-mapped) and its padding id, if padded."""
-    tokens, manifest = open_split(dataset_dir, split)
+    tokens, manifest = open_split(dataset_dir, split, need_tokens=True)
     return tokens, manifest.pad_id if manifest.layout == "padded" else None

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,17 @@ class Throughput:
         )
         self.tokens, self.started = 0, time.perf_counter()
         return self.tokens_per_s, self.mfu
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float | None
+    val_perplexity: float | None
+    tokens_per_s: float
+    mfu: float
+    rollbacks: int
+    stopped_by: str  # "max_steps", "time_limit" or "signal"
+    sample: str | None = None  # text generated at the end (train.sample_tokens)
+    is_main: bool = True  # rank 0 (the only one that prints)

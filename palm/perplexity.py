@@ -175,7 +175,7 @@ def split_source(
 ) -> tuple[list[np.ndarray], int, int]:
     """Documents of a prepared split with their byte and word counts (the manifest's, or
     recounted from the decoded text when only the first max_documents are used)."""
-    mapped, manifest = open_split(dataset_dir, split)
+    mapped, manifest = open_split(dataset_dir, split, need_tokens=True)
     meta = Path(dataset_dir) / "meta.json"
     if manifest.tokenizer_sha256 and manifest.tokenizer_sha256 != tokenizer.sha256:
         raise DataError(
@@ -244,3 +244,29 @@ def perplexity(
         stride,
         source,
     )
+
+
+@torch.no_grad()
+def validation_loss(
+    model: torch.nn.Module, windows, n_windows: int, batch_size: int, world, device
+) -> float:
+    """Mean cross-entropy of the first `n_windows` validation windows (the same every time,
+    whatever the number of ranks, shared out among them), as the training loop reports it.
+
+    `model(x, targets=y, z_loss_coef=0)` must give a LossOutput (palm.model.PaLM, or DDP/FSDP
+    around it); `world` is the run's palm.distributed.Distributed.
+    """
+    n = min(n_windows, len(windows))
+    mine = np.arange(world.rank, n, world.world_size)  # each rank scores a share
+    total, count = 0.0, 0
+    for start in range(0, max(len(mine), 1), batch_size):
+        chunk = mine[start : start + batch_size]
+        if len(chunk) == 0:  # FSDP: every rank must run the same number of forwards
+            chunk = np.arange(1)
+        x, y = windows.batch(chunk)
+        out = model(x.to(device), targets=y.to(device), z_loss_coef=0.0)
+        if start < len(mine):
+            total += float(out.cross_entropy) * float(out.n_tokens)
+            count += int(out.n_tokens)
+    total, count = world.all_reduce_sum([total, count], device)
+    return total / max(count, 1)

@@ -12,10 +12,12 @@ alone (up to float rounding of the batched matmuls).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from palm.config import TrainConfig
 from palm.errors import ConfigError
 from palm.model import PaLM
 from palm.tokenizer import Tokenizer
@@ -256,3 +258,13 @@ def sample_text(
         generator=torch.Generator(device).manual_seed(seed),
     )
     return prompt + tokenizer.decode(new[0].tolist())
+
+
+def sample_run(model: PaLM, tokenizer_path: Path, train: TrainConfig) -> str | None:
+    """The sample a training run ends with (train.sample_*), or None without a tokenizer."""
+    if not tokenizer_path.is_file():
+        return None
+    return sample_text(
+        model, Tokenizer.load(tokenizer_path), train.sample_prompt, train.sample_tokens,
+        temperature=train.sample_temperature, top_k=train.sample_top_k, seed=train.seed,
+    )  # fmt: skip

@@ -197,6 +197,24 @@ class BatchRamp:
         return cls(tuple(stages))
 
 
+def kept_ramp(stored: list[list[int]], planned: BatchRamp, where: object) -> BatchRamp:
+    """The ramp a resumed run keeps: the one fixed when it started (`stored`, from its
+    checkpoint), so another train.max_steps does not move the boundaries and replay data; the
+    configured (`planned`) one for a new run. A change the stored ramp cannot honour (another
+    batch size, or the ramp switched on or off) is refused, naming the run (`where`)."""
+    if not stored:
+        return planned
+    kept = BatchRamp(tuple((int(u), int(b)) for u, b in stored))
+    same_kind = (len(kept.stages) > 1) == (len(planned.stages) > 1)
+    if kept.stages[-1][1] != planned.stages[-1][1] or not same_kind:
+        raise ConfigError(
+            f"{where}: the run's batch sizes by step are {list(kept.stages)}, but data.batch_size /"
+            f" optim.batch_ramp now give {list(planned.stages)}; resume with the run's settings "
+            f"or start a new run (train.name=...)"
+        )
+    return kept
+
+
 def batch_size_at(step: int, ramp: BatchRamp) -> int:
     """Global batch size (sequences) of update `step` (0-based) under `ramp` (PaLM §5)."""
     _check_step(step)

@@ -18,31 +18,16 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from palm.checkpoint import (
-    TrainingState,
-    capture_rng,
-    check_same_model,
-    checkpoint_to_resume,
-    init_from,
-    list_checkpoints,
-    load_checkpoint,
-    load_checkpoint_weights,
-    prepare_run_dir,
-    prune_checkpoints,
-    resolve_checkpoint,
-    restore_rng,
-    save_checkpoint,
-    saved_config,
-)
+from palm import checkpoint
+from palm.checkpoint import TrainingState
 from palm.config import Config
-from palm.data import load_manifest, open_windows, rank_sample_indices
+from palm.data import open_windows, rank_sample_indices
 from palm.distributed import (
     clip_gradients,
     full_state_dicts,
@@ -53,36 +38,24 @@ from palm.distributed import (
     pick_device,
     pick_precision,
 )
-from palm.errors import TrainingError
-from palm.guards import SpikeDetector, StopSignal, rollback_target
+from palm.errors import CheckpointError, CorruptCheckpointError, TrainingError, warn
+from palm.guards import SpikeDetector, StopSignal, recent_repeat, rollback_target
 from palm.loss import IGNORE_INDEX, LossOutput, perplexity_of
-from palm.metrics import Console, MetricsLogger, Throughput, peak_flops
+from palm.metrics import Console, MetricsLogger, Throughput, TrainResult, peak_flops
 from palm.model import PaLM
 from palm.optim import optimizer_for
-from palm.sampling import sample_text
+from palm.perplexity import validation_loss
+from palm.runs import prepare_run_dir, resolve_checkpoint, resolve_run, saved_config
+from palm.sampling import sample_run
 from palm.schedules import (
     BatchRamp,
     LRSchedule,
     batch_size_at,
+    kept_ramp,
     lr_at,
     micro_batches,
     samples_before,
 )
-from palm.tokenizer import Tokenizer
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    val_loss: float | None
-    val_perplexity: float | None
-    tokens_per_s: float
-    mfu: float
-    rollbacks: int
-    stopped_by: str  # "max_steps", "time_limit" or "signal"
-    sample: str | None = None  # text generated at the end (train.sample_tokens)
-    is_main: bool = True  # rank 0 (the only one that prints)
 
 
 class Trainer:
@@ -97,10 +70,18 @@ class Trainer:
         self.world = init_distributed(config.train.parallel, pick_device(config.train.device).type)
         self.device = self.world.device(pick_device(config.train.device).type)
         self.precision = pick_precision(config.train.precision, self.device)
-        self.config, tokenizer_sha256 = self._resolve(config)
+        self.config, note = resolve_run(config, self.world.world_size)
         c = self.config
+        if note:
+            self.world.print(note)
+        self.run_dir, tokenizer_sha256 = prepare_run_dir(c, self.world.is_main)
         self.train_data, self.valid_data = open_windows(c.data.path, c.data.seq_len, c.data.seed)
         self.train_data.check_compatible(tokenizer_sha256, c.model.vocab_size)
+        if self.valid_data is None:
+            self.world.print(
+                f"note: {c.data.path} has no validation tokens, so this run reports no "
+                f"validation loss; prepare held-out splits with download.py --split True"
+            )
         torch.manual_seed(c.train.seed)  # the same initial weights on every rank
         self.model, self.train_module = parallelize(
             lambda: PaLM(c.model),
@@ -112,9 +93,7 @@ class Trainer:
         )
         self.optimizer = optimizer_for(c.optim, self.model.parameters())
         self.schedule = LRSchedule.from_config(c)
-        self.ramp = BatchRamp.from_config(c)
-        for _, stage_batch in self.ramp.stages:  # fail now, not at the first ramp boundary
-            micro_batches(stage_batch // self.world.world_size, c.data.micro_batch_size)
+        self.ramp = self.checked_ramp(BatchRamp.from_config(c))
         bf16 = self.precision == "bfloat16"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
         self.state = TrainingState(step=0)
@@ -124,67 +103,101 @@ class Trainer:
             self.device, torch.bfloat16 if bf16 else torch.float32
         )
 
-    def _resolve(self, config: Config) -> tuple[Config, str | None]:
-        """The config with what the data (and train.init_from) decides; the run folder."""
-        manifest = load_manifest(config.data.path)
-        if config.train.init_from:
-            config = init_from(config)
-        resolved = config.resolved(
-            manifest.vocab_size, manifest.seq_len, manifest.batch_size, self.world.world_size
-        )
-        if resolved.model.vocab_size != config.model.vocab_size:
-            self.world.print(
-                f"note: model.vocab_size {config.model.vocab_size} replaced by the data's "
-                f"{manifest.vocab_size} (the vocabulary always comes from the data)"
-            )
-        self.run_dir, tokenizer_sha256 = prepare_run_dir(resolved, self.world.is_main)
-        return resolved, tokenizer_sha256
+    def checked_ramp(self, ramp: BatchRamp) -> BatchRamp:
+        """`ramp`, once every stage's batch splits into this run's micro-batches (checked now,
+        not at the first ramp boundary)."""
+        for _, stage_batch in ramp.stages:
+            micro_batches(stage_batch // self.world.world_size, self.config.data.micro_batch_size)
+        return ramp
 
-    def save(self) -> None:
-        """Every rank helps gather the full state (FSDP); rank 0 writes it."""
-        self.state.rng = capture_rng()
+    def save(self, abandon_after: int | None = None) -> None:
+        """Every rank helps gather the full state (FSDP); rank 0 writes it, then removes the
+        checkpoints after step `abandon_after` (a rollback's abandoned ones) and prunes."""
+        self.state.rng = checkpoint.capture_rng()
         self.state.recent_losses = self.spikes.state_dict()
         model_state, optimizer_state = full_state_dicts(self.train_module, self.optimizer)
         if self.world.is_main:
-            save_checkpoint(
+            checkpoint.save_checkpoint(
                 self.ckpt_root, model_state, optimizer_state, self.state, self.config.to_dict()
             )
-            prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
+            if abandon_after is not None:
+                checkpoint.discard_after(self.ckpt_root, abandon_after)
+            checkpoint.prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
         self.world.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
 
     def load(self, path: Path) -> None:
-        check_same_model(path, saved_config(path).model, self.config.model)
-        loaded = load_checkpoint(path)
+        """Restore a checkpoint of this run (verified; CorruptCheckpointError if it is not)."""
+        checkpoint.check_same_model(path, saved_config(path).model, self.config.model)
+        loaded = checkpoint.load_checkpoint(path)
         load_full_state_dicts(
             self.train_module, self.optimizer, loaded.model_state, loaded.optimizer_state
         )
         self.state = loaded.state
         self.spikes.load_state_dict(self.state.recent_losses)
-        restore_rng(self.state.rng)
+        checkpoint.restore_rng(self.state.rng)
 
     def resume(self) -> None:
-        """Continue the run's latest checkpoint (train.resume), or start from train.init_from."""
+        """Continue the newest checkpoint that verifies (train.resume), or start a new run
+        (from train.init_from's weights when fine-tuning); fix the batch ramp for the run."""
         t = self.config.train
-        path = checkpoint_to_resume(self.ckpt_root, t.resume)
-        if path is not None:
-            self.load(path)
+        if self.world.is_main and (removed := checkpoint.clean_stale(self.ckpt_root)):
+            print(f"removed {len(removed)} unfinished checkpoint folder(s) of dead runs")
+        candidates = checkpoint.checkpoints_to_resume(self.ckpt_root, t.resume)
+        for path in candidates:
+            try:
+                self.load(path)
+            except CorruptCheckpointError as error:
+                if self.world.is_main:
+                    kept = checkpoint.set_aside(path)
+                    warn(f"{error}; skipped and moved to {kept.name} (kept for inspection)")
+                self.world.barrier()
+                continue
             self.world.print(f"resumed from {path} at step {self.state.step}")
-        elif t.init_from:  # fine-tuning: another checkpoint's weights, a fresh optimizer, step 0
-            source = resolve_checkpoint(t.init_from, "latest")
-            weights = load_checkpoint_weights(source)
-            load_full_state_dicts(self.train_module, self.optimizer, weights, {"state": {}})
-            self.world.print(f"initialised from {source}")
+            break
+        else:
+            if candidates:
+                raise CheckpointError(f"every checkpoint in {self.ckpt_root} is corrupt")
+            if t.init_from:  # fine-tuning: another run's weights, a fresh optimizer, step 0
+                source = resolve_checkpoint(t.init_from, "latest")
+                weights = checkpoint.load_checkpoint_weights(source)
+                load_full_state_dicts(self.train_module, self.optimizer, weights, {"state": {}})
+                self.world.print(f"initialised from {source}")
+        self.ramp = self.checked_ramp(kept_ramp(self.state.ramp, self.ramp, self.ckpt_root))
+        self.state.ramp = [list(stage) for stage in self.ramp.stages]
 
-    def roll_back(self, spike_step: int, loss: float, log: MetricsLogger, console: Console) -> None:
-        """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it."""
+    def guard(self, step: int, loss: float, grad_norm: float, log, console) -> str:
+        """PaLM §5.1 on one step: "apply" the update; "skip" it (a non-finite gradient with a
+        finite loss: never applied, counted); or "rolled_back" (a loss spike, a non-finite loss,
+        or a non-finite gradient again within the spike window)."""
+        if self.spikes.is_spike(loss):
+            self.roll_back(step, f"loss spike (loss {loss:.4g})", log, console)
+            return "rolled_back"
+        if math.isfinite(grad_norm):
+            return "apply"
+        repeat = recent_repeat(self.state.nonfinite_steps, step, self.config.train.spike_window)
+        self.state.nonfinite_steps.append(step)
+        log.log({"step": step, "kind": "event", "event": "nonfinite_gradient", "loss": loss})
+        if repeat:
+            self.roll_back(step, "non-finite gradient norm again", log, console)
+            return "rolled_back"
+        console.write(f"non-finite gradient norm at step {step} (loss {loss:.4g}): update skipped")
+        self.optimizer.zero_grad(set_to_none=True)
+        return "skip"
+
+    def roll_back(self, spike_step: int, why: str, log: MetricsLogger, console: Console) -> None:
+        """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it.
+        The rolled-back state is saved as the newest checkpoint before the abandoned later ones
+        are removed, so no crash can resume on the abandoned path."""
         t = self.config.train
         self.optimizer.zero_grad(set_to_none=True)  # the spiking gradient is never applied
         if self.state.rollbacks >= t.max_rollbacks:
             raise TrainingError(
-                f"loss spiked again at step {spike_step} after {t.max_rollbacks} "
+                f"{why} at step {spike_step} after {t.max_rollbacks} "
                 f"rollbacks; lower optim.lr or inspect the data"
             )
-        path = rollback_target(list_checkpoints(self.ckpt_root), spike_step, t.rollback_steps)
+        path = rollback_target(
+            checkpoint.list_checkpoints(self.ckpt_root), spike_step, t.rollback_steps
+        )
         rollbacks = self.state.rollbacks + 1
         self.load(path)
         back_to = self.state.step
@@ -192,11 +205,11 @@ class Trainer:
         skipped = samples_before(back_to + skip, self.ramp) - samples_before(back_to, self.ramp)
         self.state.sample_offset += skipped
         self.state.rollbacks = rollbacks
-        event = {"event": "loss_spike", "loss": loss, "rolled_back_to": back_to}
+        self.save(abandon_after=back_to)
+        event = {"event": "loss_spike", "reason": why, "rolled_back_to": back_to}
         log.log({"step": spike_step, "kind": "event", **event, "skipped_batches": skip})
         console.write(
-            f"loss spike at step {spike_step} (loss {loss:.4g}): rolled back to step "
-            f"{back_to}, skipping {skip} batches"
+            f"{why} at step {spike_step}: rolled back to step {back_to}, skipping {skip} batches"
         )
         console.advance(back_to)
 
@@ -246,10 +259,12 @@ class Trainer:
         ce_sum, z_sum = self.world.all_reduce_sum([float(ce_sum), float(z_sum)], self.device)
         return ce_sum + z_sum, ce_sum, z_sum, n_total
 
-    def optimizer_step(self, step: int, loss: float) -> float:
-        """Clip the global gradient norm (PaLM §5: 1.0), update; returns the norm."""
+    def clip_gradients(self) -> float:
+        """Global gradient-norm clipping (PaLM §5: 1.0); returns the norm before clipping."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = clip_gradients(params, self.config.optim.grad_clip)
+        return clip_gradients(params, self.config.optim.grad_clip)
+
+    def optimizer_step(self, step: int, loss: float, grad_norm: float) -> None:
         if not math.isfinite(grad_norm) or not math.isfinite(loss):
             raise TrainingError(
                 f"non-finite loss or gradient at step {step} "
@@ -257,35 +272,6 @@ class Trainer:
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean validation cross-entropy over a fixed set of windows (the same every time)."""
-        valid = self.valid_data
-        if valid is None:
-            return None
-        self.model.eval()
-        micro = self.config.data.micro_batch_size
-        # The same windows whatever the number of ranks, shared out among them.
-        n = min(self.config.train.eval_batches * micro, len(valid))
-        mine = np.arange(self.world.rank, n, self.world.world_size)  # each rank scores a share
-        total, count = 0.0, 0
-        for start in range(0, max(len(mine), 1), micro):
-            chunk = mine[start : start + micro]
-            if len(chunk) == 0:  # FSDP: every rank must run the same number of forwards
-                chunk = np.arange(1)
-            x, y = valid.batch(chunk)
-            with self.autocast:
-                out = self.train_module(
-                    x.to(self.device), targets=y.to(self.device), z_loss_coef=0.0
-                )
-            if start < len(mine):
-                total += float(out.cross_entropy) * float(out.n_tokens)
-                count += int(out.n_tokens)
-        total, count = self.world.all_reduce_sum([total, count], self.device)
-        self.model.train()
-        return total / max(count, 1)
 
     def fit(self) -> TrainResult:
         """Train to train.max_steps (or a signal, or train.max_minutes): PaLM §5's loop."""
@@ -293,21 +279,24 @@ class Trainer:
         self.resume()
         log = MetricsLogger(self.run_dir, enabled=self.world.is_main)
         console = Console(self.state.step, t.max_steps, enabled=self.world.is_main)
-        if t.spike_detection and not list_checkpoints(self.ckpt_root):
+        if t.spike_detection and not checkpoint.list_checkpoints(self.ckpt_root):
             self.save()  # something to roll back to before the first regular checkpoint
         meter = Throughput(self.config, self.peak_flops)
         val_loss, stopped_by, start = None, "max_steps", time.perf_counter()
+        guarded = t.spike_detection
         self.model.train()
         with StopSignal() as stop:
             while self.state.step < t.max_steps:
                 step = self.state.step
                 lr = self.set_lr(step)
                 loss, ce, z, n_tokens = self.train_step(step)
-                if t.spike_detection and self.spikes.is_spike(loss):
-                    self.roll_back(step, loss, log, console)
+                grad_norm = self.clip_gradients()
+                verdict = self.guard(step, loss, grad_norm, log, console) if guarded else "apply"
+                if verdict == "rolled_back":
                     continue
-                grad_norm = self.optimizer_step(step, loss)
-                self.spikes.record(loss)
+                if verdict == "apply":
+                    self.optimizer_step(step, loss, grad_norm)
+                    self.spikes.record(loss)
                 self.state.step = step = step + 1
                 self.state.tokens_seen += n_tokens  # global: all ranks
                 meter.tokens += n_tokens
@@ -320,7 +309,7 @@ class Trainer:
                     )
                     self.log_train(step, metrics, meter, log, console)
                 if (t.eval_every and step % t.eval_every == 0) or finished:
-                    val_loss = self.evaluate_and_log(step, log, console)
+                    val_loss = self.evaluate(step, log, console)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or finished:
                     self.save()
                 self.state.val_loss = None
@@ -355,8 +344,18 @@ class Trainer:
         log.log({**record, "tokens_per_s": tokens_per_s, "mfu": step_mfu})
         console.train(step, metrics["loss"], metrics["lr"], tokens_per_s, step_mfu)
 
-    def evaluate_and_log(self, step: int, log: MetricsLogger, console: Console) -> float | None:
-        val_loss = self.state.val_loss = self.evaluate()
+    def evaluate(self, step: int, log: MetricsLogger, console: Console) -> float | None:
+        """Mean validation cross-entropy over a fixed set of windows (the same every time)."""
+        if self.valid_data is None:
+            return None
+        d, n = self.config.data, self.config.train.eval_batches * self.config.data.micro_batch_size
+        self.model.eval()
+        with self.autocast:
+            val_loss = validation_loss(
+                self.train_module, self.valid_data, n, d.micro_batch_size, self.world, self.device
+            )
+        self.model.train()
+        self.state.val_loss = val_loss
         if val_loss is not None:
             record = {"val_loss": val_loss, "val_perplexity": perplexity_of(val_loss)}
             log.log({"step": step, "kind": "eval", **record})
@@ -364,7 +363,9 @@ class Trainer:
         return val_loss
 
     def result(self, val_loss: float | None, meter: Throughput, stopped_by: str) -> TrainResult:
-        sample = self.sample() if self.world.is_main or self.world.parallel == "fsdp" else None
+        t = self.config.train  # FSDP: every rank takes part in the forwards, rank 0 keeps it
+        sampling = t.sample_tokens > 0 and (self.world.is_main or self.world.parallel == "fsdp")
+        sample = sample_run(self.model, self.run_dir / "tokenizer.model", t) if sampling else None
         return TrainResult(
             self.run_dir,
             self.state.step,
@@ -377,17 +378,6 @@ class Trainer:
             sample,
             self.world.is_main,
         )
-
-    def sample(self) -> str | None:
-        """A short sample of the trained model (train.sample_*): what the run learned."""
-        t = self.config.train
-        path = self.run_dir / "tokenizer.model"
-        if t.sample_tokens <= 0 or not path.is_file():
-            return None
-        return sample_text(
-            self.model, Tokenizer.load(path), t.sample_prompt, t.sample_tokens,
-            temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed,
-        )  # fmt: skip
 
 
 def train(config: Config) -> TrainResult:

@@ -42,8 +42,10 @@ LAYERS: dict[str, int] = {
     "palm.data.manifest": 3,
     "palm.data.loader": 3,
     "palm.data.pipeline": 3,
+    "palm.data.splits": 3,
     # 4 state
     "palm.checkpoint": 4,
+    "palm.runs": 4,
     "palm.metrics": 4,
     # 5 jobs and peers
     "palm.trainer": 5,
@@ -213,6 +215,8 @@ def test_only_commands_parse_arguments_and_exit(name):
 # Built-in exceptions a library module may still raise: they signal a programming error in the
 # caller's use of Python itself, not a failure for the user.
 BUILTIN_ALLOWED = {"AttributeError", "NotImplementedError", "StopIteration", "KeyboardInterrupt"}
+# palm.files mirrors the os module it wraps: its callers turn OSError into their own PalmError.
+MODULE_ALLOWED = {"palm.files": {"OSError"}}
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
@@ -227,7 +231,7 @@ def test_failures_are_palm_errors(name):
             continue
         exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
         if isinstance(exc, ast.Name) and isinstance(getattr(builtins, exc.id, None), type):
-            if exc.id not in BUILTIN_ALLOWED:
+            if exc.id not in BUILTIN_ALLOWED | MODULE_ALLOWED.get(name, set()):
                 offences.append(f"line {node.lineno}: raise {exc.id}")
     assert offences == []
 

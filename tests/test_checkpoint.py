@@ -7,6 +7,8 @@ import errno
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,26 +18,30 @@ import palm.checkpoint as checkpoint
 from palm.checkpoint import (
     TrainingState,
     check_same_model,
-    checkpoint_to_resume,
-    find_tokenizer,
-    init_from,
+    checkpoints_to_resume,
     list_checkpoints,
     load_checkpoint,
-    load_model,
-    prepare_run_dir,
     prune_checkpoints,
-    resolve_checkpoint,
     save_checkpoint,
-    saved_config,
 )
 from palm.config import Config, ModelConfig, load_config
-from palm.errors import CheckpointError, ConfigError, DataError
+from palm.errors import CheckpointError, ConfigError, CorruptCheckpointError, DataError
 from palm.model import PaLM
+from palm.runs import (
+    find_tokenizer,
+    init_from,
+    load_model,
+    prepare_run_dir,
+    resolve_checkpoint,
+    saved_config,
+)
 
 TINY = ModelConfig(vocab_size=40, d_model=16, n_layers=1, n_heads=2, head_dim=8, max_seq_len=32)
 
 
-def write(root: Path, step: int, val_loss: float | None = None, seed: int = 0) -> Path:
+def write(
+    root: Path, step: int, val_loss: float | None = None, seed: int = 0, rollbacks: int = 0
+) -> Path:
     torch.manual_seed(seed)
     model = PaLM(TINY)
     param = next(model.parameters())
@@ -43,7 +49,9 @@ def write(root: Path, step: int, val_loss: float | None = None, seed: int = 0) -
         "state": {"embedding.weight": {"exp_avg": torch.ones_like(param), "step": 3}},
         "param_groups": [{"lr": 0.01, "params": ["embedding.weight"]}],
     }
-    state = TrainingState(step=step, sample_offset=5, tokens_seen=99, val_loss=val_loss)
+    state = TrainingState(
+        step=step, sample_offset=5, tokens_seen=99, val_loss=val_loss, rollbacks=rollbacks
+    )
     return save_checkpoint(
         root, model.state_dict(), optimizer_state, state, Config(model=TINY).to_dict()
     )
@@ -144,7 +152,13 @@ def test_load_model_refuses_corrupt_or_mismatched_weights(tmp_path):
         load_model(path, require_tokenizer=False)
     other = write(tmp_path / "b", 1)
     (other / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(CheckpointError, match="is corrupt"):
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors does not match the sha256"):
+        load_model(other, require_tokenizer=False)
+    # A checkpoint from before hashes were recorded (format 1): safetensors itself refuses it.
+    meta = json.loads((other / "meta.json").read_text())
+    del meta["sha256"]
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CorruptCheckpointError, match="model.safetensors is corrupt"):
         load_model(other, require_tokenizer=False)
 
 
@@ -159,16 +173,16 @@ def test_tokenizer_is_found_next_to_the_checkpoint_or_its_run(tmp_path):
 
 
 def test_resume_modes(tmp_path):
-    assert checkpoint_to_resume(tmp_path, "auto") is None
-    assert checkpoint_to_resume(tmp_path, "never") is None
+    assert checkpoints_to_resume(tmp_path, "auto") == []
+    assert checkpoints_to_resume(tmp_path, "never") == []
     with pytest.raises(CheckpointError, match="no complete checkpoint .* to resume"):
-        checkpoint_to_resume(tmp_path, "must")
-    write(tmp_path, 1)
+        checkpoints_to_resume(tmp_path, "must")
+    first = write(tmp_path, 1)
     last = write(tmp_path, 2)
-    assert checkpoint_to_resume(tmp_path, "auto") == last
-    assert checkpoint_to_resume(tmp_path, "must") == last
+    assert checkpoints_to_resume(tmp_path, "auto") == [last, first]  # newest first
+    assert checkpoints_to_resume(tmp_path, "must") == [last, first]
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
-        checkpoint_to_resume(tmp_path, "never")
+        checkpoints_to_resume(tmp_path, "never")
 
 
 def test_another_model_shape_is_refused_naming_the_keys():
@@ -211,3 +225,79 @@ def test_fine_tuning_takes_the_checkpoints_shape_and_checks_the_tokenizer(tmp_pa
     (data / "tokenizer.model").write_bytes(b"ours")
     with pytest.raises(DataError, match="another tokenizer"):
         init_from(config)
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the process stops where it is."""
+
+
+def test_pruning_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """A kill while a pruned checkpoint is deleted leaves it under a trash name only."""
+    from palm import files
+
+    for step in (1, 2, 3):
+        write(tmp_path, step)
+
+    def killed_midway(path, **kwargs):
+        next(iter(path.iterdir())).unlink()  # some of its files are gone ...
+        raise Killed  # ... when the process dies
+
+    monkeypatch.setattr(files.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        checkpoint.prune_checkpoints(tmp_path, keep=1)
+    monkeypatch.undo()
+    for path in tmp_path.glob("step_*"):
+        assert all((path / name).is_file() for name in checkpoint.FILES), path
+    assert [p.name for p in files.stale(tmp_path)] == [f".step_00000001.trash-{os.getpid()}"]
+    assert checkpoint.clean_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+def test_start_up_removes_only_what_dead_writers_left(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f".step_5.tmp-{dead}", f".step_6.tmp-{alive.pid}", f".step_7.trash-{dead}"):
+            (tmp_path / name).mkdir()
+        removed = sorted(p.name for p in checkpoint.clean_stale(tmp_path))
+        assert removed == [f".step_5.tmp-{dead}", f".step_7.trash-{dead}"]
+        assert [p.name for p in tmp_path.iterdir()] == [f".step_6.tmp-{alive.pid}"]
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_newest_is_the_highest_rollbacks_then_step(tmp_path):
+    """After a rollback to step 2 its own checkpoint outranks the abandoned step 3, so a crash
+    before step 3 is removed still resumes on the new path."""
+    write(tmp_path, 1)
+    abandoned = write(tmp_path, 3)
+    rolled_back = write(tmp_path, 2, rollbacks=1)
+    assert list_checkpoints(tmp_path)[-1] == rolled_back
+    assert checkpoints_to_resume(tmp_path, "auto")[0] == rolled_back
+    assert checkpoint.discard_after(tmp_path, 2) == [abandoned]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
+
+
+def test_a_flipped_bit_in_tensor_data_is_caught(tmp_path):
+    path = write(tmp_path, 1)
+    load_checkpoint(path)
+    data = bytearray((path / "optimizer.safetensors").read_bytes())
+    data[-3] ^= 0x10  # past the header: safetensors itself would load it
+    (path / "optimizer.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="optimizer.safetensors does not match"):
+        load_checkpoint(path)
+    assert checkpoint.load_checkpoint_weights(path)  # the weights alone still verify
+
+
+def test_replacing_a_checkpoint_keeps_its_name_in_place(tmp_path):
+    first = write(tmp_path, 4, seed=1)
+    again = write(tmp_path, 4, seed=2)  # the same step, e.g. the state a rollback restored
+    assert again == first and list_checkpoints(tmp_path) == [first]
+    torch.manual_seed(2)
+    expected = PaLM(TINY).state_dict()
+    loaded = load_checkpoint(first).model_state
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004"]

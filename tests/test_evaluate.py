@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palm.checkpoint import load_model
 from palm.cli.evaluate import main
 from palm.model import PaLM
 from palm.perplexity import score_documents, split_documents, windows
+from palm.runs import load_model
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from palm.checkpoint import load_model, resolve_checkpoint
 from palm.cli.generate import main
 from palm.model import PaLM
+from palm.runs import load_model, resolve_checkpoint
 from palm.sampling import TextStream, generate, pad_left, top_k_filter, top_p_filter
 from palm.tokenizer import Tokenizer
 

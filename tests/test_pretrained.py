@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from palm import pretrained
-from palm.checkpoint import load_model
 from palm.cli.download import main as download_main
 from palm.cli.export import main as export_main
 from palm.errors import PretrainedError
 from palm.hub import HubFile, git_blob_sha1
 from palm.interop import convert_state_dict, from_palm_rlhf_pytorch
 from palm.pretrained import Pretrained
+from palm.runs import load_model
 from palm.tokenizer import Tokenizer
 
 peer_lib = pytest.importorskip("palm_rlhf_pytorch", reason="pip install palm-rlhf-pytorch==0.2.1")

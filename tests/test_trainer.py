@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -314,3 +315,29 @@ def test_fine_tuning_starts_from_another_runs_weights(
         assert torch.equal(start[key], value), key
     saved = load_config(tuned.run_dir / "config.yaml")
     assert saved.model.d_model == 32 and saved.model.dropout == 0.1
+
+
+def test_no_validation_data_is_said_once_at_start_in_words(tmp_path, make_dataset, capsys):
+    """A dataset without held-out tokens: one note at start, and words (not "n/a") at the end."""
+    from palm.cli.train import main
+
+    data = make_dataset(tmp_path / "only-train", np.arange(3000) % 60 + 2, vocab_size=64)
+    code = main(
+        [
+            f"data.path={data}",
+            f"train.runs_dir={tmp_path / 'runs'}",
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.n_heads=2",
+            "model.head_dim=16",
+            "train.max_steps=3",
+            "train.eval_every=1",
+            "train.sample_tokens=0",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("has no validation tokens") == 1
+    assert out.index("has no validation tokens") < out.index("step 3/3")
+    last = out.strip().splitlines()[-1]
+    assert "no validation data" in last and "n/a" not in last

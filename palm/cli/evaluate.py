@@ -16,10 +16,10 @@ import argparse
 import json
 import sys
 
-from palm.checkpoint import WHICH, LoadedModel, load_model
 from palm.cli import run
 from palm.data.corpus import DOCUMENT_MODES
 from palm.errors import ConfigError, PalmError
+from palm.runs import WHICH, LoadedModel, load_model
 
 SPLIT_ALIASES = {"valid": "validation", "val": "validation"}
 

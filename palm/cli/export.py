@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 def export(args: argparse.Namespace) -> None:
     import torch
 
-    from palm.checkpoint import load_model
     from palm.interop import to_palm_pytorch, to_palm_rlhf_pytorch
+    from palm.runs import load_model
 
     model = load_model(
         args.checkpoint, device="cpu", dtype=torch.float32, require_tokenizer=False

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from palm.checkpoint import WHICH, LoadedModel, load_model
 from palm.cli import run
 from palm.errors import ConfigError, PalmError
 from palm.flops import DTYPE_BYTES
+from palm.runs import WHICH, LoadedModel, load_model
 from palm.sampling import TextStream, check_sampling, pad_left, stream
 
 

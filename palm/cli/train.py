@@ -49,9 +49,12 @@ def train_from_args(config_file: str | None, overrides: list[str]) -> None:
         return
     if result.sample is not None:
         print("sample:\n" + result.sample)
-    ppl = "n/a" if result.val_perplexity is None else f"{result.val_perplexity:.2f}"
+    if result.val_perplexity is None:
+        validation = "no validation data"
+    else:
+        validation = f"validation perplexity {result.val_perplexity:.2f}"
     print(
-        f"finished at step {result.step} ({result.stopped_by}); validation perplexity {ppl}; "
+        f"finished at step {result.step} ({result.stopped_by}); {validation}; "
         f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; run folder {result.run_dir}"
     )
 

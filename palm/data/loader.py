@@ -77,13 +77,22 @@ def rank_sample_indices(
     return np.arange(start, start + per_rank, dtype=np.int64)
 
 
-def open_split(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, Manifest]:
+def open_split(
+    dataset_dir: str | Path, split: str, need_tokens: bool = False
+) -> tuple[np.ndarray, Manifest]:
     """The token stream of one prepared split, memory-mapped, after checking its size against
-    meta.json; with the manifest. Every reader of token files goes through here."""
+    meta.json; with the manifest. Every reader of token files goes through here. With
+    `need_tokens`, an empty split (nothing to score) is an error naming the fix."""
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     path = manifest.split_path(dataset_dir, split)
     n_tokens = int(manifest.splits[split]["n_tokens"])
+    if need_tokens and n_tokens == 0:
+        raise DataError(
+            f"{dataset_dir / META_NAME}: split {split!r} has no tokens; prepare the data with "
+            f"held-out text (download.py --split True with fractions > 0, or a corpus with "
+            f"official splits), or choose another split"
+        )
     dtype = np.dtype(manifest.dtype)
     if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
         raise DataError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 import sys
 import time
 import zlib
@@ -21,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import sentencepiece
 
-from palm.data.corpus import SPLITS, Corpus, iter_documents, split_of
+from palm.data.corpus import Corpus
 from palm.data.manifest import META_NAME, Manifest, load_manifest
 from palm.data.pack import PackConfig, pack, token_dtype
 from palm.data.sources import SourceOptions, resolve, write_dataset_file
+from palm.data.splits import SplitPlan, labeled_documents, output_splits, plan_splits
 from palm.errors import DataError
-from palm.files import TEMPORARY_GLOB, sha256_file
+from palm.files import remove, sha256_file, stale
 from palm.tokenizer import Tokenizer, TokenizerTrainConfig, train_sentencepiece, vocab_file_text
 
 
@@ -63,30 +63,7 @@ class PrepareConfig:
             )
 
 
-def labeled_documents(
-    corpus: Corpus, config: PrepareConfig, only_train: bool = False
-) -> Iterator[tuple[str, str]]:
-    """(split, text) for every document, in a fixed order (files sorted, documents in order)."""
-    carve = config.split and not corpus.has_official_splits
-    for split, files in corpus.files.items():
-        if only_train and split != "train":
-            continue
-        for path in files:
-            for text in iter_documents(path, corpus.documents):
-                label = (
-                    split_of(text, config.valid_fraction, config.test_fraction) if carve else split
-                )
-                if not only_train or label == "train":
-                    yield label, text
-
-
-def output_splits(corpus: Corpus, config: PrepareConfig) -> list[str]:
-    if corpus.has_official_splits:
-        return list(corpus.files)
-    return list(SPLITS) if config.split else ["train"]
-
-
-def training_lines(corpus: Corpus, config: PrepareConfig) -> Iterator[str]:
+def training_lines(corpus: Corpus, config: PrepareConfig, plan: SplitPlan) -> Iterator[str]:
     """The lines SentencePiece trains on: every training line, or a deterministic sample.
 
     Sampling keeps a line when crc32(line) falls under keep * 2^32, so memory is bounded by
@@ -95,13 +72,15 @@ def training_lines(corpus: Corpus, config: PrepareConfig) -> Iterator[str]:
     total = sum(p.stat().st_size for p in corpus.files["train"])
     keep = min(1.0, config.tokenizer_sample_bytes / max(1, total))
     threshold = int(keep * 2**32)
-    for _, text in labeled_documents(corpus, config, only_train=True):
+    for _, text in labeled_documents(corpus, plan, only_train=True):
         for line in text.split("\n"):
             if line and (keep >= 1.0 or zlib.crc32(line.encode("utf-8")) < threshold):
                 yield line
 
 
-def prepare_tokenizer(corpus: Corpus, config: PrepareConfig, out: Path) -> tuple[Tokenizer, dict]:
+def prepare_tokenizer(
+    corpus: Corpus, config: PrepareConfig, plan: SplitPlan, out: Path
+) -> tuple[Tokenizer, dict]:
     """Step 2: tokenizer.model in the dataset folder: given, kept, or trained (PaLM §2)."""
     target = out / "tokenizer.model"
     if config.tokenizer_path is not None:
@@ -127,7 +106,7 @@ def prepare_tokenizer(corpus: Corpus, config: PrepareConfig, out: Path) -> tuple
             f"(at most {config.tokenizer_sample_bytes / 1e6:.0f} MB sampled)"
         )
         started = time.perf_counter()
-        model = train_sentencepiece(training_lines(corpus, config), train_config)
+        model = train_sentencepiece(training_lines(corpus, config, plan), train_config)
         write_dataset_file(target, model)
         tokenizer = Tokenizer.load(target)
         how = {
@@ -170,7 +149,11 @@ def source_records(corpus: Corpus) -> list[dict]:
 
 
 def fingerprint(
-    config: PrepareConfig, corpus: Corpus, sources: list[dict], tokenizer: Tokenizer
+    config: PrepareConfig,
+    corpus: Corpus,
+    plan: SplitPlan,
+    sources: list[dict],
+    tokenizer: Tokenizer,
 ) -> str:
     """Hash of everything the token files depend on; equal hashes mean the files can be kept."""
     facts = {
@@ -178,10 +161,12 @@ def fingerprint(
         "tokenizer": tokenizer.sha256,
         "combine": config.combine,
         "seq_len": None if config.combine else config.seq_len,
-        "split": output_splits(corpus, config),
+        "split": output_splits(corpus, plan),
         "documents": corpus.documents,
         "fractions": [config.valid_fraction, config.test_fraction] if config.split else None,
     }
+    if plan.method == "cut":  # (a key only then: earlier fingerprints stay valid)
+        facts["split_method"] = plan.describe()
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
@@ -201,11 +186,16 @@ def _finished(out: Path, print_: str) -> Manifest | None:
 
 
 def process(
-    corpus: Corpus, config: PrepareConfig, out: Path, tokenizer: Tokenizer, tokenizer_info: dict
+    corpus: Corpus,
+    config: PrepareConfig,
+    plan: SplitPlan,
+    out: Path,
+    tokenizer: Tokenizer,
+    tokenizer_info: dict,
 ) -> Manifest:
     """Steps 3-4: the token files of every split, then meta.json."""
     sources = source_records(corpus)
-    print_ = fingerprint(config, corpus, sources, tokenizer)
+    print_ = fingerprint(config, corpus, plan, sources, tokenizer)
     previous = _finished(out, print_) if not config.force else None
     if previous is not None:
         print(f"process: token files in {out} are up to date (skipping; --force redoes them)")
@@ -218,8 +208,8 @@ def process(
         )
         started = time.perf_counter()
         stats = pack(
-            labeled_documents(corpus, config),
-            output_splits(corpus, config),
+            labeled_documents(corpus, plan),
+            output_splits(corpus, plan),
             tokenizer,
             out,
             PackConfig(config.combine, config.seq_len, config.n_workers),
@@ -255,7 +245,11 @@ def process(
             "official_splits": corpus.has_official_splits,
             **corpus.info,
             **(
-                {"valid_fraction": config.valid_fraction, "test_fraction": config.test_fraction}
+                {
+                    "valid_fraction": config.valid_fraction,
+                    "test_fraction": config.test_fraction,
+                    "split": plan.describe(),
+                }
                 if config.split
                 else {}
             ),
@@ -286,16 +280,14 @@ def prepare(config: PrepareConfig) -> Path:
     if not (config.tokenize or config.process or config.tokenizer_path):
         print("nothing to do after the download: --tokenize and --process are False")
         return out
-    tokenizer, tokenizer_info = prepare_tokenizer(corpus, config, out)
+    plan = plan_splits(corpus, config.split, config.valid_fraction, config.test_fraction)
+    tokenizer, tokenizer_info = prepare_tokenizer(corpus, config, plan, out)
     if config.process:
-        process(corpus, config, out, tokenizer, tokenizer_info)
+        process(corpus, config, plan, out, tokenizer, tokenizer_info)
     return out
 
 
 def _clean_temporaries(out: Path) -> None:
-    """Remove what an interrupted run left under temporary names."""
-    for leftover in out.glob(TEMPORARY_GLOB):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+    """Remove what interrupted runs left under temporary names."""
+    for leftover in stale(out):
+        remove(leftover)
