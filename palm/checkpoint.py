@@ -18,6 +18,9 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,25 +190,53 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=_rank)
 
 
+def incomplete_checkpoints(root: Path) -> list[Path]:
+    """`step_*` folders missing a file: never written by palm (its folders appear whole), so
+    damage from outside, e.g. a deleted meta.json."""
+    if not root.is_dir():
+        return []
+    complete = set(list_checkpoints(root))
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+        and p not in complete
+    )  # fmt: skip
+
+
 def verify_checkpoint(path: Path, files: tuple[str, ...] = TENSOR_FILES) -> dict[str, Any]:
-    """The checkpoint's meta.json, after checking `files` against the sha256 it records."""
+    """The checkpoint's meta.json, after checking `files` against the sha256s it records."""
+    with verifying(path, files) as meta:
+        pass
+    return meta
+
+
+@contextmanager
+def verifying(path: Path, files: tuple[str, ...] = TENSOR_FILES) -> Iterator[dict[str, Any]]:
+    """Hash `files` in background threads (hashlib releases the GIL) while the block loads the
+    checkpoint, and raise CorruptCheckpointError at its end if one does not match the sha256 in
+    meta.json: the check then costs about max(0, hashing - loading), not hashing + loading.
+    Yields the meta.json. Whatever the block restored from a corrupt checkpoint must be
+    discarded by the caller (loading an older checkpoint over it does)."""
     meta = read_meta(path)
     recorded = meta.get("sha256", {})
-    for name in files:
-        if name not in recorded:
-            continue  # written before hashes were recorded (format 1)
+    names = [name for name in files if name in recorded]  # format 1 recorded none
+
+    def digest(name: str) -> str:
         try:
-            actual = sha256_file(path / name)
+            return sha256_file(path / name)
         except OSError as error:
-            raise CorruptCheckpointError(
-                f"checkpoint {path}: {name} unreadable ({error})"
-            ) from None
-        if actual != recorded[name]:
-            raise CorruptCheckpointError(
-                f"checkpoint {path}: {name} does not match the sha256 in its meta.json "
-                f"(damaged on disk or in transfer)"
-            )
-    return meta
+            raise CorruptCheckpointError(f"checkpoint {path}: {name}: {error}") from None
+
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        pending = {name: pool.submit(digest, name) for name in names}
+        yield meta
+        for name, future in pending.items():
+            if future.result() != recorded[name]:
+                raise CorruptCheckpointError(
+                    f"checkpoint {path}: {name} does not match the sha256 in its meta.json "
+                    f"(damaged on disk or in transfer)"
+                )
 
 
 def _load_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
@@ -224,18 +255,27 @@ class LoadedCheckpoint:
     config: dict[str, Any]
 
 
-def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Read and verify a checkpoint folder; tensors come from safetensors, the rest from JSON."""
-    meta = verify_checkpoint(path)
+def load_checkpoint(path: Path, verify: bool = True) -> LoadedCheckpoint:
+    """Read a checkpoint folder (verified, unless the caller verifies around it with
+    `verifying`); tensors come from safetensors, the rest from JSON."""
+    if verify:
+        meta = verify_checkpoint(path)
+    else:
+        meta = read_meta(path)
     model_state = _load_tensors(path, "model.safetensors")
     optimizer_tensors = _load_tensors(path, "optimizer.safetensors")
-    return LoadedCheckpoint(
-        path=path,
-        model_state=model_state,
-        optimizer_state=_unflatten_optimizer(optimizer_tensors, meta["optimizer"]),
-        state=TrainingState(**meta["state"]),
-        config=meta["config"],
-    )
+    try:
+        return LoadedCheckpoint(
+            path=path,
+            model_state=model_state,
+            optimizer_state=_unflatten_optimizer(optimizer_tensors, meta["optimizer"]),
+            state=TrainingState(**meta["state"]),
+            config=meta["config"],
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise CorruptCheckpointError(
+            f"checkpoint {path}: meta.json is inconsistent ({error})"
+        ) from None
 
 
 def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -300,11 +340,11 @@ def discard_after(root: Path, step: int) -> list[Path]:
     return abandoned
 
 
-def set_aside(path: Path) -> Path:
-    """Move a corrupt checkpoint out of the `step_*` namespace, keeping it for inspection: it
+def set_aside(path: Path, why: str = "corrupt") -> Path:
+    """Move a damaged checkpoint out of the `step_*` namespace, keeping it for inspection: it
     can then neither be resumed from nor be overwritten when training reaches its step again."""
     for n in range(1000):
-        target = path.with_name(path.name + (".corrupt" if n == 0 else f".corrupt-{n}"))
+        target = path.with_name(path.name + (f".{why}" if n == 0 else f".{why}-{n}"))
         if not target.exists():
             publish(path, target)
             return target

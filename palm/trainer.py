@@ -128,10 +128,11 @@ class Trainer:
     def load(self, path: Path) -> None:
         """Restore a checkpoint of this run (verified; CorruptCheckpointError if it is not)."""
         checkpoint.check_same_model(path, saved_config(path).model, self.config.model)
-        loaded = checkpoint.load_checkpoint(path)
-        load_full_state_dicts(
-            self.train_module, self.optimizer, loaded.model_state, loaded.optimizer_state
-        )
+        with checkpoint.verifying(path):  # hashes while the state is restored
+            loaded = checkpoint.load_checkpoint(path, verify=False)
+            load_full_state_dicts(
+                self.train_module, self.optimizer, loaded.model_state, loaded.optimizer_state
+            )
         self.state = loaded.state
         self.spikes.load_state_dict(self.state.recent_losses)
         checkpoint.restore_rng(self.state.rng)
@@ -140,8 +141,13 @@ class Trainer:
         """Continue the newest checkpoint that verifies (train.resume), or start a new run
         (from train.init_from's weights when fine-tuning); fix the batch ramp for the run."""
         t = self.config.train
-        if self.world.is_main and (removed := checkpoint.clean_stale(self.ckpt_root)):
-            print(f"removed {len(removed)} unfinished checkpoint folder(s) of dead runs")
+        if self.world.is_main:
+            if removed := checkpoint.clean_stale(self.ckpt_root):
+                print(f"removed {len(removed)} unfinished checkpoint folder(s) of dead runs")
+            for path in checkpoint.incomplete_checkpoints(self.ckpt_root):
+                kept = checkpoint.set_aside(path, "incomplete")
+                warn(f"checkpoint {path} lacks files; moved to {kept.name} (kept for inspection)")
+        self.world.barrier()
         candidates = checkpoint.checkpoints_to_resume(self.ckpt_root, t.resume)
         for path in candidates:
             try:

@@ -5,6 +5,8 @@ and checkpoint folders that stay clean whatever is killed when."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,3 +187,38 @@ def test_a_resume_with_more_steps_keeps_the_batch_ramp(dataset, tmp_path, tiny_c
     )
     with pytest.raises(ConfigError, match="batch sizes by step"):
         changed.resume()
+
+
+@pytest.mark.slow
+def test_fault_injection_benchmark_in_small(tmp_path):
+    """benchmarks/faults.py with a few kills: every figure it reports is the one required."""
+    from pathlib import Path
+
+    out = tmp_path / "faults.json"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/faults.py", "--kills", "3", "--prune-kills", "2"]
+        + ["--json", str(out)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for scenario in ("kills", "prune_kills"):
+        f = figures[scenario]
+        assert f["incomplete_after_kill"] == [0] * f["kills"], f
+        assert f["restarts_resumed"] == f["kills"] - 1, f
+        assert f["final_exit"] == 0 and f["final_resumed"], f
+        assert f["stale_after_final"] == 0 and f["incomplete_after_final"] == 0, f
+    for damage in ("flipped byte", "truncated optimizer", "deleted meta.json"):
+        f = figures[damage]
+        assert f["exit"] == 0 and f["resumed_from"].startswith("step_00000004"), f
+        assert f["warning"].startswith("warning: checkpoint") and f["damaged_kept"], f
+    full = figures["disk full"]
+    assert full["error"].startswith("disk full") and full["debris"] == 0, full
+    assert full["checkpoints_intact"] and full["rerun_exit"] == 0 and full["rerun_resumed"], full
+    term = figures["torchrun sigterm"]
+    assert term["stopped_by_signal"] and term["checkpoint_of_last_step"], term
+    assert term["resume_exit"] == 0 and term["resumed"], term
