@@ -93,8 +93,7 @@ def fetch(
         return final
     raise DataError(
         f"could not download {remote.name} ({'; '.join(failures)}); place it by hand at "
-        f"{final} (sha256 {remote.sha256}) or its extracted files under {dest_dir}, "
-        "then rerun with --download_data False"
+        f"{final} (sha256 {remote.sha256}) or its extracted files under {dest_dir}, then rerun"
     )
 
 
@@ -210,3 +209,26 @@ def safe_extract(archive: Path, target: Path) -> list[Path]:
     shutil.rmtree(target, ignore_errors=True)
     publish(staging, target)
     return [target / name for name in names]
+
+
+def fetch_small(urls: list[str], config: FetchConfig = FetchConfig()) -> bytes:
+    """The body of a small file (an index, a manifest) from the first URL that serves it, with
+    the same retries as `fetch`; the caller verifies what it got."""
+    failures = []
+    for url in urls:
+        wait = config.backoff_s
+        for attempt in range(1, config.retries + 1):
+            request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+            try:
+                with urllib.request.urlopen(request, timeout=config.timeout_s) as response:
+                    return response.read()
+            except urllib.error.HTTPError as error:
+                failures.append(f"{url}: HTTP {error.code}")
+                break  # a 404 does not get better by asking again
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
+                if attempt == config.retries:
+                    failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
+                    break
+                time.sleep(wait)
+                wait *= 2
+    raise DataError(f"could not fetch {'; '.join(failures)}")

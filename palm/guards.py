@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from collections import deque
 from pathlib import Path
 
@@ -75,6 +76,15 @@ class StopSignal:
 
     def handle(self, signum, frame) -> None:
         self.received = signum
+
+    def reason(self, start: float, max_minutes: float, world, device) -> str:
+        """ "signal", "time_limit" or "max_steps" (go on). All ranks decide together (`world`:
+        palm.distributed.Distributed), so a signal or the clock seen by any rank stops all."""
+        over_time = bool(max_minutes) and time.perf_counter() - start > 60 * max_minutes
+        signalled, over_time = world.all_reduce_sum(
+            [float(self.received is not None), float(over_time)], device
+        )
+        return "signal" if signalled else "time_limit" if over_time else "max_steps"
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():

@@ -113,14 +113,48 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
+def human_duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} seconds"
+
+
+class Eta:
+    """One line, after the first few steps of a run: how long the rest takes at the speed just
+    measured (the first step, which warms up, is left out), so no run is silently weeks long."""
+
+    def __init__(self, first_step: int, max_steps: int, tokens_per_step: int, device: str) -> None:
+        self.first, self.max_steps, self.tokens_per_step = first_step, max_steps, tokens_per_step
+        self.device, self.started, self.measured_steps = device, 0.0, 3
+
+    def after(self, step: int) -> str | None:
+        """The ETA line once `step` completes the measurement, else None."""
+        if step == self.first + 1:
+            self.started = time.perf_counter()
+        if step != self.first + 1 + self.measured_steps or step >= self.max_steps:
+            return None
+        per_step = (time.perf_counter() - self.started) / self.measured_steps
+        remaining = self.max_steps - step
+        seconds = remaining * per_step
+        line = (
+            f"eta: {remaining:,} more steps ({remaining * self.tokens_per_step:,} tokens) take "
+            f"~{human_duration(seconds)} at {self.tokens_per_step / per_step:,.0f} tokens/s "
+            f"on this {self.device.upper() if self.device != 'cpu' else 'CPU'}"
+        )
+        if self.device == "cpu" and seconds > 3 * 3600:
+            line += "; for a CPU try --config configs/cpu-quickstart.yaml"
+        return line
+
+
 class Console:
     """Rank 0's view of a run: a tqdm bar on a terminal, else one line per logged step (logs,
     CI). Other ranks print nothing."""
 
-    def __init__(self, initial: int, total: int, enabled: bool) -> None:
+    def __init__(self, initial: int, total: int, enabled: bool, eta: Eta | None = None) -> None:
         from tqdm import tqdm
 
-        self.enabled, self.total = enabled, total
+        self.enabled, self.total, self.eta = enabled, total, eta
         self.bar = tqdm(
             initial=initial,
             total=total,
@@ -130,8 +164,11 @@ class Console:
         )
 
     def advance(self, step: int) -> None:
-        """The loop reached `step` (forward after a step, backward after a rollback)."""
+        """The loop reached `step` (forward after a step, backward after a rollback); says the
+        ETA once it is measured."""
         self.bar.update(step - self.bar.n)
+        if self.eta is not None and (line := self.eta.after(step)):
+            self.write(line)
 
     def train(self, step: int, loss: float, lr: float, tokens_per_s: float, mfu: float) -> None:
         report = dict(
@@ -154,6 +191,15 @@ class Console:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def plan_line(config: Config, parameters: int, first_step: int, ranks: int, device: str) -> str:
+    """What a run will do, said before its first step."""
+    d = config.data
+    return (
+        f"plan: {parameters / 1e6:,.1f}M-parameter PaLM, steps {first_step:,} to "
+        f"{config.train.max_steps:,} of {d.batch_size} x {d.seq_len} tokens, on {ranks} x {device}"
+    )
 
 
 class Throughput:

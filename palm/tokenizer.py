@@ -31,6 +31,7 @@ PAD_PIECE, EOD_PIECE, UNK_PIECE = "<pad>", "<eod>", "<unk>"
 # The newline is a user-defined piece: SentencePiece trains on lines, so it would otherwise
 # never learn "\n" and every newline in code would cost a byte-fallback token.
 NEWLINE = "\n"
+META_SYMBOL = "\u2581"  # "▁": how SentencePiece marks whitespace inside its pieces
 
 
 # tokenizer.json special tokens, in order of preference: GPT-NeoX/GPT-2 style, then others.
@@ -253,6 +254,9 @@ class Tokenizer:
             chunks.extend(parts)
             counts.append(len(parts))
         encoded = self._sp.encode(chunks, num_threads=n_threads) if chunks else []
+        for i, chunk in enumerate(chunks):
+            if META_SYMBOL in chunk:  # rare: SentencePiece would read it as its whitespace mark
+                encoded[i] = self._encode_meta_symbols(chunk)
         out: list[list[int]] = []
         position = 0
         for count in counts:
@@ -262,6 +266,15 @@ class Tokenizer:
             out.append(ids)
             position += count
         return out
+
+    def _encode_meta_symbols(self, text: str) -> list[int]:
+        """`text` with each U+2581 (SentencePiece's own mark for a space, which it would decode
+        as " ") spelled as its three UTF-8 byte pieces, so that decoding gives it back."""
+        meta = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META_SYMBOL.encode("utf-8")]
+        ids: list[int] = []
+        for i, part in enumerate(text.split(META_SYMBOL)):
+            ids.extend((meta if i else []) + (self._sp.encode(part) if part else []))
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special ids (<pad>, <eod>) decode to nothing."""

@@ -41,7 +41,7 @@ from palm.distributed import (
 from palm.errors import CheckpointError, CorruptCheckpointError, TrainingError, warn
 from palm.guards import SpikeDetector, StopSignal, recent_repeat, rollback_target
 from palm.loss import IGNORE_INDEX, LossOutput, perplexity_of
-from palm.metrics import Console, MetricsLogger, Throughput, TrainResult, peak_flops
+from palm.metrics import Console, Eta, MetricsLogger, Throughput, TrainResult, peak_flops, plan_line
 from palm.model import PaLM
 from palm.optim import optimizer_for
 from palm.perplexity import validation_loss
@@ -104,8 +104,7 @@ class Trainer:
         )
 
     def checked_ramp(self, ramp: BatchRamp) -> BatchRamp:
-        """`ramp`, once every stage's batch splits into this run's micro-batches (checked now,
-        not at the first ramp boundary)."""
+        """`ramp`, once each stage's batch splits into this run's micro-batches (checked now)."""
         for _, stage_batch in ramp.stages:
             micro_batches(stage_batch // self.world.world_size, self.config.data.micro_batch_size)
         return ramp
@@ -174,7 +173,10 @@ class Trainer:
     def guard(self, step: int, loss: float, grad_norm: float, log, console) -> str:
         """PaLM §5.1 on one step: "apply" the update; "skip" it (a non-finite gradient with a
         finite loss: never applied, counted); or "rolled_back" (a loss spike, a non-finite loss,
-        or a non-finite gradient again within the spike window)."""
+        or a non-finite gradient again within the spike window). Without train.spike_detection
+        every update is applied (a non-finite one stops the run)."""
+        if not self.config.train.spike_detection:
+            return "apply"
         if self.spikes.is_spike(loss):
             self.roll_back(step, f"loss spike (loss {loss:.4g})", log, console)
             return "rolled_back"
@@ -284,12 +286,11 @@ class Trainer:
         t = self.config.train
         self.resume()
         log = MetricsLogger(self.run_dir, enabled=self.world.is_main)
-        console = Console(self.state.step, t.max_steps, enabled=self.world.is_main)
+        console = self.start_console()
         if t.spike_detection and not checkpoint.list_checkpoints(self.ckpt_root):
             self.save()  # something to roll back to before the first regular checkpoint
         meter = Throughput(self.config, self.peak_flops)
         val_loss, stopped_by, start = None, "max_steps", time.perf_counter()
-        guarded = t.spike_detection
         self.model.train()
         with StopSignal() as stop:
             while self.state.step < t.max_steps:
@@ -297,7 +298,7 @@ class Trainer:
                 lr = self.set_lr(step)
                 loss, ce, z, n_tokens = self.train_step(step)
                 grad_norm = self.clip_gradients()
-                verdict = self.guard(step, loss, grad_norm, log, console) if guarded else "apply"
+                verdict = self.guard(step, loss, grad_norm, log, console)
                 if verdict == "rolled_back":
                     continue
                 if verdict == "apply":
@@ -307,7 +308,7 @@ class Trainer:
                 self.state.tokens_seen += n_tokens  # global: all ranks
                 meter.tokens += n_tokens
                 console.advance(step)
-                stopped_by = self.should_stop(stop, start)
+                stopped_by = stop.reason(start, t.max_minutes, self.world, self.device)
                 finished = step >= t.max_steps or stopped_by != "max_steps"
                 if step % t.log_every == 0 or finished:
                     metrics = dict(
@@ -325,22 +326,21 @@ class Trainer:
         log.close()
         return self.result(val_loss, meter, stopped_by)
 
+    def start_console(self) -> Console:
+        """The run's console: the plan first, the ETA once measured (rank 0 only)."""
+        t, d, first, world = self.config.train, self.config.data, self.state.step, self.world
+        eta = Eta(first, t.max_steps, d.batch_size * d.seq_len, self.device.type)
+        console = Console(first, t.max_steps, world.is_main, eta)
+        parameters = self.model.num_parameters()
+        console.write(plan_line(self.config, parameters, first, world.world_size, self.device.type))
+        return console
+
     def set_lr(self, step: int) -> float:
         """PaLM §5: the learning rate of update `step`, a pure function of it."""
         lr = lr_at(step, self.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
-
-    def should_stop(self, stop: StopSignal, start: float) -> str:
-        """ "signal", "time_limit" or "max_steps" (go on): all ranks decide together, so a signal
-        or the clock seen by any rank stops every one."""
-        minutes = self.config.train.max_minutes
-        over_time = bool(minutes) and time.perf_counter() - start > 60 * minutes
-        signalled, over_time = self.world.all_reduce_sum(
-            [float(stop.received is not None), float(over_time)], self.device
-        )
-        return "signal" if signalled else "time_limit" if over_time else "max_steps"
 
     def log_train(
         self, step: int, metrics: dict, meter: Throughput, log: MetricsLogger, console: Console

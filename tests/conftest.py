@@ -15,6 +15,8 @@ import ipaddress
 import random
 import shutil
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -468,3 +470,71 @@ def prepare_dataset():
     """`prepare_dataset(root)`: download.py (vocab 400, seq_len 32) on `make_corpus(root /
     "corpus")`; returns the dataset folder root/data/corpus (with its tokenizer.model)."""
     return _prepare_dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# A static HTTP server on 127.0.0.1 (downloads are tested against it, never the internet)
+# ---------------------------------------------------------------------------------------------
+
+
+class FileServer:
+    """Serves `files` under /good/ and /cut/ (first response stops halfway); /missing/ is 404."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files, self.requests = files, []
+        self.cut_once: set[str] = set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.requests.append(
+                    (self.path, self.headers.get("Range"), self.headers.get("User-Agent"))
+                )
+                _, mode, name = self.path.split("/", 2)
+                if mode == "missing" or name not in outer.files:
+                    self.send_error(404)
+                    return
+                data, start = outer.files[name], 0
+                if self.headers.get("Range"):
+                    start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if mode == "cut" and name not in outer.cut_once:
+                    outer.cut_once.add(name)
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)  # drop mid-file
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve_files():
+    """`serve_files({name: bytes})` -> a running FileServer (closed after the test): GET
+    /good/NAME serves it (with Range), /cut/NAME drops the first response halfway, /missing/
+    is 404. Names may contain slashes (a prepared dataset: "corpus/train.bin")."""
+    servers = []
+
+    def start(files: dict[str, bytes]) -> FileServer:
+        servers.append(FileServer(files))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "palm.data.loader": 3,
     "palm.data.pipeline": 3,
     "palm.data.splits": 3,
+    "palm.data.prepared": 3,
     # 4 state
     "palm.checkpoint": 4,
     "palm.runs": 4,

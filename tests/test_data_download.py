@@ -8,9 +8,7 @@ import hashlib
 import io
 import random
 import socket
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,63 +21,14 @@ from palm.fetch import FetchConfig, RemoteFile, fetch, safe_extract
 FAST = FetchConfig(retries=3, backoff_s=0.01, timeout_s=5, progress=False)
 
 
-class Server:
-    """Serves `files` under /good/ and /cut/ (first response stops halfway); /missing/ is 404."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files, self.requests = files, []
-        self.cut_once: set[str] = set()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                outer.requests.append(
-                    (self.path, self.headers.get("Range"), self.headers.get("User-Agent"))
-                )
-                _, mode, name = self.path.split("/", 2)
-                if mode == "missing" or name not in outer.files:
-                    self.send_error(404)
-                    return
-                data, start = outer.files[name], 0
-                if self.headers.get("Range"):
-                    start = int(self.headers["Range"].split("=")[1].rstrip("-"))
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if mode == "cut" and name not in outer.cut_once:
-                    outer.cut_once.add(name)
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)  # drop mid-file
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def remote_for(name: str, data: bytes) -> RemoteFile:
     return RemoteFile(name, len(data), hashlib.sha256(data).hexdigest())
 
 
 @pytest.fixture
-def server():
+def server(serve_files):
     payload = bytes(range(256)) * 4096  # 1 MiB: several read chunks
-    srv = Server({"blob.bin": payload})
-    yield srv, payload
-    srv.close()
+    return serve_files({"blob.bin": payload}), payload
 
 
 def test_normal_download_sends_user_agent(server, tmp_path: Path) -> None:
@@ -120,7 +69,7 @@ def test_no_server_names_url_and_manual_placement(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/x/blob.bin"
-    with pytest.raises(DataError, match=rf"{url}.*place it by hand at .*blob.bin.*--download_data"):
+    with pytest.raises(DataError, match=rf"{url}.*place it by hand at .*blob.bin.*then rerun"):
         fetch(RemoteFile("blob.bin", 10, "0" * 64), tmp_path, [url], FAST)
 
 
@@ -134,74 +83,67 @@ def test_extraction_refuses_escaping_paths(tmp_path: Path) -> None:
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
 
 
-def test_documented_command_against_local_mirror(tmp_path: Path, monkeypatch, capsys) -> None:
-    """The README's first command, with the archive served from 127.0.0.1 (fixture zip, so its
-    published size and checksum are swapped for the fixture's)."""
-    article = " = Article {i} = \n \n {body} \n \n"
+def wikitext_zip(
+    inner: str, suffix: str = "raw", words: int = 90_000, lines: int = 14_000
+) -> bytes:
+    """A WikiText-shaped zip (articles with " = Title = " lines) big enough for the README's
+    --vocab_size 50000."""
     rng = random.Random(0)
-    words = [
-        "".join(rng.choice("abcdefghijklmnopqrst") for _ in range(rng.randint(2, 8)))
-        for _ in range(3000)
+    vocab = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+        for _ in range(words)
     ]
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
-        for split, n in (("train", 40), ("valid", 4), ("test", 4)):
-            text = "".join(
-                article.format(i=i, body=" ".join(words[i * 60 : i * 60 + 60])) for i in range(n)
-            )
-            zf.writestr(f"wikitext-2-raw/wiki.{split}.raw", text)
-    data = buffer.getvalue()
+        for split, n in (("train", lines), ("valid", lines // 20), ("test", lines // 20)):
+            body = []
+            for i in range(n):
+                if i % 40 == 0:
+                    body += [" ", f" = Article {i} = ", " "]
+                body.append(" " + " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 40))))
+            zf.writestr(f"{inner}/wiki.{split}.{suffix}", "\n".join(body) + "\n")
+    return buffer.getvalue()
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The README's documented command line starting with `prefix`, split into its flags."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith(prefix))
+    return line.split()[2:]  # drop "python3 download.py"
+
+
+def test_documented_command_builds_from_an_empty_folder(tmp_path, monkeypatch, capsys, serve_files):
+    """The README's first command, exactly as written, in an empty folder: it builds
+    data/wikitext-103 (the raw zip fetched from a mirror on 127.0.0.1, here a fixture with its
+    size and checksum swapped in) and only then fails, offline, on the pretrained weights."""
+    argv = readme_command("python3 download.py --path data/ --dataset wikitext-103")
+    assert "--download_data" in argv and argv[argv.index("--download_data") + 1] == "False"
+    data = wikitext_zip("wikitext-103-raw")
     monkeypatch.setitem(
-        sources.WIKITEXT_FILES, "wikitext-2-raw-v1", remote_for("wikitext-2-raw-v1.zip", data)
+        sources.WIKITEXT_FILES,
+        "wikitext-103-raw-v1",
+        remote_for("wikitext-103-raw-v1.zip", data),
     )
-    srv = Server({"wikitext-2-raw-v1.zip": data})
+    srv = serve_files({"wikitext-103-raw-v1.zip": data})
     monkeypatch.setenv("PALM_DATA_MIRRORS", f"{srv.url}/missing,{srv.url}/cut")
-    # The weights step (tested against a local hub in test_pretrained.py) must not reach the
-    # network here: offline with an empty cache it fails cleanly after the data work is done.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the weights step: no network, a clean error
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    try:
-        code = main(
-            [
-                "--path",
-                str(tmp_path),
-                "--dataset",
-                "wikitext-2",
-                "--combine",
-                "True",
-                "--tokenize",
-                "True",
-                "--split",
-                "False",
-                "--process",
-                "True",
-                "--batch_size",
-                "8",
-                "--seq_len",
-                "16",
-                "--vocab_size",
-                "400",
-                "--vocab_file",
-                str(tmp_path / "vocab.txt"),
-                "--n_workers",
-                "2",
-                "--download_data",
-                "True",
-                "--download_models",
-                "False",
-                "--download_scripts",
-                "False",
-                "--download_pretrained",
-                "True",
-                "--retries",
-                "3",
-            ]
-        )
-    finally:
-        srv.close()
+    monkeypatch.chdir(tmp_path)
+    code = main(argv)
     err = capsys.readouterr().err
     assert code == 1 and "HF_HUB_OFFLINE" in err and "palm-410m" in err
-    m = load_manifest(tmp_path / "wikitext-2")
+    m = load_manifest(tmp_path / "data" / "wikitext-103")
     assert set(m.splits) == {"train", "validation", "test"} and m.splits["train"]["n_tokens"]
-    assert (tmp_path / "raw" / "wikitext-2-raw-v1.zip").exists()
-    assert len((tmp_path / "vocab.txt").read_text().split("\n")) == 401
+    assert m.vocab_size == 50000 and m.seq_len == 256 and m.batch_size == 256
+    assert (tmp_path / "data" / "raw" / "wikitext-103-raw-v1.zip").exists()
+    assert len((tmp_path / "data" / "vocab.txt").read_text().split("\n")) == 50001
+    ranges = [r for path, r, _ in srv.requests if path.startswith("/cut/")]
+    assert ranges[0] is None and ranges[-1] is not None  # the cut download resumed
+
+
+def test_offline_build_names_where_to_put_the_zip(tmp_path, capsys):
+    """No network (tests may only reach 127.0.0.1): the error names the zip and its place."""
+    code = main(["--path", str(tmp_path), "--dataset", "wikitext-2", "--retries", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1 and err.startswith("error:")
+    assert "wikitext-2-raw-v1.zip" in err and str(tmp_path / "raw") in err and "rerun" in err

@@ -124,3 +124,9 @@ def test_bad_files_are_clear_errors(tmp_path) -> None:
         Tokenizer.load(tmp_path / "missing.model")
     with pytest.raises(TokenizerError, match="too small"):
         TokenizerTrainConfig(100)
+
+
+def test_sentencepieces_own_whitespace_mark_is_text_too(tokenizer: Tokenizer) -> None:
+    """U+2581 is how SentencePiece marks a space; in the text it must come back as itself."""
+    for text in ("\u2581", "x\u2581y", "\u2581\u2581 a \u2581", "line\n\u2581\n"):
+        assert tokenizer.decode(tokenizer.encode(text)) == text

@@ -341,3 +341,25 @@ def test_no_validation_data_is_said_once_at_start_in_words(tmp_path, make_datase
     assert out.index("has no validation tokens") < out.index("step 3/3")
     last = out.strip().splitlines()[-1]
     assert "no validation data" in last and "n/a" not in last
+
+
+def test_a_long_cpu_run_says_what_it_will_do_and_how_long_it_takes(
+    dataset, tmp_path, tiny_config, capsys
+):
+    config = tiny_config(
+        dataset,
+        tmp_path,
+        "train.max_steps=10000000",
+        "train.max_minutes=0.03",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+        "train.log_every=1000",
+    )
+    result = train(config)
+    assert result.stopped_by == "time_limit"
+    lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("note:")]
+    assert lines[0].startswith("plan:") and "steps 0 to 10,000,000 of 8 x 16 tokens" in lines[0]
+    eta = next(x for x in lines if x.startswith("eta:"))
+    assert "more steps" in eta and "tokens/s on this CPU" in eta
+    assert "for a CPU try --config configs/cpu-quickstart.yaml" in eta
+    assert lines.index(eta) < 3  # said at once, not at the end

@@ -15,7 +15,8 @@ from pathlib import Path
 from palm.cli import run
 from palm.data.corpus import DOCUMENT_MODES
 from palm.data.pipeline import PrepareConfig, prepare
-from palm.data.sources import SourceOptions
+from palm.data.prepared import download_prepared, export_prepared
+from palm.data.sources import SourceOptions, dataset_name
 from palm.fetch import FetchConfig
 from palm.hub import hub_download, progress_config
 from palm.pretrained import (
@@ -62,10 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--download_data",
-        default=True,
+        default=False,
         **b,
-        help="fetch the raw dataset; with False the raw files must already be under "
-        "PATH/raw/ (the error says exactly where)",
+        help="download the PREPARED dataset (token files, tokenizer, meta.json) from --mirror "
+        "instead of building it; False builds it here, fetching its raw corpus if not on disk",
+    )
+    p.add_argument(
+        "--export_prepared",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="after building (or from an existing PATH/DATASET/), write DIR/DATASET/ with an "
+        "index.json, ready to serve from any static HTTP host for --download_data True",
     )
     p.add_argument(
         "--tokenize",
@@ -173,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="URL",
-        help=f"base address to download from instead of the built-in ones (repeat "
-        f"for fallbacks; also ${MIRRORS_ENV}, comma-separated)",
+        help=f"base address to download from (repeat for fallbacks; also ${MIRRORS_ENV}, "
+        f"comma-separated): raw corpora replace the built-in hosts; prepared datasets "
+        f"(--download_data True) are read from URL/DATASET/",
     )
     p.add_argument("--retries", type=int, default=5, help="attempts per mirror")
     p.add_argument("--force", action="store_true", help="redo finished steps")
@@ -234,10 +244,13 @@ def download_tokenizer(args: argparse.Namespace) -> Path:
     return path
 
 
+def mirrors_from(args: argparse.Namespace, environ: dict[str, str]) -> list[str]:
+    return args.mirror or [u.strip() for u in environ.get(MIRRORS_ENV, "").split(",") if u.strip()]
+
+
 def config_from_args(args: argparse.Namespace, environ: dict[str, str]) -> PrepareConfig:
-    mirrors = args.mirror or [u for u in environ.get(MIRRORS_ENV, "").split(",") if u.strip()]
+    mirrors = mirrors_from(args, environ)
     source = SourceOptions(
-        download=args.download_data,
         mirrors=mirrors or None,
         fetch=FetchConfig(retries=max(1, args.retries), progress=sys.stderr.isatty()),
         documents=args.documents,
@@ -289,9 +302,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def download(args: argparse.Namespace) -> None:
-    if args.download_models:
-        args.tokenizer = download_tokenizer(args)
-    prepare(config_from_args(args, dict(os.environ)))
+    environ = dict(os.environ)
+    name = dataset_name(args.dataset)
+    if args.download_data:  # a prepared dataset: the build steps do not run
+        fetch_config = FetchConfig(retries=max(1, args.retries), progress=sys.stderr.isatty())
+        download_prepared(name, args.path, mirrors_from(args, environ), fetch_config)
+        skipped = [
+            flag for flag in ("tokenize", "process", "download_models") if getattr(args, flag)
+        ]
+        if skipped:
+            print(
+                "download: --download_data True took the prepared dataset, so the build steps "
+                f"({', '.join('--' + f for f in skipped)}) were skipped"
+            )
+    else:
+        if args.download_models:
+            args.tokenizer = download_tokenizer(args)
+        prepare(config_from_args(args, environ))
+    if args.export_prepared is not None:
+        export_prepared(args.path / name, args.export_prepared)
     if args.download_pretrained:
         download_pretrained(args)
 

@@ -153,6 +153,13 @@ def _is_text_file(path: Path) -> bool:
     return path.is_file() and _base_suffix(path) in TEXT_SUFFIXES
 
 
+def corpus_name(path: Path) -> str:
+    """The dataset name of a local file or folder: its name without .gz and the text suffix."""
+    if path.is_dir() or not _base_suffix(path):
+        return path.name
+    return path.name.removesuffix(".gz")[: -len(_base_suffix(path))]
+
+
 def local_corpus(path: Path, documents: str) -> Corpus:
     """A local .txt/.tokens/.raw/.jsonl file (gzip allowed) or a folder of them.
 
@@ -178,10 +185,7 @@ def local_corpus(path: Path, documents: str) -> Corpus:
         if not files:
             raise DataError(f"{path}: folder holds no .txt/.tokens/.raw/.jsonl files")
     named = {f: _split_name(f) for f in files}
-    stem = path.name  # the dataset name: file name without .gz and the text suffix
-    if path.is_file():
-        stem = stem.removesuffix(".gz")
-        stem = stem[: -len(_base_suffix(path))]
+    stem = corpus_name(path)
     wikitext_like = all(f.name.startswith("wiki.") for f in files)
     mode = documents if documents != "auto" else ("wikitext" if wikitext_like else "file")
     if path.is_dir() and all(named.values()) and "train" in named.values():

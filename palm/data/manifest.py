@@ -66,6 +66,11 @@ def load_manifest(dataset_dir: str | Path) -> Manifest:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: unreadable or corrupt ({error}); {fix}") from None
+    return parse_manifest(raw, path, fix)
+
+
+def parse_manifest(raw: object, path: str | Path, fix: str) -> Manifest:
+    """A Manifest from decoded meta.json contents; `path` and `fix` go into the error."""
     if not isinstance(raw, dict):
         raise DataError(f"{path}: not a JSON object; {fix}")
     if raw.get("format_version") != FORMAT_VERSION:

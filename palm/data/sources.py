@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from palm.data.corpus import Corpus, local_corpus, stdlib_documents
+from palm.data.corpus import Corpus, corpus_name, local_corpus, stdlib_documents
 from palm.errors import DataError
 from palm.fetch import FetchConfig, RemoteFile, fetch, mirror_urls, safe_extract
 from palm.files import write_atomic
@@ -70,12 +70,18 @@ _WIKITEXT_SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"
 
 @dataclass(frozen=True)
 class SourceOptions:
-    download: bool  # --download_data
     mirrors: list[str] | None  # base addresses replacing the defaults
     fetch: FetchConfig
     documents: str  # --documents
     max_bytes: int  # python-stdlib budget (and a cap on nothing else)
     force: bool
+
+
+def dataset_name(dataset: str) -> str:
+    """The folder name (under --path) of the dataset `dataset` names."""
+    if dataset in WIKITEXT_NAMES or dataset == "python-stdlib":
+        return dataset
+    return corpus_name(Path(dataset).expanduser())
 
 
 def resolve(dataset: str, root: Path, options: SourceOptions) -> Corpus:
@@ -104,17 +110,12 @@ def wikitext_corpus(name: str, raw: Path, options: SourceOptions) -> Corpus:
     }
     zip_path = raw / remote.name
     if not all(f.exists() for f in files.values()) or options.force:
-        if not zip_path.exists() and not options.download:
-            missing = (
-                next(f for f in files.values() if not f.exists()) if not options.force else zip_path
-            )
-            raise DataError(
-                f"{missing} not found and --download_data is False: place {remote.name} "
-                f"(sha256 {remote.sha256}) at {zip_path}, or its extracted folder "
-                f"{spec.inner}/ under {raw / spec.variant}, or rerun with --download_data True"
-            )
         print(f"download: {remote.name} ({remote.size / 1e6:.1f} MB)")
-        fetch(remote, raw, mirror_urls(remote, options.mirrors, WIKITEXT_BASE), options.fetch)
+        try:
+            fetch(remote, raw, mirror_urls(remote, options.mirrors, WIKITEXT_BASE), options.fetch)
+        except DataError as error:  # offline, or every mirror failed: say how to go on by hand
+            missing = next((f for f in files.values() if not f.exists()), zip_path)
+            raise DataError(f"{missing} not found, and {error}") from None
         safe_extract(zip_path, raw / spec.variant)
         for f in files.values():
             if not f.exists():
@@ -133,7 +134,7 @@ def wikitext_corpus(name: str, raw: Path, options: SourceOptions) -> Corpus:
 def stdlib_corpus(folder: Path, options: SourceOptions) -> Corpus:
     """Collect the standard-library corpus once into a .jsonl file (one document per line).
 
-    Collecting needs no network, so --download_data does not apply. The file is the raw source
+    Collecting needs no network. The file is the raw source
     the manifest hashes; a rerun with the same budget and Python version reuses it.
     """
     out = folder / "python-stdlib.jsonl"
