@@ -71,16 +71,19 @@ def training_memory_bytes(
     }
 
 
-# Logits per chunk: a (tokens, V) float32 block of about CHUNK_BYTES, but at least MIN_CHUNK_TOKENS
-# rows so that the three matmuls per chunk keep their efficiency at large vocabularies (the sizes
-# were chosen by measurement: benchmarks/RESULTS.md, "Fused loss").
-CHUNK_BYTES = 8 * 2**20
+# Logits per chunk of the fused output projection + loss: a (tokens, V) float32 block of about
+# CHUNK_BYTES on the device, but at least MIN_CHUNK_TOKENS rows so the chunk's matmuls stay
+# efficient at large vocabularies. The budget is a CPU cache-sized block there (measured:
+# benchmarks/RESULTS.md, "Fused loss") and larger on GPUs, where fewer, bigger matmuls win and
+# memory is plentiful next to PaLM's weights (benchmarks/gpu_check.sh sweeps it).
+CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
 MIN_CHUNK_TOKENS = 256
 
 
-def chunk_tokens_for(vocab_size: int) -> int:
+def chunk_tokens_for(vocab_size: int, device_type: str = "cpu") -> int:
     """Tokens per chunk of the fused output projection + loss (palm.loss.linear_lm_loss)."""
-    return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * vocab_size))
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"])
+    return max(MIN_CHUNK_TOKENS, budget // (4 * vocab_size))
 
 
 def activation_bytes(
@@ -89,6 +92,7 @@ def activation_bytes(
     seq_len: int,
     act_bytes: int,
     checkpointing: bool = False,
+    device_type: str = "cpu",
 ) -> int:
     """Estimate of the activations one micro-batch keeps for the backward pass.
 
@@ -111,7 +115,7 @@ def activation_bytes(
         layers = tokens * (c.n_layers * c.d_model + per_token_layer) * act_bytes
     else:
         layers = tokens * c.n_layers * per_token_layer * act_bytes
-    chunk = min(tokens, chunk_tokens_for(c.vocab_size))
+    chunk = min(tokens, chunk_tokens_for(c.vocab_size, device_type))
     loss = (tokens * c.d_model + c.vocab_size * c.d_model + 2 * chunk * c.vocab_size) * 4
     return layers + loss
 
@@ -141,6 +145,8 @@ def per_device_memory_bytes(
         counts = parameter_counts(config)
         block = (counts["non_embedding"] - config.d_model) // config.n_layers
         out["gathered"] = 2 * block * param_bytes
-    out["activations"] = activation_bytes(config, micro_batch, seq_len, act_bytes, checkpointing)
+    out["activations"] = activation_bytes(
+        config, micro_batch, seq_len, act_bytes, checkpointing, device_type="cuda"
+    )
     out["total"] = sum(out.values())
     return out

@@ -21,12 +21,12 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from palm.errors import ConfigError
+from palm.loss import IGNORE_INDEX, token_scores
 from palm.perplexity import score_documents
 from palm.runs import LoadedModel, load_model
 from palm.sampling import TextStream, pad_left, stream
@@ -97,13 +97,19 @@ class PaLMLM(TemplateLM):
             inputs = torch.zeros(len(chunk), width, dtype=torch.long)
             for row, (_, whole, _) in enumerate(chunk):
                 inputs[row, : len(whole) - 1] = torch.tensor(whole[:-1])  # right padding
-            logprobs = F.log_softmax(self.model(inputs.to(self._device)).float(), -1)
+            targets = torch.full_like(inputs, IGNORE_INDEX)  # only continuations are scored
+            for row, (_, whole, n_cont) in enumerate(chunk):
+                n = len(whole) - 1
+                targets[row, n - n_cont : n] = torch.tensor(whole[-n_cont:])
+            # The chunked output projection: per-token scores, no (B, T, V) logits.
+            hidden = self.model.features(inputs.to(self._device))
+            nll, is_greedy = token_scores(
+                hidden, self.model.output_weight, targets.to(self._device)
+            )
             for row, (index, whole, n_cont) in enumerate(chunk):
                 n = len(whole) - 1
-                picked = logprobs[row, n - n_cont : n]  # (n_cont, V) predicting continuation
-                target = torch.tensor(whole[-n_cont:], device=picked.device)
-                score = float(picked.gather(-1, target[:, None]).sum())
-                greedy = bool((picked.argmax(-1) == target).all())
+                score = -float(nll[row, n - n_cont : n].sum())
+                greedy = bool(is_greedy[row, n - n_cont : n].all())
                 results[index] = (score, greedy)
                 self.cache_hook.add_partial("loglikelihood", requests[index][0], (score, greedy))
             bar.update(len(chunk))

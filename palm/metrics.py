@@ -8,6 +8,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,14 +68,16 @@ def measure_matmul_peak(
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where the figure comes from) for MFU; never a hard-coded default."""
+    """(peak FLOP/s, where the figure comes from) for MFU, for the dtype the matmuls run in:
+    the data sheet's dense bf16/fp16 tensor-core peak on known GPUs, else (float32 on a GPU,
+    unknown GPUs, CPUs) a matmul of that dtype measured now; never a hard-coded default."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name)
+        peak = gpu_peak_flops(name) if dtype in (torch.bfloat16, torch.float16) else None
         if peak is not None:
-            return peak, f"{name} data sheet"
-        return measure_matmul_peak(device, dtype, size=4096), f"{name} measured matmul"
-    return measure_matmul_peak(device, dtype), f"{device.type} measured matmul"
+            return peak, f"{name} data sheet ({dtype})"
+        return measure_matmul_peak(device, dtype, size=4096), f"{name} measured {dtype} matmul"
+    return measure_matmul_peak(device, dtype), f"{device.type} measured {dtype} matmul"
 
 
 class MetricsLogger:
@@ -209,6 +213,15 @@ class Throughput:
         self.config, self.peak_flops = config, peak_flops
         self.tokens, self.started = 0, time.perf_counter()
         self.tokens_per_s = self.mfu = 0.0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in the block (evaluation, checkpoints) is not charged to training."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.started += time.perf_counter() - began
 
     def lap(self) -> tuple[float, float]:
         elapsed = time.perf_counter() - self.started

@@ -47,10 +47,15 @@ def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, 
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (..., T, head_dim) by the position angles; cos/sin are (T, head_dim)."""
+    """Rotate x (..., T, head_dim) by the position angles; cos/sin are (T, head_dim).
+
+    Computed in the tables' precision (float32) and returned in x's dtype: under bf16 autocast
+    q and k stay bf16, so attention gets q, k, v of one dtype and never copies the one shared
+    key/value head to cast it (which would undo multi-query attention's saving)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    out = x * cos + rotated * sin
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def xpos_scales(positions: Tensor, head_dim: int, scale_base: float, center: int) -> Tensor:

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from palm.data.corpus import count_words, iter_documents
 from palm.data.loader import open_split
 from palm.errors import ConfigError, DataError
-from palm.loss import IGNORE_INDEX, perplexity_of
+from palm.loss import IGNORE_INDEX, perplexity_of, token_scores
 from palm.model import PaLM
 from palm.tokenizer import Tokenizer
 
@@ -128,13 +127,9 @@ def score_documents(
             # Right padding: causal attention means it never changes the real positions.
             inputs[row, :n] = t[:-1]
             targets[row, n - n_scored : n] = t[n - n_scored + 1 :]
-        logits = model(inputs.to(device)).float()  # (B, T, V)
-        nll = F.cross_entropy(
-            logits.flatten(0, 1),
-            targets.to(device).flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(len(chunk), width)
+        # Scored through the chunked output projection: never the whole (B, T, V) logits.
+        hidden = model.features(inputs.to(device))  # (B, T, D)
+        nll, _ = token_scores(hidden, model.output_weight, targets.to(device))  # (B, T)
         for row, (index, _, n_scored) in enumerate(chunk):
             totals[index][0] += float(nll[row].sum())
             totals[index][1] += n_scored

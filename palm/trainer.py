@@ -3,14 +3,12 @@
     set up (data, model, optimizer, run folder, resume)
     for each optimizer step k:
         lr = schedule(k); batch = ramp(k)             # pure functions of k
-        micro-batches: forward, loss (+ z-loss), backward, summed by token count
-        loss spike? -> roll back and skip batches   # PaLM §5.1
-        clip the global gradient norm at 1.0, optimizer step
+        micro-batches: forward, loss (+ z-loss), backward; clip the gradient norm at 1.0
+        loss spike? -> roll back and skip batches; else the optimizer step   # PaLM §5.1
         log, evaluate, checkpoint, stop on a signal or the time limit
 
 Every batch is a pure function of (data seed, step, rank, world size) and every checkpoint holds
-the step, the data offset and the RNG states, so a resumed run is bit-identical to one that
-never stopped (PaLM §5 "bitwise determinism").
+the step, data offset and RNG states: a resumed run is bit-identical (PaLM §5 "bitwise").
 """
 
 from __future__ import annotations
@@ -109,9 +107,10 @@ class Trainer:
             micro_batches(stage_batch // self.world.world_size, self.config.data.micro_batch_size)
         return ramp
 
-    def save(self, abandon_after: int | None = None) -> None:
+    def save(self, abandon_after: int | None = None, log: MetricsLogger | None = None) -> None:
         """Every rank helps gather the full state (FSDP); rank 0 writes it, then removes the
         checkpoints after step `abandon_after` (a rollback's abandoned ones) and prunes."""
+        began = time.perf_counter()
         self.state.rng = checkpoint.capture_rng()
         self.state.recent_losses = self.spikes.state_dict()
         model_state, optimizer_state = full_state_dicts(self.train_module, self.optimizer)
@@ -123,6 +122,9 @@ class Trainer:
                 checkpoint.discard_after(self.ckpt_root, abandon_after)
             checkpoint.prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
         self.world.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
+        if log is not None:
+            seconds = time.perf_counter() - began
+            log.log({"step": self.state.step, "kind": "checkpoint", "seconds": seconds})
 
     def load(self, path: Path) -> None:
         """Restore a checkpoint of this run (verified; CorruptCheckpointError if it is not)."""
@@ -171,10 +173,9 @@ class Trainer:
         self.state.ramp = [list(stage) for stage in self.ramp.stages]
 
     def guard(self, step: int, loss: float, grad_norm: float, log, console) -> str:
-        """PaLM §5.1 on one step: "apply" the update; "skip" it (a non-finite gradient with a
-        finite loss: never applied, counted); or "rolled_back" (a loss spike, a non-finite loss,
-        or a non-finite gradient again within the spike window). Without train.spike_detection
-        every update is applied (a non-finite one stops the run)."""
+        """PaLM §5.1 on one step: "apply"; "skip" (a non-finite gradient, finite loss: counted);
+        "rolled_back" (a loss spike, a non-finite loss, or a second non-finite gradient within
+        the spike window). Without train.spike_detection: "apply" (non-finite stops the run)."""
         if not self.config.train.spike_detection:
             return "apply"
         if self.spikes.is_spike(loss):
@@ -193,9 +194,8 @@ class Trainer:
         return "skip"
 
     def roll_back(self, spike_step: int, why: str, log: MetricsLogger, console: Console) -> None:
-        """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it.
-        The rolled-back state is saved as the newest checkpoint before the abandoned later ones
-        are removed, so no crash can resume on the abandoned path."""
+        """PaLM §5.1: restart ~rollback_steps before the spike and skip the batches around it,
+        saving that state as the newest checkpoint before the abandoned ones are removed."""
         t = self.config.train
         self.optimizer.zero_grad(set_to_none=True)  # the spiking gradient is never applied
         if self.state.rollbacks >= t.max_rollbacks:
@@ -316,9 +316,11 @@ class Trainer:
                     )
                     self.log_train(step, metrics, meter, log, console)
                 if (t.eval_every and step % t.eval_every == 0) or finished:
-                    val_loss = self.evaluate(step, log, console)
+                    with meter.paused():  # throughput counts training steps only
+                        val_loss = self.evaluate(step, log, console)
                 if (t.checkpoint_every and step % t.checkpoint_every == 0) or finished:
-                    self.save()
+                    with meter.paused():
+                        self.save(log=log)
                 self.state.val_loss = None
                 if finished:
                     break
@@ -356,6 +358,7 @@ class Trainer:
             return None
         d, n = self.config.data, self.config.train.eval_batches * self.config.data.micro_batch_size
         self.model.eval()
+        began = time.perf_counter()
         with self.autocast:
             val_loss = validation_loss(
                 self.train_module, self.valid_data, n, d.micro_batch_size, self.world, self.device
@@ -364,6 +367,7 @@ class Trainer:
         self.state.val_loss = val_loss
         if val_loss is not None:
             record = {"val_loss": val_loss, "val_perplexity": perplexity_of(val_loss)}
+            record["seconds"] = time.perf_counter() - began
             log.log({"step": step, "kind": "eval", **record})
             console.evaluation(step, val_loss)
         return val_loss

@@ -50,8 +50,8 @@ def test_decoding_feeds_one_token_per_step(small_model):
     """Flat cost per token: after the prompt every forward sees one position (the cache)."""
     model = small_model()
     widths = []
-    original = model.forward
-    model.forward = lambda tokens, cache=None: (
+    original = model.features  # every forward of the model goes through it
+    model.features = lambda tokens, cache=None: (
         widths.append(tokens.shape[1]) or original(tokens, cache)
     )
     generate(model, torch.randint(0, 97, (2, 9)), 20, temperature=0.0)

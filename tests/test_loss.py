@@ -163,3 +163,45 @@ def test_strided_hidden_and_int32_targets():
     torch.testing.assert_close(out.loss, want)
     torch.testing.assert_close(wide.grad[:, ::2], hidden.grad)
     assert wide.grad[:, 1::2].abs().sum() == 0
+
+
+def test_token_scores_match_whole_logits_in_any_chunking():
+    from palm.loss import token_scores
+
+    torch.manual_seed(0)
+    hidden, weight = (
+        torch.randn(3, 37, 16, dtype=torch.float64),
+        torch.randn(50, 16, dtype=torch.float64),
+    )
+    targets = torch.randint(0, 50, (3, 37))
+    targets[0, :5] = -100
+    logits = hidden @ weight.T
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
+    ).view(3, 37)
+    for rows in (1, 7, 64, 1000):
+        nll, greedy = token_scores(hidden, weight, targets, chunk_tokens=rows)
+        torch.testing.assert_close(nll.double(), expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(greedy[targets != -100], (logits.argmax(-1) == targets)[targets != -100])
+        assert bool(greedy[0, :5].all()) and float(nll[0, :5].abs().sum()) == 0.0
+
+
+def test_scoring_at_palms_vocabulary_never_holds_the_logits():
+    """Perplexity at vocab 256k over 4 x 1024 tokens: the whole float32 logits would be 4.2 GB;
+    the peak of live tensors stays under four chunks of logits plus the model's own tensors."""
+    from palm.flops import chunk_tokens_for
+    from palm.perplexity import score_documents
+    from palm.profiling import peak_tensor_bytes
+
+    vocab = 256_000
+    config = ModelConfig(
+        vocab_size=vocab, d_model=16, n_layers=1, n_heads=2, head_dim=8, max_seq_len=1024
+    )
+    model = PaLM(config).eval()
+    docs = [torch.randint(0, vocab, (1023,)).tolist() for _ in range(4)]
+    scores = []
+    peak = peak_tensor_bytes(lambda: scores.extend(score_documents(model, docs, 0, 1024, 1024, 4)))
+    chunk_logits = chunk_tokens_for(vocab) * vocab * 4  # 262 MB on a CPU
+    assert peak <= 4 * chunk_logits + 64 * 2**20, peak
+    assert peak < 4 * 1024 * vocab * 4 / 3  # far below one copy of the whole logits
+    assert [n for _, n in scores] == [1023] * 4 and all(nll > 0 for nll, _ in scores)

@@ -262,3 +262,31 @@ def test_cached_decoding_equals_full_forward(parallel, multi_query):
     assert (torch.cat(pieces, 1) - full).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="exceeds the cache"):
         model(tokens[:, :1], cache)
+
+
+def test_bf16_autocast_keeps_multi_query_attention_one_head_wide(monkeypatch):
+    """Under autocast, SDPA gets q, k, v all in bf16 and the shared key/value head is never
+    copied per head (its storage stays one head wide); logits match float32 to bf16 accuracy."""
+    import palm.model as model_module
+
+    config = ModelConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, head_dim=16)
+    torch.manual_seed(0)
+    model = PaLM(config).eval()
+    tokens = torch.randint(0, 64, (2, 24))
+    reference = model(tokens)
+    seen = []
+    real = model_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, k.untyped_storage().nbytes(), k.shape))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    assert len(seen) == config.n_layers
+    for q_dtype, k_dtype, v_dtype, k_bytes, k_shape in seen:
+        assert q_dtype == k_dtype == v_dtype == torch.bfloat16
+        one_head = 2 * 24 * 16 * 2  # (B, 1, T, Q) in bf16, broadcast to the heads as a view
+        assert k_shape[1] == config.n_heads and k_bytes == one_head
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
