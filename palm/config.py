@@ -46,8 +46,8 @@ class ModelConfig:
     max_seq_len: int = 2048  # longest context the model is used with (sizes the key/value cache)
     rope_base: float = 10_000.0  # RoPE wavelength base (Su et al.; PaLM §2 "RoPE embeddings")
     norm_eps: float = 1e-5  # LayerNorm epsilon
-    # Pre-softmax logits times 1/sqrt(d_model) (PaLM §5: needed because embeddings are shared and
-    # initialised N(0, 1)); False for models converted from peers that do not scale.
+    # Pre-softmax logits times 1/sqrt(d_model) with the shared N(0, 1) embedding (PaLM §5; an
+    # untied head is fan-in initialised and never scaled); False for peers that do not scale.
     scale_logits: bool = True
     # xPos (Sun et al. 2022, "A Length-Extrapolatable Transformer"): RoPE with queries scaled by
     # zeta^(n/gamma) and keys by zeta^(-n/gamma), gamma = this value in positions; 0 = plain RoPE

@@ -79,10 +79,10 @@ def lm_loss(
 ) -> LossOutput:
     """Loss for logits (..., V) against integer targets (...).
 
-    log Z is computed once and reused: cross-entropy = log Z - logit[target]. Done in float32
-    whatever the logits' dtype (bf16 logits lose too much in the log-sum-exp).
+    log Z is computed once and reused: cross-entropy = log Z - logit[target]. Done in at least
+    float32 (bf16 logits lose too much in the log-sum-exp; float64 stays float64).
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = targets != ignore_index
     safe_targets = targets.masked_fill(~valid, 0)
     nll, log_z = _NLLAndLogZ.apply(logits.reshape(-1, logits.shape[-1]), safe_targets.reshape(-1))

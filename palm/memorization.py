@@ -72,6 +72,7 @@ def sample_span_starts(
     span: int,
     seed: int,
     pad_id: int | None = None,
+    eod_id: int | None = None,
 ) -> np.ndarray:
     """Up to n_spans distinct start offsets of `span`-token windows of `tokens`, none padded."""
     n_starts = len(tokens) - span + 1
@@ -84,10 +85,13 @@ def sample_span_starts(
         # Oversample then deduplicate; far cheaper than a permutation of a 100M-token stream.
         candidates = np.unique(rng.integers(0, n_starts, size=2 * n_spans + 16))
         candidates = rng.permutation(candidates)
-    if pad_id is not None and pad_id >= 0:
-        offsets = np.arange(span)
-        clean = ~(tokens[candidates[:, None] + offsets] == pad_id).any(axis=1)
-        candidates = candidates[clean]
+    # Spans lie within one document, as Carlini et al. sample within examples: no padding and
+    # no end-of-document inside (one may open the span: the document's own start).
+    offsets = np.arange(span)
+    for excluded, first in ((pad_id, 0), (eod_id, 1)):
+        if excluded is not None and excluded >= 0:
+            window = tokens[candidates[:, None] + offsets[first:]]
+            candidates = candidates[~(window == excluded).any(axis=1)]
     return np.sort(candidates[:n_spans]).astype(np.int64)
 
 
@@ -103,6 +107,7 @@ def memorization(
     seed: int = 0,
     pad_id: int | None = None,
     progress: bool = False,
+    eod_id: int | None = None,
 ) -> MemorizationResult:
     """Exact-match rate of greedy continuations of spans of `tokens` (one split's stream)."""
     span = prompt_tokens + continuation_tokens
@@ -111,7 +116,7 @@ def memorization(
             f"prompt_tokens + continuation_tokens = {span} exceeds the model's "
             f"context of {model.config.max_seq_len}"
         )
-    starts = sample_span_starts(tokens, n_spans, span, seed, pad_id)
+    starts = sample_span_starts(tokens, n_spans, span, seed, pad_id, eod_id)
     device = next(model.parameters()).device
     result = MemorizationResult(
         split, len(starts), prompt_tokens, continuation_tokens, 0, 0, starts.tolist(), []
@@ -143,7 +148,8 @@ def memorization(
     return result
 
 
-def split_tokens(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, int | None]:
-    """The token stream of a prepared split (memory-mapped) and its padding id, if padded."""
+def split_tokens(dataset_dir: str | Path, split: str) -> tuple[np.ndarray, int | None, int]:
+    """The token stream of a prepared split (memory-mapped), its padding id (if padded) and its
+    end-of-document id."""
     tokens, manifest = open_split(dataset_dir, split, need_tokens=True)
-    return tokens, manifest.pad_id if manifest.layout == "padded" else None
+    return tokens, manifest.pad_id if manifest.layout == "padded" else None, manifest.eod_id

@@ -343,9 +343,10 @@ class PaLM(nn.Module):
             cache.length += T
         if c.final_norm:
             x = self.final_norm(x)
-        if c.scale_logits:
-            # PaLM §5: pre-softmax logits times 1/sqrt(d_model); applied to the (B, T, D)
-            # activations rather than the (B, T, V) logits, which is the same and cheaper.
+        if c.scale_logits and c.tie_embeddings:
+            # PaLM §5: pre-softmax logits times 1/sqrt(d_model), because the shared embedding
+            # is N(0, 1); an untied head is fan-in initialised and needs no scaling. Applied to
+            # the (B, T, D) activations rather than the (B, T, V) logits: the same, cheaper.
             x = x * (1.0 / math.sqrt(c.d_model))
         return x
 

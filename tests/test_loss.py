@@ -205,3 +205,11 @@ def test_scoring_at_palms_vocabulary_never_holds_the_logits():
     assert peak <= 4 * chunk_logits + 64 * 2**20, peak
     assert peak < 4 * 1024 * vocab * 4 / 3  # far below one copy of the whole logits
     assert [n for _, n in scores] == [1023] * 4 and all(nll > 0 for nll, _ in scores)
+
+
+def test_lm_loss_keeps_float64_so_gradcheck_works():
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, 0] = -100
+    assert lm_loss(logits, targets).loss.dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x: lm_loss(x, targets, z_loss_coef=0.3).loss, (logits,))

@@ -102,3 +102,14 @@ def test_cli_reports_train_and_held_out_rates(tmp_path: Path, capsys, prepare_da
         assert split["n_spans"] == 12 and split["prompt_tokens"] == 50
         assert 0.0 <= split["exact_match_rate"] <= 1.0
         assert 0.0 <= split["token_match_rate"] <= 1.0
+
+
+def test_spans_stay_within_one_document():
+    """As Carlini et al. sample within examples: no <eod> inside a span (it may open one)."""
+    tokens = np.arange(10, 410, dtype=np.int64)
+    tokens[150] = tokens[300] = 1  # two document boundaries
+    starts = sample_span_starts(tokens, 10_000, 60, seed=0, eod_id=1)
+    for s in starts:
+        assert 1 not in tokens[s + 1 : s + 60], s
+    assert 150 in starts and 300 in starts  # a span may start at a document's <eod>
+    assert len(starts) == (400 - 60 + 1) - 2 * 59

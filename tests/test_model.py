@@ -81,7 +81,8 @@ def reference_logits(model: PaLM, tokens: torch.Tensor) -> torch.Tensor:
             x = x + mlp(ln(x, p[f"blocks.{i}.mlp_norm.weight"]))
     x = ln(x, p["final_norm.weight"])
     out_w = p["embedding.weight"] if c.tie_embeddings else p["lm_head.weight"]
-    scale = 1 / math.sqrt(c.d_model) if c.scale_logits else 1.0
+    # PaLM §5 scales the logits of the shared N(0, 1) embedding; an untied head is not scaled.
+    scale = 1 / math.sqrt(c.d_model) if c.scale_logits and c.tie_embeddings else 1.0
     return (x @ out_w.T) * scale
 
 
@@ -290,3 +291,15 @@ def test_bf16_autocast_keeps_multi_query_attention_one_head_wide(monkeypatch):
         one_head = 2 * 24 * 16 * 2  # (B, 1, T, Q) in bf16, broadcast to the heads as a view
         assert k_shape[1] == config.n_heads and k_bytes == one_head
     torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_only_the_shared_embedding_scales_the_logits():
+    """PaLM §5 scales logits by 1/sqrt(d) because the shared embedding is N(0, 1); an untied,
+    fan-in initialised head already gives unit-scale logits, so scaling it again would shrink
+    them by sqrt(d) (the audit's nit)."""
+    torch.manual_seed(0)
+    config = dataclasses.replace(TINY, d_model=256, head_dim=32, n_heads=4, vocab_size=512)
+    tokens = torch.randint(0, 512, (4, 32))
+    for tied in (True, False):
+        logits = PaLM(dataclasses.replace(config, tie_embeddings=tied))(tokens)
+        assert 0.5 < float(logits.std()) < 2.0, (tied, float(logits.std()))

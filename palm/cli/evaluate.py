@@ -150,7 +150,7 @@ def run_memorization(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     results = {}
     for split in filter(None, args.memorization_splits.split(",")):
         split = SPLIT_ALIASES.get(split, split)
-        tokens, pad_id = split_tokens(args.data, split)
+        tokens, pad_id, eod_id = split_tokens(args.data, split)
         result = memorization(
             loaded.model,
             tokens,
@@ -162,6 +162,7 @@ def run_memorization(loaded: LoadedModel, args: argparse.Namespace) -> dict:
             args.seed,
             pad_id,
             progress=sys.stderr.isatty(),
+            eod_id=eod_id,
         )
         results[split] = result.to_dict()
         if not args.json:
