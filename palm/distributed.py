@@ -198,12 +198,22 @@ def parallelize(
 
 def _fully_shard(model: nn.Module, ctx: Distributed, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
+
+    shard_blocks(model, init_device_mesh(device.type, (ctx.world_size,)))
+
+
+def shard_blocks(model: nn.Module, mesh: Any) -> None:
+    """FSDP2 on each block, then on the model (one all-gather per block, overlapped with
+    compute). Parameter attributes the optimizer reads (row blocks of fused weights) are carried
+    over to the sharded parameters, which FSDP2 creates anew."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (ctx.world_size,))
-    for block in model.blocks:  # one all-gather per block, overlapped with compute
+    tags = {name: vars(p).copy() for name, p in model.named_parameters() if vars(p)}
+    for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for name, attributes in tags.items():
+        vars(model.get_parameter(name)).update(attributes)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:
@@ -294,6 +304,15 @@ def _sharded_mesh_dims(placements: tuple[Any, ...]) -> tuple[int, ...]:
     if any(pl.is_partial() for pl in placements):
         raise ConfigError(f"PaLMAdafactor: parameters cannot be Partial, got {placements}")
     return tuple(d for d, pl in enumerate(placements) if pl.is_shard())
+
+
+def global_row_offset(t: Tensor) -> int:
+    """The global index of the first row of this rank's shard (0 for plain tensors)."""
+    if dtensor_type() is None or not isinstance(t, dtensor_type()) or t.dim() == 0:
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    return int(compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)[1][0])
 
 
 def local_shard(t: Tensor) -> Tensor:

@@ -163,6 +163,9 @@ class PaLMBlock(nn.Module):
         self.row_sizes = (self.q_dim, self.kv_dim, self.kv_dim, *mlp_rows)
         in_dim = self.q_dim + 2 * self.kv_dim + self.mlp_in_dim
         self.in_proj = nn.Linear(c.d_model, in_dim, bias=False)
+        # Five matrices in one weight: the optimizer keeps their statistics apart (as T5X does
+        # for fused QKV; palm.optim.ROW_BLOCKS).
+        self.in_proj.weight.row_blocks = self.row_sizes
         self.attn_out = nn.Linear(self.q_dim, c.d_model, bias=False)
         self.mlp_out = nn.Linear(c.ffn_hidden, c.d_model, bias=False)
 

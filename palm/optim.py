@@ -29,10 +29,32 @@ import torch
 from torch import Tensor
 
 from palm.config import OPTIMIZERS, OptimConfig, parse_weight_decay
-from palm.distributed import any_nonzero, dtensor_type, local_shard, sharded_norms
+from palm.distributed import (
+    any_nonzero,
+    dtensor_type,
+    global_row_offset,
+    local_shard,
+    sharded_norms,
+)
 from palm.errors import ConfigError
 
-__all__ = ["PaLMAdafactor", "build_optimizer", "optimizer_for"]
+__all__ = ["ROW_BLOCKS", "PaLMAdafactor", "build_optimizer", "optimizer_for", "row_blocks"]
+
+# A parameter attribute: the row sizes of a weight that fuses several matrices (PaLM's in_proj
+# holds q, k, v and both SwiGLU inputs). As in T5X, Adafactor's two statistics (RMS(p) for the
+# step size, RMS(u) for update clipping) are then computed per matrix, not across all of them.
+ROW_BLOCKS = "row_blocks"
+
+
+def row_blocks(p: Tensor) -> tuple[int, ...]:
+    """The row blocks of `p` for Adafactor's statistics: its ROW_BLOCKS, else all its rows."""
+    blocks = getattr(p, ROW_BLOCKS, None)
+    rows = p.shape[0] if p.dim() else 1
+    if blocks is None:
+        return (rows,)
+    if sum(blocks) != rows:
+        raise ConfigError(f"{ROW_BLOCKS} {tuple(blocks)} do not add up to the {rows} rows")
+    return tuple(int(b) for b in blocks)
 
 
 class PaLMAdafactor(torch.optim.Optimizer):
@@ -163,8 +185,15 @@ class PaLMAdafactor(torch.optim.Optimizer):
         g32 = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
         v = [self.state[p]["exp_avg_sq"] for p in params]
         m = [self.state[p]["exp_avg"] for p in params] if group["beta1"] > 0.0 else None
-        numel_sqrt = [math.sqrt(max(p.numel(), 1)) for p in params]
-        self._apply(group, k, p32, g32, v, m, numel_sqrt)
+        # A fused weight is its row blocks, one matrix each for the statistics (views: the
+        # elementwise update writes through to the whole tensors).
+        blocks = [row_blocks(p) for p in params]
+        split = lambda ts: [  # noqa: E731
+            b for t, rows in zip(ts, blocks) for b in (t.split(rows) if t.dim() else (t,))
+        ]
+        cols = [p[0].numel() if p.dim() else 1 for p in params]
+        numel_sqrt = [math.sqrt(max(r * c, 1)) for rows, c in zip(blocks, cols) for r in rows]
+        self._apply(group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt)
         for p, q in zip(params, p32):
             if q is not p:  # low-precision parameter: round once, at the end, as T5X does
                 p.copy_(q)
@@ -172,26 +201,39 @@ class PaLMAdafactor(torch.optim.Optimizer):
     def _update_dtensors(self, group: dict[str, Any], k: int, params: list[Tensor]) -> None:
         """The same update for DTensor parameters (FSDP2 Shard(0), tensor parallel, Replicate),
         giving the single-process result: elementwise math on each rank's local shard, and the
-        two per-tensor norms (RMS(p), RMS(u)) as sums of squares all-reduced over the mesh
-        dimensions the parameter is sharded on, all tensors of a step in one collective. The
-        state is placed like its parameter, so `torch.distributed.checkpoint.state_dict` works."""
-        p_local, g_local, v_local, m_local, layouts = [], [], [], [], []
+        two norms (RMS(p), RMS(u)) of each matrix (each row block of a fused weight) as sums of
+        squares all-reduced over the mesh dimensions the parameter is sharded on, all tensors of
+        a step in one collective. The state is placed like its parameter, so
+        `torch.distributed.checkpoint.state_dict` works."""
+        p_local, g_local, v_local, m_local, layouts, numel_sqrt = [], [], [], [], [], []
         for p in params:
             grad, mesh, placements = p.grad, p.device_mesh, p.placements
             if grad.placements != placements or (
                 grad.device_mesh is not mesh and grad.device_mesh != mesh
             ):
                 grad = grad.redistribute(mesh, placements)  # e.g. Partial (unreduced) gradients
-            layouts.append((mesh, placements))
             state = self.state[p]
-            p_local.append(local_shard(p))
-            g_local.append(local_shard(grad))
-            v_local.append(local_shard(state["exp_avg_sq"]))
+            tensors = [p, grad, state["exp_avg_sq"]]
             if group["beta1"] > 0.0:
-                m_local.append(local_shard(state["exp_avg"]))
+                tensors.append(state["exp_avg"])
+            local = [local_shard(t) for t in tensors]
+            # Each rank cuts its rows by the global row blocks (a block may have none here).
+            first, cols = global_row_offset(p), (p[0].numel() if p.dim() else 1)
+            here = local[0].shape[0] if p.dim() else 1
+            begin = 0
+            for rows in row_blocks(p):
+                lo, hi = max(begin, first), min(begin + rows, first + here)
+                views = [t[lo - first : max(hi, lo) - first] if p.dim() else t for t in local]
+                p_local.append(views[0])
+                g_local.append(views[1])
+                v_local.append(views[2])
+                if group["beta1"] > 0.0:
+                    m_local.append(views[3])
+                layouts.append((mesh, placements))
+                numel_sqrt.append(math.sqrt(max(rows * cols, 1)))  # the global block's size
+                begin += rows
         p32 = [p if p.dtype == torch.float32 else p.float() for p in p_local]
         g32 = [g if g.dtype == torch.float32 else g.float() for g in g_local]
-        numel_sqrt = [math.sqrt(max(p.numel(), 1)) for p in params]  # global sizes
         m = m_local if group["beta1"] > 0.0 else None
         self._apply(group, k, p32, g32, v_local, m, numel_sqrt, sharded_norms(layouts))
         for p, q in zip(p_local, p32):

@@ -310,10 +310,10 @@ def _fsdp_worker() -> None:
         set_optimizer_state_dict,
     )
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from palm import ModelConfig, PaLM
+    from palm.distributed import shard_blocks
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -329,9 +329,7 @@ def _fsdp_worker() -> None:
         torch.manual_seed(0)
         model = PaLM(config)
         if shard:
-            for block in model.blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+            shard_blocks(model, mesh)  # palm's FSDP2 wrapping: keeps in_proj's row blocks
         return model, build_optimizer("adafactor", model.parameters(), **kwargs)
 
     def train(model, opt, steps):
@@ -497,3 +495,36 @@ def test_fsdp2_matches_single_process():
 
 if __name__ == "__main__":  # one rank of test_fsdp2_matches_single_process
     _fsdp_worker()
+
+
+def test_fused_weights_take_the_steps_of_separate_matrices():
+    """PaLM's in_proj fuses q, k, v and both SwiGLU inputs; as in T5X, RMS(p) and RMS(u) are
+    per matrix. A fused weight tagged with its row blocks and the same weights as five separate
+    matrices, given the same gradients, take identical steps for 50 steps."""
+    from palm import ModelConfig, PaLM
+    from palm.optim import ROW_BLOCKS
+
+    config = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, head_dim=16)
+    in_proj = PaLM(config).blocks[0].in_proj.weight
+    sizes = getattr(in_proj, ROW_BLOCKS)
+    assert sizes == (32, 16, 16, 128, 128)  # q (2 x 16), one k and one v head, value, gate
+    torch.manual_seed(0)
+    # Unlike blocks, so that shared statistics would show: scale each block differently.
+    start = torch.cat([torch.randn(r, 32) * (0.5 + i) for i, r in enumerate(sizes)])
+    fused = torch.nn.Parameter(start.clone())
+    setattr(fused, ROW_BLOCKS, sizes)
+    untagged = torch.nn.Parameter(start.clone())
+    separate = [torch.nn.Parameter(b.clone()) for b in start.split(sizes)]
+    kwargs = {"lr": 1e-2, "beta1": 0.9, "weight_decay": "lr^2", "clip_threshold": 1.0}
+    optimizers = [PaLMAdafactor([p], **kwargs) for p in (fused, untagged)]
+    optimizers.append(PaLMAdafactor(separate, **kwargs))
+    for _ in range(50):
+        grad = torch.randn_like(start) * torch.rand(len(start), 1) * 3
+        fused.grad, untagged.grad = grad.clone(), grad.clone()
+        for p, g in zip(separate, grad.split(sizes)):
+            p.grad = g.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    together = torch.cat([p.detach() for p in separate])
+    torch.testing.assert_close(fused.detach(), together, rtol=0, atol=1e-6)
+    assert (untagged.detach() - together).abs().max() > 1e-3  # shared statistics do differ
