@@ -255,6 +255,7 @@ def test_build_optimizer():
         build_optimizer("sgd", model.parameters())
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     """The fused foreach kernels on GPU (0-D per-tensor scales broadcast) give the CPU result."""

@@ -1,0 +1,229 @@
+"""The first measurements on a GPU (issue 14), in one short run; `benchmarks/gpu_check.sh` calls it.
+
+    python benchmarks/gpu_check.py --out benchmarks/gpu_check      # on a CUDA machine
+    python benchmarks/gpu_check.py --cpu-dry-run --out /tmp/check  # every step, toy size, CPU
+
+Measures and prints (and writes OUT.json and OUT.md):
+- bf16 training tokens/s and MFU (PaLM Appendix B, against the GPU's dense bf16 data-sheet peak)
+  for palm-350m at seq 2048, eager and torch.compile'd, and the peak memory of each;
+- which SDPA kernel runs under bf16 (flash / memory-efficient / cuDNN; never the math fallback);
+- cached decoding tokens/s at batch 1 and 8;
+- the fused output projection + loss at PaLM's 256k vocabulary: time and peak memory per chunk
+  size (the sweep behind palm.flops.CHUNK_BYTES["cuda"]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from palm.config import ModelConfig
+from palm.flops import flops_per_token
+from palm.loss import linear_lm_loss
+from palm.metrics import peak_flops
+from palm.model import PaLM
+from palm.optim import PaLMAdafactor
+from palm.sampling import generate
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def training(config, batch, seq, steps, device, compiled) -> dict:
+    """Tokens/s, MFU and peak memory of bf16 training steps (forward, fused loss, backward,
+    clipping, PaLM Adafactor), after warm-up (compilation included there)."""
+    torch.manual_seed(0)
+    model = PaLM(config).to(device)
+    step_module = torch.compile(model) if compiled else model
+    optimizer = PaLMAdafactor(model.parameters(), lr=1e-2)
+    tokens = torch.randint(0, config.vocab_size, (batch, seq + 1), device=device)
+
+    def step() -> None:
+        with autocast(device):
+            out = step_module(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    for _ in range(2):
+        step()
+    sync(device)
+    warmup = time.perf_counter() - started
+    reset_peak(device)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    tokens_per_s = batch * seq / seconds
+    peak, source = peak_flops(device, torch.bfloat16)
+    return {
+        "compiled": compiled,
+        "batch x seq": f"{batch} x {seq}",
+        "step_s_median": round(seconds, 4),
+        "step_s_range": [round(min(times), 4), round(max(times), 4)],
+        "tokens_per_s": round(tokens_per_s),
+        "mfu": round(tokens_per_s * flops_per_token(config, seq) / peak, 4),
+        "peak_flops_source": source,
+        "peak_memory_gib": peak_gib(device),
+        "warmup_s": round(warmup, 1),
+    }
+
+
+def sdpa_backend(config, device) -> str:
+    """The attention kernel the bf16 training step runs, from the profiler's kernel names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = PaLM(config).to(device)
+    tokens = torch.randint(0, config.vocab_size, (2, 257), device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with autocast(device):
+            model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+        sync(device)
+    names = " ".join(e.key.lower() for e in prof.key_averages())
+    for kernel, marker in (
+        ("flash", "flash"),
+        ("cudnn", "cudnn_attention"),
+        ("memory-efficient", "efficient_attention"),
+    ):
+        if marker in names:
+            return kernel
+    return "math (fallback)" if "_scaled_dot_product_attention_math" in names else "unknown"
+
+
+def decoding(config, batch, new_tokens, device) -> dict:
+    torch.manual_seed(0)
+    model = PaLM(config).to(device).eval()
+    prompt = torch.randint(0, config.vocab_size, (batch, 32), device=device)
+    with autocast(device):
+        generate(model, prompt, 4, temperature=0.0)  # warm-up
+        sync(device)
+        started = time.perf_counter()
+        generate(model, prompt, new_tokens, temperature=0.0)
+        sync(device)
+    seconds = time.perf_counter() - started
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "tokens_per_s": round(batch * new_tokens / seconds),
+    }
+
+
+def chunk_sweep(d_model, vocab, tokens, chunks, device) -> list[dict]:
+    """The fused output projection + loss alone (forward and backward) by chunk size."""
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, d_model, device=device, requires_grad=True)
+    weight = torch.randn(vocab, d_model, device=device, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), device=device)
+    rows = []
+    for chunk in chunks:
+        reset_peak(device)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            with autocast(device):
+                linear_lm_loss(hidden, weight, targets, chunk_tokens=chunk).loss.backward()
+            sync(device)
+            times.append(time.perf_counter() - started)
+            hidden.grad = weight.grad = None
+        rows.append(
+            {
+                "chunk_tokens": chunk,
+                "seconds_median": round(statistics.median(times), 4),
+                "peak_memory_gib": peak_gib(device),
+            }
+        )
+    return rows
+
+
+def markdown(results: dict) -> str:
+    lines = [f"GPU check: {results['device']}, torch {results['torch']}", ""]
+    lines += ["| training (bf16) | step s | tokens/s | MFU | peak GiB |", "|---|---|---|---|---|"]
+    for row in results["training"]:
+        name = f"{results['model']} {'compiled' if row['compiled'] else 'eager'}"
+        lines.append(
+            f"| {name}, {row['batch x seq']} | {row['step_s_median']} | {row['tokens_per_s']:,} "
+            f"| {row['mfu']:.1%} | {row['peak_memory_gib']} |"
+        )
+    lines += ["", f"SDPA kernel under bf16: {results['sdpa_backend']}", ""]
+    lines += ["| decoding (KV cache) | tokens/s |", "|---|---|"]
+    lines += [f"| batch {r['batch']} | {r['tokens_per_s']:,} |" for r in results["decoding"]]
+    lines += ["", "| fused loss, chunk tokens | seconds | peak GiB |", "|---|---|---|"]
+    lines += [
+        f"| {r['chunk_tokens']} | {r['seconds_median']} | {r['peak_memory_gib']} |"
+        for r in results["chunk_sweep"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
+    parser.add_argument("--cpu-dry-run", action="store_true", help="every step at toy size")
+    parser.add_argument("--skip-compile", action="store_true")
+    args = parser.parse_args()
+    dry = args.cpu_dry_run
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA GPU here; use --cpu-dry-run to test the script")
+    device = torch.device("cpu" if dry else "cuda")
+    if dry:
+        config = ModelConfig.preset("palm-tiny", max_seq_len=64)
+        batch, seq, steps, vocab, sweep_tokens = 2, 64, 2, 4096, 256
+        chunks, decode_tokens = [64, 256], 8
+    else:
+        config = ModelConfig.preset("palm-350m")  # 2048 context, 32k vocabulary
+        batch, seq, steps, vocab, sweep_tokens = 8, 2048, 10, 256_000, 8 * 2048
+        chunks, decode_tokens = [256, 1024, 4096, 16_384], 256
+    results = {
+        "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "model": "palm-tiny" if dry else "palm-350m",
+        "training": [],
+    }
+    for compiled in (False,) if args.skip_compile else (False, True):
+        row = training(config, batch, seq, steps, device, compiled)
+        results["training"].append(row)
+        print(f"training {'compiled' if compiled else 'eager'}: {row}", flush=True)
+    results["sdpa_backend"] = sdpa_backend(dataclasses.replace(config, max_seq_len=512), device)
+    print(f"sdpa: {results['sdpa_backend']}", flush=True)
+    results["decoding"] = [decoding(config, b, decode_tokens, device) for b in (1, 8)]
+    print(f"decoding: {results['decoding']}", flush=True)
+    results["chunk_sweep"] = chunk_sweep(config.d_model, vocab, sweep_tokens, chunks, device)
+    print(f"chunk sweep: {results['chunk_sweep']}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
