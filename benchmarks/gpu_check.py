@@ -120,6 +120,41 @@ def sdpa_backend(config, device) -> str:
     return "math (fallback)" if "_scaled_dot_product_attention_math" in names else "unknown"
 
 
+def shared_head(config, batch, seq, device) -> dict:
+    """Multi-query attention's one key/value head given to SDPA as an expanded view (what the
+    model does) or with enable_gqa=True: forward + backward seconds of one layer's attention."""
+    import torch.nn.functional as F
+
+    shape = (batch, config.n_heads, seq, config.head_dim)
+    q = torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(
+            (batch, 1, seq, config.head_dim),
+            device=device,
+            dtype=torch.bfloat16,
+            requires_grad=True,
+        )
+        for _ in range(2)
+    )
+
+    def run(gqa: bool) -> float:
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            if gqa:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k.expand(shape), v.expand(shape), is_causal=True
+                )
+            out.sum().backward()
+            sync(device)
+            times.append(time.perf_counter() - started)
+        return round(statistics.median(times[1:]), 5)
+
+    return {"expanded_view_s": run(False), "enable_gqa_s": run(True)}
+
+
 def decoding(config, batch, new_tokens, device) -> dict:
     torch.manual_seed(0)
     model = PaLM(config).to(device).eval()
@@ -174,7 +209,9 @@ def markdown(results: dict) -> str:
             f"| {name}, {row['batch x seq']} | {row['step_s_median']} | {row['tokens_per_s']:,} "
             f"| {row['mfu']:.1%} | {row['peak_memory_gib']} |"
         )
-    lines += ["", f"SDPA kernel under bf16: {results['sdpa_backend']}", ""]
+    lines += ["", f"SDPA kernel under bf16: {results['sdpa_backend']}; shared key/value head, "]
+    lines[-1] += f"expanded view vs enable_gqa (s, fwd+bwd): {results['shared_kv_head']}"
+    lines += [""]
     lines += ["| decoding (KV cache) | tokens/s |", "|---|---|"]
     lines += [f"| batch {r['batch']} | {r['tokens_per_s']:,} |" for r in results["decoding"]]
     lines += ["", "| fused loss, chunk tokens | seconds | peak GiB |", "|---|---|---|"]
@@ -215,6 +252,8 @@ def main() -> None:
         print(f"training {'compiled' if compiled else 'eager'}: {row}", flush=True)
     results["sdpa_backend"] = sdpa_backend(dataclasses.replace(config, max_seq_len=512), device)
     print(f"sdpa: {results['sdpa_backend']}", flush=True)
+    results["shared_kv_head"] = shared_head(config, batch, seq, device)
+    print(f"shared key/value head: {results['shared_kv_head']}", flush=True)
     results["decoding"] = [decoding(config, b, decode_tokens, device) for b in (1, 8)]
     print(f"decoding: {results['decoding']}", flush=True)
     results["chunk_sweep"] = chunk_sweep(config.d_model, vocab, sweep_tokens, chunks, device)
