@@ -56,6 +56,7 @@ LAYERS: dict[str, int] = {
     "palm.interop": 5,
     "palm.hub": 5,
     "palm.pretrained": 5,
+    "palm.plot": 5,
     # 6 commands
     "palm.cli": 6,
     "palm.cli.download": 6,
@@ -64,6 +65,7 @@ LAYERS: dict[str, int] = {
     "palm.cli.evaluate": 6,
     "palm.cli.info": 6,
     "palm.cli.export": 6,
+    "palm.cli.plot": 6,
     "palm.__main__": 6,
     "palm": 6,  # the lazy public API (palm.PaLM, ...) may name anything
 }

@@ -47,6 +47,7 @@ def train_from_args(config_file: str | None, overrides: list[str]) -> None:
     result = train(config)
     if not result.is_main:
         return
+    write_curves(result.run_dir)
     if result.sample is not None:
         print("sample:\n" + result.sample)
     if result.val_perplexity is None:
@@ -57,6 +58,19 @@ def train_from_args(config_file: str | None, overrides: list[str]) -> None:
         f"finished at step {result.step} ({result.stopped_by}); {validation}; "
         f"{result.tokens_per_s:,.0f} tokens/s, MFU {result.mfu:.1%}; run folder {result.run_dir}"
     )
+
+
+def write_curves(run_dir) -> None:
+    """runs/NAME/curves.png at the end of a run (also one stopped by a signal), when matplotlib
+    is installed; without it, one line saying how to get it."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        print("curves: pip install 'palm-lm[plot]' to get runs/NAME/curves.png after each run")
+        return
+    from palm.plot import plot_runs
+
+    print(f"curves: {plot_runs([run_dir], run_dir / 'curves.png')}")
 
 
 if __name__ == "__main__":
