@@ -46,14 +46,23 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
             for section, fields in (values or {}).items()
             if isinstance(fields, dict)
             for key, value in fields.items()
-            if key not in ("name", "runs_dir")
+            if f"{section}.{key}" not in ("train.name", "train.runs_dir")
         }
         configs.append(flat)
     keys = sorted({k for c in configs for k in c})
-    differing = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
     labels = []
     for run, config in zip(run_dirs, configs):
-        parts = [f"{k}={config.get(k)}" for k in differing]
+        # A key names a run when its value there differs from the most common one (the grid's
+        # baseline), so an ablation reads "model.parallel_block=False", not every setting.
+        parts = []
+        for key in keys:
+            values = [repr(c.get(key)) for c in configs]
+            counts = sorted((values.count(v) for v in set(values)), reverse=True)
+            if len(counts) == 1:
+                continue  # the same everywhere
+            usual = max(set(values), key=values.count) if counts[0] > counts[1] else None
+            if repr(config.get(key)) != usual:
+                parts.append(f"{key}={config.get(key)}")
         labels.append(", ".join(parts) if parts and len(run_dirs) > 1 else Path(run).name)
     return labels
 
@@ -72,7 +81,7 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "loss") -> Path:
             "plotting needs matplotlib: pip install 'palm-lm[plot]' (or pip install matplotlib)"
         ) from None
     runs = [(Path(r), read_metrics(Path(r))) for r in run_dirs]
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2 + 0.25 * len(runs)), layout="constrained")
     for (_, records), label in zip(runs, run_labels([r for r, _ in runs])):
         kind = "eval" if metric == "val_loss" else "train"
         points = [r for r in records if r.get("kind") == kind and metric in r]
@@ -101,7 +110,7 @@ def plot_runs(run_dirs: list[Path], out: Path, metric: str = "loss") -> Path:
         axis.grid(alpha=0.3)
     if metric in ("loss", "val_loss"):
         axes[0].set_title("o = validation loss, dotted = loss-spike rollback", fontsize=9)
-    axes[1].legend(fontsize=8)
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)

@@ -37,6 +37,7 @@ def test_two_runs_make_a_png_named_by_their_difference(two_runs, tmp_path, capsy
     height, width = image.shape[:2]
     assert width > 800 and height > 300
     assert (image[..., :3] < 0.5).any() and (image[..., :3] > 0.9).any()  # lines on a background
+    # Two runs: each is named by what differs (there is no majority to leave out).
     assert run_labels(list(two_runs)) == ["model.tie_embeddings=True", "model.tie_embeddings=False"]
     assert palm(["plot", str(two_runs[0]), "--metric", "val_loss", "--out", str(out)]) == 0
 
@@ -66,3 +67,17 @@ def test_the_ablation_grid_in_small(tmp_path, make_dataset):
     assert all(r["val_loss"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows)
     assert rows[4]["parameters"] > rows[0]["parameters"]  # the untied head
     assert (tmp_path / "runs" / "ablations.png").stat().st_size > 10_000
+
+
+def test_train_py_leaves_its_curves_in_the_run_folder(tmp_path, make_dataset, capsys):
+    from palm.cli.train import main as train_main
+
+    data = make_dataset(tmp_path / "data")
+    code = train_main(
+        [f"data.path={data}", f"train.runs_dir={tmp_path / 'runs'}", "train.max_steps=3"]
+        + ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.head_dim=16"]
+        + ["train.sample_tokens=0"]
+    )
+    assert code == 0
+    assert "curves: " in capsys.readouterr().out
+    assert (tmp_path / "runs" / "default" / "curves.png").stat().st_size > 10_000
