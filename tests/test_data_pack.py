@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from palm.data.corpus import count_words, iter_documents, split_of
 from palm.data.pack import combine_documents, pad_document, token_dtype
 
-WIKITEXT2 = Path("/work/shared/data/wikitext-2")
+WIKITEXT2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 needs_wikitext2 = pytest.mark.skipif(
     not (WIKITEXT2 / "wiki.train.tokens").exists(),
-    reason="WikiText-2 copy not found at /work/shared/data",
+    reason=f"WikiText-2 copy not found at {WIKITEXT2} (../shared/data beside the repository)",
 )
 
 
