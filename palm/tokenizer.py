@@ -127,6 +127,13 @@ def train_sentencepiece(sentences: Iterable[str], config: TokenizerTrainConfig) 
                 f"--vocab_size {config.vocab_size} is larger than this corpus can support; "
                 f"the largest size that works is {limit.group(1)}"
             ) from None
+        floor = re.search(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)", message)
+        if floor:
+            raise TokenizerError(
+                f"--vocab_size {config.vocab_size} is smaller than this corpus needs: its "
+                f"characters and the special pieces take {floor.group(1)}; use at least "
+                f"{floor.group(1)}"
+            ) from None
         raise TokenizerError(f"SentencePiece training failed: {message.splitlines()[-1]}") from None
     return model.data
 

@@ -115,6 +115,14 @@ def test_vocab_too_large_names_the_largest_size() -> None:
         train_sentencepiece(["hello world", "tiny corpus"] * 10, TokenizerTrainConfig(5000))
 
 
+def test_vocab_too_small_names_the_smallest_size() -> None:
+    """A text with many distinct characters needs a piece for each, besides the 256 bytes."""
+    characters = "".join(chr(0x4E00 + i) for i in range(80))
+    lines = [characters[i:] + characters[:i] for i in range(80)]
+    with pytest.raises(TokenizerError, match=r"--vocab_size 300 is smaller .* use at least \d+"):
+        train_sentencepiece(lines, TokenizerTrainConfig(300))
+
+
 def test_bad_files_are_clear_errors(tmp_path) -> None:
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
