@@ -56,3 +56,44 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def write_token_dataset(
+    folder,
+    splits: dict,
+    vocab: int,
+    eod_id: int,
+    pad_id: int,
+    seq_len: int,
+    batch_size: int,
+    name: str = "synthetic",
+):
+    """A prepared dataset in download.py's format, from {split: (tokens, n_documents)} and no
+    tokenizer: for benchmarks that only need tokens to train on. Returns the folder."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from palm.data.manifest import Manifest
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for split, (tokens, n_documents) in splits.items():
+        np.asarray(tokens, dtype=np.uint16).tofile(folder / f"{split}.bin")
+        entries[split] = {"path": f"{split}.bin", "n_tokens": len(tokens), "sha256": ""}
+        entries[split]["n_documents"] = n_documents
+    manifest = Manifest(
+        dataset=name,
+        vocab_size=vocab,
+        dtype="uint16",
+        eod_id=eod_id,
+        pad_id=pad_id,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        layout="combined",
+        splits=entries,
+        tokenizer_sha256="",
+    )
+    (folder / "meta.json").write_text(manifest.to_json())
+    return folder

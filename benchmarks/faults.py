@@ -38,8 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_token_dataset
 from palm.checkpoint import FILES, PREFIX, list_checkpoints
-from palm.data.manifest import Manifest
 
 TINY = [
     "model.d_model=32",
@@ -55,29 +55,14 @@ TINY = [
 
 
 def write_dataset(folder: Path, vocab: int = 64, n_tokens: int = 20_000) -> Path:
-    """A prepared dataset (download.py's format) of counting runs: a loss that goes down."""
+    """A prepared dataset of counting runs (a loss that goes down), no tokenizer needed."""
     rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, n in (("train", n_tokens), ("validation", n_tokens // 5)):
         starts = rng.integers(1, vocab, size=n // 8 + 1)
         tokens = ((starts[:, None] + np.arange(8)[None, :]) % (vocab - 1) + 1).reshape(-1)[:n]
-        tokens.astype(np.uint16).tofile(folder / f"{split}.bin")
-        splits[split] = {"path": f"{split}.bin", "n_tokens": n, "n_documents": n // 8, "sha256": ""}
-    manifest = Manifest(
-        dataset="synthetic",
-        vocab_size=vocab,
-        dtype="uint16",
-        eod_id=0,
-        pad_id=vocab - 1,
-        seq_len=16,
-        batch_size=8,
-        layout="combined",
-        splits=splits,
-        tokenizer_sha256="",
-    )
-    (folder / "meta.json").write_text(manifest.to_json())
-    return folder
+        splits[split] = (tokens, n // 8)
+    return write_token_dataset(folder, splits, vocab, 0, vocab - 1, 16, 8)
 
 
 def train_args(data: Path, runs: Path, *extra: str) -> list[str]:

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_token_dataset
 from palm.config import load_config
-from palm.data.manifest import Manifest
 from palm.distributed import clip_gradients
 from palm.flops import flops_per_token
 from palm.metrics import measure_matmul_peak
@@ -38,26 +38,13 @@ SIZES = {
 
 
 def write_random_dataset(folder: Path, vocab: int, n_tokens: int) -> None:
-    """A prepared dataset (download.py's format) of random tokens: throughput does not care."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """A prepared dataset of random tokens: throughput does not care what they say."""
     rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", n_tokens), ("validation", n_tokens // 10)):
-        rng.integers(3, vocab, size=n, dtype=np.uint16).tofile(folder / f"{split}.bin")
-        splits[split] = {"path": f"{split}.bin", "n_tokens": n, "n_documents": 1, "sha256": ""}
-    manifest = Manifest(
-        dataset="random",
-        vocab_size=vocab,
-        dtype="uint16",
-        eod_id=1,
-        pad_id=0,
-        seq_len=256,
-        batch_size=8,
-        layout="combined",
-        splits=splits,
-        tokenizer_sha256="",
-    )
-    (folder / "meta.json").write_text(manifest.to_json())
+    splits = {
+        split: (rng.integers(3, vocab, size=n, dtype=np.uint16), 1)
+        for split, n in (("train", n_tokens), ("validation", n_tokens // 10))
+    }
+    write_token_dataset(folder, splits, vocab, 1, 0, 256, 8, name="random")
 
 
 def bare_steps(trainer: Trainer, steps: int) -> list[float]:

@@ -56,6 +56,15 @@ def mirror_urls(remote: RemoteFile, bases: list[str] | None, default_base: str) 
     return [default_base.rstrip("/") + "/" + remote.name, *remote.fallback_urls]
 
 
+def _permanent(error: Exception) -> bool:
+    """An HTTP answer that asking again cannot change (404, 403, ...; not 408 or 429)."""
+    return (
+        isinstance(error, urllib.error.HTTPError)
+        and 400 <= error.code < 500
+        and error.code not in (408, 429)
+    )
+
+
 class _Permanent(Exception):
     """A failure retrying the same URL cannot fix (404, bad checksum): go to the next mirror."""
 
@@ -112,11 +121,7 @@ def _fetch_one(url: str, remote: RemoteFile, part: Path, config: FetchConfig) ->
             raise
         except (urllib.error.URLError, http.client.HTTPException, OSError, _Transient) as error:
             reason = getattr(error, "reason", None) or error
-            if (
-                isinstance(error, urllib.error.HTTPError)
-                and 400 <= error.code < 500
-                and error.code not in (408, 429)
-            ):
+            if _permanent(error):
                 raise _Permanent(f"HTTP {error.code}") from None
             if attempt == config.retries:
                 raise _Transient(str(reason)) from None
@@ -222,12 +227,10 @@ def fetch_small(urls: list[str], config: FetchConfig = FetchConfig()) -> bytes:
             try:
                 with urllib.request.urlopen(request, timeout=config.timeout_s) as response:
                     return response.read()
-            except urllib.error.HTTPError as error:
-                failures.append(f"{url}: HTTP {error.code}")
-                break  # a 404 does not get better by asking again
             except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
-                if attempt == config.retries:
-                    failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
+                if _permanent(error) or attempt == config.retries:
+                    reason = f"HTTP {error.code}" if _permanent(error) else error
+                    failures.append(f"{url}: {getattr(error, 'reason', None) or reason}")
                     break
                 time.sleep(wait)
                 wait *= 2

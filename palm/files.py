@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -70,11 +71,18 @@ def publish_dir(temporary: Path, final: Path) -> None:
     publish(temporary, final)
 
 
-def _exchange(a: Path, b: Path) -> bool:
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None where there is none (not Linux, old glibc)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        return ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_cwd = -100  # AT_FDCWD
     result = renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE)

@@ -23,8 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from palm.errors import PretrainedError
-from palm.fetch import USER_AGENT, FetchConfig, RemoteFile, fetch
+from palm.errors import DataError, PretrainedError
+from palm.fetch import USER_AGENT, FetchConfig, RemoteFile, fetch, fetch_small
 from palm.files import publish, sha256_file, temporary_path, write_atomic
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -193,14 +193,10 @@ def _fetch_small(
     blob = blobs / meta.etag
     if blob.is_file() and git_blob_sha1(blob.read_bytes()) == meta.etag:
         return blob, sha256_file(blob)
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(request, timeout=config.timeout_s) as response:
-            data = response.read()
-    except (urllib.error.URLError, OSError) as error:
-        raise PretrainedError(
-            f"{url}: {getattr(error, 'reason', error)}; retry, or place the file at {blob}"
-        ) from None
+        data = fetch_small([url], config)
+    except DataError as error:
+        raise PretrainedError(f"{error}; retry, or place the file at {blob}") from None
     checks = [len(data) == meta.size]
     if re.fullmatch(r"[0-9a-f]{40}", meta.etag):
         checks.append(git_blob_sha1(data) == meta.etag)

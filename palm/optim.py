@@ -188,9 +188,12 @@ class PaLMAdafactor(torch.optim.Optimizer):
         # A fused weight is its row blocks, one matrix each for the statistics (views: the
         # elementwise update writes through to the whole tensors).
         blocks = [row_blocks(p) for p in params]
-        split = lambda ts: [  # noqa: E731
-            b for t, rows in zip(ts, blocks) for b in (t.split(rows) if t.dim() else (t,))
-        ]
+
+        def split(tensors: list[Tensor]) -> list[Tensor]:
+            return [
+                b for t, rows in zip(tensors, blocks) for b in (t.split(rows) if t.dim() else (t,))
+            ]
+
         cols = [p[0].numel() if p.dim() else 1 for p in params]
         numel_sqrt = [math.sqrt(max(r * c, 1)) for rows, c in zip(blocks, cols) for r in rows]
         self._apply(group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt)

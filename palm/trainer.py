@@ -365,11 +365,10 @@ class Trainer:
             )
         self.model.train()
         self.state.val_loss = val_loss
-        if val_loss is not None:
-            record = {"val_loss": val_loss, "val_perplexity": perplexity_of(val_loss)}
-            record["seconds"] = time.perf_counter() - began
-            log.log({"step": step, "kind": "eval", **record})
-            console.evaluation(step, val_loss)
+        record = {"step": step, "kind": "eval", "val_loss": val_loss}
+        record.update(val_perplexity=perplexity_of(val_loss), seconds=time.perf_counter() - began)
+        log.log(record)
+        console.evaluation(step, val_loss)
         return val_loss
 
     def result(self, val_loss: float | None, meter: Throughput, stopped_by: str) -> TrainResult:

@@ -80,7 +80,10 @@ def download_prepared(name: str, root: Path, mirrors: list[str], config: FetchCo
             return dest
         except DataError:
             pass  # damaged or partial: download again
-    urls = lambda file: [f"{base.rstrip('/')}/{name}/{file}" for base in mirrors]  # noqa: E731
+
+    def urls(file: str) -> list[str]:
+        return [f"{base.rstrip('/')}/{name}/{file}" for base in mirrors]
+
     try:
         index = json.loads(fetch_small(urls(INDEX_NAME), config))
         entries = index["files"]
