@@ -20,7 +20,7 @@ from torch import Tensor
 
 from palm.config import TrainConfig
 from palm.errors import ConfigError
-from palm.model import PaLM
+from palm.model import KVCache, PaLM
 from palm.tokenizer import Tokenizer
 
 
@@ -92,6 +92,49 @@ def _masked_cache(model: PaLM, mask: Tensor | None, max_len: int):
     return cache
 
 
+def next_tokens(
+    logits: Tensor,
+    finished: Tensor,
+    eod_id: int | None,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One decoding step's tokens (B,): rows already `finished` (B,) repeat `eod_id`, and rows
+    that produce it join them (`finished` is updated in place). Without eod_id, plain sampling."""
+    token = next_token(logits, temperature, top_k, top_p, generator)
+    if eod_id is not None:
+        token = token.masked_fill(finished, eod_id)
+        finished |= token == eod_id
+    return token
+
+
+def prefill(
+    model: PaLM, prompt: Tensor, prompt_mask: Tensor | None, max_len: int
+) -> tuple[KVCache, Tensor]:
+    """A cache of `max_len` positions holding prompt (B, T), and its last logits (B, V).
+
+    `prompt_mask` (B, T) is False at left padding; without any padding the plain causal path
+    is used (exact, and faster).
+    """
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.to(prompt.device)
+        if bool(prompt_mask.all()):
+            prompt_mask = None
+    cache = (
+        _masked_cache(model, prompt_mask, max_len)
+        if prompt_mask is not None
+        else model.new_cache(prompt.shape[0], max_len)
+    )
+    return cache, _full_forward(model, prompt, prompt_mask, cache)
+
+
+def decode_step(model: PaLM, token: Tensor, cache: KVCache) -> Tensor:
+    """Append one token per row (B,) to the cache; the next logits (B, V)."""
+    return model(token[:, None], cache)[:, -1]
+
+
 @torch.no_grad()
 def stream(
     model: PaLM,
@@ -129,26 +172,19 @@ def stream(
     was_training = model.training
     model.eval()
     try:
-        cache = None
+        sequence, cache = prompt, None
         if use_cache:
-            cache = (
-                _masked_cache(model, prompt_mask, total)
-                if prompt_mask is not None
-                else model.new_cache(batch, total)
-            )
-        sequence = prompt
-        logits = _full_forward(model, sequence, prompt_mask, cache)
+            cache, logits = prefill(model, prompt, prompt_mask, total)
+        else:
+            logits = _full_forward(model, sequence, prompt_mask, None)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         for step in range(max_new_tokens):
-            token = next_token(logits, temperature, top_k, top_p, generator)
-            if eod_id is not None:
-                token = token.masked_fill(finished, eod_id)
-                finished |= token == eod_id
+            token = next_tokens(logits, finished, eod_id, temperature, top_k, top_p, generator)
             yield token
             if step == max_new_tokens - 1 or (eod_id is not None and bool(finished.all())):
                 return
             if use_cache:
-                logits = model(token[:, None], cache)[:, -1]
+                logits = decode_step(model, token, cache)
             else:
                 sequence = torch.cat([sequence, token[:, None]], dim=1)
                 logits = _full_forward(model, sequence, prompt_mask, None)
