@@ -51,6 +51,10 @@ class TrainingError(PalmError, RuntimeError):
     """A run that cannot go on (repeated loss spikes, non-finite gradients)."""
 
 
+class BusyError(PalmError):
+    """A server at capacity: its request queue is full (HTTP 429); the client retries later."""
+
+
 def warn(message: str) -> None:
     """A problem palm worked around (e.g. a corrupt checkpoint skipped): one line on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -57,6 +57,9 @@ LAYERS: dict[str, int] = {
     "palm.hub": 5,
     "palm.pretrained": 5,
     "palm.plot": 5,
+    "palm.batching": 5,
+    "palm.engine": 5,
+    "palm.serve": 5,
     # 6 commands
     "palm.cli": 6,
     "palm.cli.download": 6,
@@ -66,6 +69,7 @@ LAYERS: dict[str, int] = {
     "palm.cli.info": 6,
     "palm.cli.export": 6,
     "palm.cli.plot": 6,
+    "palm.cli.serve": 6,
     "palm.__main__": 6,
     "palm": 6,  # the lazy public API (palm.PaLM, ...) may name anything
 }

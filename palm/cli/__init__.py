@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("palm.cli.evaluate", "perplexity and benchmark evaluation of a checkpoint"),
     "export": ("palm.cli.export", "a checkpoint as a palm-rlhf-pytorch or palm-pytorch state dict"),
     "plot": ("palm.cli.plot", "training curves of runs as a PNG (matplotlib)"),
+    "serve": ("palm.cli.serve", "an OpenAI-compatible HTTP server for a checkpoint"),
 }
 
 
