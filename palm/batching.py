@@ -168,9 +168,14 @@ class _Running:
         """Sample this job's rows from its logits (size, V), as generate.py's loop does."""
         job, eod = self.job, self.tokenizer.eod_id
         token = next_tokens(
-            logits, self.finished, None if job.ignore_eod else eod,
-            job.temperature, job.top_k, job.top_p, self.generator,
-        )  # fmt: skip
+            logits,
+            self.finished,
+            None if job.ignore_eod else eod,
+            job.temperature,
+            job.top_k,
+            job.top_p,
+            self.generator,
+        )
         self.steps += 1
         scores = None
         if job.logprobs is not None:

@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
     "palm.plot": 5,
     "palm.batching": 5,
     "palm.engine": 5,
+    "palm.protocol": 5,
     "palm.serve": 5,
     # 6 commands
     "palm.cli": 6,

@@ -58,8 +58,9 @@ def run(tmp_path_factory, prepare_dataset, tiny_model_config) -> Path:
     torch.manual_seed(0)
     state = TrainingState(step=1, val_loss=None)
     empty = {"state": {}, "param_groups": []}
-    save_checkpoint(run / "checkpoints", PaLM(config.model).state_dict(), empty, state,
-                    config.to_dict())  # fmt: skip
+    save_checkpoint(
+        run / "checkpoints", PaLM(config.model).state_dict(), empty, state, config.to_dict()
+    )
     return run
 
 
@@ -118,9 +119,25 @@ def server(run, tmp_path_factory):
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    argv = [sys.executable, "-m", "palm", "serve", str(run), "--port", "0", "--threads", "1",
-            "--max_rows", str(MAX_ROWS), "--max_queue", str(MAX_QUEUE),
-            "--max_tokens_cap", str(CAP), "--log_level", "warning"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "palm",
+        "serve",
+        str(run),
+        "--port",
+        "0",
+        "--threads",
+        "1",
+        "--max_rows",
+        str(MAX_ROWS),
+        "--max_queue",
+        str(MAX_QUEUE),
+        "--max_tokens_cap",
+        str(CAP),
+        "--log_level",
+        "warning",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -204,8 +221,14 @@ def test_streaming_yields_the_same_text(server, case):
 
 
 def test_the_event_stream_ends_with_done_and_can_carry_the_usage(server):
-    body = {"model": "t", "prompt": "the", "max_tokens": 5, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": "t",
+        "prompt": "the",
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
@@ -333,8 +356,12 @@ def test_bad_requests_get_their_4xx_naming_the_field(server, name, body, status,
 
 def stream_request(server: Server, body: dict) -> tuple[http.client.HTTPConnection, object]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
-                 {"Content-Type": "application/json"})  # fmt: skip
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({**body, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     response = conn.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")  # decoding has started
@@ -353,8 +380,9 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
     stats = server.wait_for(lambda s: s["cancelled"] == before + 1 and s["running"] == 0)
     assert stats["status"] == "ok"
     # The server goes on serving, with the same answers.
-    reply = server.client.completions.create(model="t", prompt="the world", max_tokens=24,
-                                             temperature=0)  # fmt: skip
+    reply = server.client.completions.create(
+        model="t", prompt="the world", max_tokens=24, temperature=0
+    )
     assert (
         reply.choices[0].text
         == generated(loaded, ["the world"], **generate_options(CASES[0][2]))[0]
@@ -431,10 +459,15 @@ def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(loaded)
     events = collect(engine, jobs)
     assert engine.counts["batches"] == 2 and engine.largest_batch == 3
     for job, (prompts, options) in zip(jobs, specs):
-        flags = {"max_new_tokens": options["max_tokens"], "num_samples": options.get("n", 1),
-                 "seed": options.get("seed", 0), "temperature": options.get("temperature", 1.0),
-                 "top_k": options.get("top_k", 0), "top_p": options.get("top_p", 1.0),
-                 "stop": list(options.get("stop", ()))}  # fmt: skip
+        flags = {
+            "max_new_tokens": options["max_tokens"],
+            "num_samples": options.get("n", 1),
+            "seed": options.get("seed", 0),
+            "temperature": options.get("temperature", 1.0),
+            "top_k": options.get("top_k", 0),
+            "top_p": options.get("top_p", 1.0),
+            "stop": list(options.get("stop", ())),
+        }
         assert texts_of(events[id(job)]) == generated(loaded, prompts, **flags)
         assert isinstance(events[id(job)][-1], Done)
 
