@@ -50,7 +50,8 @@ PROMPT = "The history of the city begins with a small settlement on the river"
 def write_random_run(folder: Path, vocab_size: int = 1024) -> Path:
     """runs/bench: a random PaLM of size S and a tokenizer trained on synthetic sentences."""
     rng = random.Random(0)
-    words = [f"{a}{b}" for a in ("ka", "lo", "mi", "su", "te", "ra") for b in "aeiourstn"]
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(3000)]
     words += PROMPT.lower().split()
     sentences = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(4000)]
     blob = train_sentencepiece(sentences, TokenizerTrainConfig(vocab_size=vocab_size))

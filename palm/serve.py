@@ -47,6 +47,9 @@ def _error_response(status: int, message: str, param: str | None = None, code: s
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
+CHECK_EVERY = 0.5  # seconds between looks at whether a waiting client is still there
+
+
 class Channel:
     """Events from the engine's thread into the request's event loop."""
 
@@ -57,14 +60,20 @@ class Channel:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
     async def events(self, job: Job, request: Request) -> AsyncIterator[Event]:
-        """The job's events up to its end; a client that has gone away cancels the job."""
+        """The job's events up to its end; a client that has gone away (looked at every
+        `CHECK_EVERY` seconds) cancels the job."""
+        check_at = time.monotonic() + CHECK_EVERY
         while True:
             try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                event = await asyncio.wait_for(self.queue.get(), timeout=CHECK_EVERY)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + CHECK_EVERY
                 if await request.is_disconnected():
                     job.cancelled.set()
                     return
+            if event is None:
                 continue
             yield event
             if isinstance(event, Done | Failed):

@@ -389,6 +389,24 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(server, loaded):
     )
 
 
+def test_a_waiting_client_that_leaves_cancels_its_request(server):
+    """Without streaming too: the server notices within half a second."""
+    before = server.health()["cancelled"]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({**LONG_JOB, "n": MAX_ROWS}),
+        {"Content-Type": "application/json"},
+    )
+    server.wait_for(lambda s: s["running"] == 1)
+    started = time.monotonic()
+    conn.sock.shutdown(2)
+    conn.close()
+    server.wait_for(lambda s: s["cancelled"] == before + 1 and s["running"] == 0)
+    assert time.monotonic() - started < 5
+
+
 def test_a_full_queue_is_429_and_the_queued_requests_still_complete(server):
     conn, response = stream_request(server, {**LONG_JOB, "n": MAX_ROWS})  # every row taken
     replies: list[int] = []
