@@ -238,25 +238,25 @@ class Batch:
     @torch.no_grad()
     def step(self) -> tuple[list[Job], list[Job]]:
         """Decode one token for every row; returns the jobs that ended (done, cancelled)."""
-        tokens, keep, done, cancelled, start = [], [], [], [], 0
+        keep, done, cancelled, start = [], [], [], 0  # keep: (running, its rows, its tokens)
         for running in self.running:
             rows = slice(start, start + running.size)
             start += running.size
             if running.job.cancelled.is_set():
                 cancelled.append(running)
                 continue
-            tokens.append(running.sample(self.logits[rows]))
+            token = running.sample(self.logits[rows])  # (size,)
             if running.done:
                 send(running.job, Done(running.produced))
                 done.append(running)
             else:
-                keep.append((running, rows, tokens[-1]))
+                keep.append((running, rows, token))
         if len(keep) < len(self.running):  # some jobs left: drop their rows from the cache
             index = [i for _, rows, _ in keep for i in range(rows.start, rows.stop)]
             if index:
                 _keep_rows(self.cache, torch.tensor(index, device=self.device))
         self.running = [running for running, _, _ in keep]
         if self.running:
-            token = torch.cat([t for _, _, t in keep])
-            self.logits = decode_step(self.model, token, self.cache)
+            token = torch.cat([t for _, _, t in keep])  # (rows left,)
+            self.logits = decode_step(self.model, token, self.cache)  # (rows left, V)
         return [r.job for r in done], [r.job for r in cancelled]

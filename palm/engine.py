@@ -1,15 +1,18 @@
-"""The serving engine behind `palm serve`: one worker thread owns the model, completion jobs
-wait in a bounded queue, and admitted jobs decode in batches (palm.batching).
+"""The serving engine behind `palm serve`: one worker thread owns the model, completion jobs wait
+in a bounded queue, and admitted jobs decode in batches (palm.batching).
 
 Batches interleave one token at a time, so a long job does not hold up a later short one. Jobs
-are admitted while their rows fit under `max_rows` beside the running ones; a full queue is a
-BusyError (HTTP 429). A failure inside one batch fails only its jobs, with a message each; the
-worker goes on. No HTTP here (palm.serve).
+are admitted while their rows fit under `max_rows` beside the running ones, those admitted
+together with equal batch keys as one batch; an idle worker first waits `gather_s` (5 ms) for
+company, so that requests sent together start together. A full queue is a BusyError (HTTP 429).
+A failure inside one batch fails only its jobs, with a message each; the worker goes on. No HTTP
+here (palm.serve).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -35,11 +38,13 @@ class Engine:
         max_queue: int = 64,
         max_rows: int = 32,
         batching: bool = True,
+        gather_s: float = 0.005,
     ) -> None:
         if max_queue < 1 or max_rows < 1:
             raise ConfigError(f"max_queue and max_rows must be >= 1, got {max_queue}, {max_rows}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_queue, self.max_rows, self.batching = max_queue, max_rows, batching
+        self.gather_s = gather_s if batching else 0.0  # seconds an idle worker waits for company
         self.context = model.config.max_seq_len
         self._pending: deque[Job] = deque()
         self._batches: list[Batch] = []
@@ -101,6 +106,8 @@ class Engine:
             with self._wake:
                 while not self._pending and not self._batches and not self._stopping:
                     self._wake.wait()
+                if not self._batches:
+                    self._gather()
                 if self._stopping:
                     leftover = list(self._pending) + [j for b in self._batches for j in b.jobs]
                     self._pending.clear()
@@ -111,6 +118,16 @@ class Engine:
                 self._guarded(batch.jobs, lambda batch=batch: self._step(batch))
         for job in leftover:
             send(job, Failed("the server is shutting down"))
+
+    def _gather(self) -> None:
+        """From idle, wait `gather_s` for more requests (under the lock's wait), so that
+        requests sent together start as one batch; while batches run, a step is the window."""
+        deadline = time.monotonic() + self.gather_s
+        while not self._stopping and sum(len(j.rows) for j in self._pending) < self.max_rows:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.wait(left)
 
     def _admit(self) -> list[Job]:
         """Jobs from the head of the queue while their rows fit beside the running ones."""

@@ -40,14 +40,13 @@ from palm.protocol import (
     validation_message,
 )
 
+CHECK_EVERY = 0.5  # seconds between looks at whether a waiting client is still there
+
 
 def _error_response(status: int, message: str, param: str | None = None, code: str | None = None):
     kind = {429: "rate_limit_error", 404: "not_found_error"}.get(status, "invalid_request_error")
     kind = "server_error" if status >= 500 else kind
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
-
-
-CHECK_EVERY = 0.5  # seconds between looks at whether a waiting client is still there
 
 
 class Channel:

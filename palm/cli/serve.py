@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="on",
         help="off: every request decodes alone, bit for bit as generate.py",
     )
+    p.add_argument(
+        "--batch_wait_ms",
+        type=float,
+        default=5.0,
+        help="an idle server waits this long for more requests to start them as one batch",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights"
@@ -64,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> None:
     if args.max_tokens_cap < 1:
         raise ConfigError(f"--max_tokens_cap must be >= 1, got {args.max_tokens_cap}")
+    for flag in ("max_rows", "max_queue"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.batch_wait_ms < 0:
+        raise ConfigError(f"--batch_wait_ms must be >= 0, got {args.batch_wait_ms}")
     if args.threads < 0:
         raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
@@ -83,7 +94,12 @@ def serve(args: argparse.Namespace) -> None:
         args.checkpoint, args.which, args.device, getattr(torch, args.dtype), args.tokenizer
     )
     engine = Engine(
-        loaded.model, loaded.tokenizer, args.max_queue, args.max_rows, args.batching == "on"
+        loaded.model,
+        loaded.tokenizer,
+        args.max_queue,
+        args.max_rows,
+        batching=args.batching == "on",
+        gather_s=args.batch_wait_ms / 1000,
     )
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(Served(engine, loaded.tokenizer, name, args.max_tokens_cap))
