@@ -220,7 +220,7 @@ def main() -> None:
     rows = [best[(mode, clients)] for mode in args.batching for clients in args.concurrency]
     print(
         f"\npalm serve, {run if args.run else 'random S (d_model 256, 4 layers)'}, "
-        f"{args.max_tokens} new tokens per request, best of {args.repeats} x {args.seconds:g} s "
+        f"{args.max_tokens} new tokens per request, best of {args.repeats} x {args.seconds:g} s, "
         f"server threads {args.threads}, torch {torch.__version__}, load average at the end "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
     )
