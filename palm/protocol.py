@@ -78,16 +78,17 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
         detail = first.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON ({detail})", None
     loc = [str(part) for part in first["loc"] if part != "body"]
-    param = loc[0] if loc else None
     if not loc:
         return f"the request body must be a JSON object ({first['msg']})", None
+    param, where = loc[0], ".".join(loc)  # the top-level field; the place inside it
     if first["type"] == "extra_forbidden":
-        return f"{param}: unknown field (see GET /v1/models and the README for the API)", param
+        known = "OpenAI's completion fields, plus top_k and ignore_eos"
+        return f"{where}: unknown field (this server takes {known})", param
     if first["type"] == "missing":
-        return f"{param}: required", param
+        return f"{where}: required", param
     if param in UNION_FIELDS:  # pydantic reports one error per member of the union
         return f"{param}: must be {UNION_FIELDS[param]}", param
-    return f"{param}: {first['msg']}", param
+    return f"{where}: {first['msg']}", param
 
 
 @dataclass

@@ -339,6 +339,7 @@ BAD = [  # (name, body, status, the field named, words of the message)
     ("bad prompt", body(prompt=5), 400, "prompt", "list of strings"),
     ("penalty", body(presence_penalty=1), 400, "presence_penalty", "not supported"),
     ("no model", {"prompt": "x"}, 400, "model", "required"),
+    ("nested unknown", body(stream=True, stream_options={"x": 1}), 400, "stream_options", ".x:"),
     ("another model", body(model="gpt-4"), 404, "model", "not served"),
 ]
 
