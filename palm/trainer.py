@@ -32,7 +32,6 @@ from palm.distributed import (
     gradient_sync,
     init_distributed,
     load_full_state_dicts,
-    parallelize,
     pick_device,
     pick_precision,
 )
@@ -42,6 +41,7 @@ from palm.loss import IGNORE_INDEX, LossOutput, perplexity_of
 from palm.metrics import Console, Eta, MetricsLogger, Throughput, TrainResult, peak_flops, plan_line
 from palm.model import PaLM
 from palm.optim import optimizer_for
+from palm.parallel import parallelize
 from palm.perplexity import validation_loss
 from palm.runs import prepare_run_dir, resolve_checkpoint, resolve_run, saved_config
 from palm.sampling import sample_run
@@ -65,10 +65,11 @@ class Trainer:
     """
 
     def __init__(self, config: Config) -> None:
-        self.world = init_distributed(config.train.parallel, pick_device(config.train.device).type)
+        t = config.train
+        self.world = init_distributed(t.parallel, pick_device(t.device).type, t.tensor_parallel)
         self.device = self.world.device(pick_device(config.train.device).type)
         self.precision = pick_precision(config.train.precision, self.device)
-        self.config, note = resolve_run(config, self.world.world_size)
+        self.config, note = resolve_run(config, self.world.dp_size)
         c = self.config
         if note:
             self.world.print(note)
@@ -104,7 +105,7 @@ class Trainer:
     def checked_ramp(self, ramp: BatchRamp) -> BatchRamp:
         """`ramp`, once each stage's batch splits into this run's micro-batches (checked now)."""
         for _, stage_batch in ramp.stages:
-            micro_batches(stage_batch // self.world.world_size, self.config.data.micro_batch_size)
+            micro_batches(stage_batch // self.world.dp_size, self.config.data.micro_batch_size)
         return ramp
 
     def save(self, abandon_after: int | None = None, log: MetricsLogger | None = None) -> None:
@@ -225,7 +226,7 @@ class Trainer:
         """This rank's global sample numbers for optimizer step `step` (PaLM §5 batch ramp)."""
         batch = batch_size_at(step, self.ramp)
         first = samples_before(step, self.ramp) + self.state.sample_offset
-        return rank_sample_indices(first, batch, self.world.rank, self.world.world_size)
+        return rank_sample_indices(first, batch, self.world.dp_rank, self.world.dp_size)
 
     def loss(self, step: int, micro_step: int, out: LossOutput) -> Tensor:
         """The loss to backpropagate for one micro-batch: the model's (cross-entropy + z-loss).
@@ -245,10 +246,10 @@ class Trainer:
         ]
         # Weight each micro-batch by its share of the global batch's target tokens, so the
         # gradient is that of the mean over the whole batch (padding excluded), however it is
-        # split over micro-batches and ranks. DDP/FSDP average over ranks, hence the world size.
+        # split over micro-batches and ranks. DDP/FSDP average over replicas, hence dp_size.
         local_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
         n_total = int(self.world.all_reduce_sum([local_tokens], self.device)[0])
-        scale = self.world.world_size / max(n_total, 1)
+        scale = self.world.dp_size / max(n_total, 1)
         ce_sum = z_sum = 0.0
         for micro_step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -334,7 +335,7 @@ class Trainer:
         eta = Eta(first, t.max_steps, d.batch_size * d.seq_len, self.device.type)
         console = Console(first, t.max_steps, world.is_main, eta)
         parameters = self.model.num_parameters()
-        console.write(plan_line(self.config, parameters, first, world.world_size, self.device.type))
+        console.write(plan_line(self.config, parameters, first, world.dp_size, self.device.type))
         return console
 
     def set_lr(self, step: int) -> float:
@@ -373,7 +374,7 @@ class Trainer:
 
     def result(self, val_loss: float | None, meter: Throughput, stopped_by: str) -> TrainResult:
         t = self.config.train  # FSDP: every rank takes part in the forwards, rank 0 keeps it
-        sampling = t.sample_tokens > 0 and (self.world.is_main or self.world.parallel == "fsdp")
+        sampling = t.sample_tokens > 0 and (self.world.is_main or self.world.sharded)
         sample = sample_run(self.model, self.run_dir / "tokenizer.model", t) if sampling else None
         return TrainResult(
             self.run_dir,
