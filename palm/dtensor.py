@@ -89,7 +89,8 @@ def _sharded_mesh_dims(placements: tuple[Any, ...]) -> tuple[int, ...]:
     """The mesh dimensions a DTensor with these placements is split over (Shard, _StridedShard)."""
     if any(pl.is_partial() for pl in placements):
         raise ConfigError(f"PaLMAdafactor: parameters cannot be Partial, got {placements}")
-    return tuple(d for d, pl in enumerate(placements) if pl.is_shard())
+    # not is_shard(): FSDP2 over tensor parallelism shards with _StridedShard, which is not one
+    return tuple(d for d, pl in enumerate(placements) if not pl.is_replicate())
 
 
 def global_row_offset(t: Tensor) -> int:
