@@ -50,6 +50,16 @@ def local_rows(t: Tensor, spans: list[tuple[int, int]]) -> list[Tensor]:
     return views
 
 
+def matrix_rows(blocks: tuple[int, ...], groups: tuple) -> dict[int, int]:
+    """Rows of each whole matrix of a tensor-parallel fused weight, a copied one counted once."""
+    rows: dict[int, int] = {}
+    copies_of: dict[int, int] = {}
+    for size, (group, copies) in zip(blocks, groups):
+        rows[group] = rows.get(group, 0) + size
+        copies_of[group] = copies
+    return {group: total // copies_of[group] for group, total in rows.items()}
+
+
 def rows_to_canonical(t: Tensor, blocks: tuple[int, ...], groups: tuple) -> Tensor:
     """A tensor-parallel fused weight's rows (ROW_BLOCKS/ROW_GROUPS) in the single-device order:
     each matrix's blocks concatenated, a copied matrix once. The inverse of rows_from_canonical."""
@@ -62,9 +72,7 @@ def rows_to_canonical(t: Tensor, blocks: tuple[int, ...], groups: tuple) -> Tens
 
 def rows_from_canonical(t: Tensor, blocks: tuple[int, ...], groups: tuple) -> Tensor:
     """The single-device rows of a fused weight laid out as the tensor-parallel one."""
-    sizes: dict[int, int] = {}
-    for rows, (group, copies) in zip(blocks, groups):
-        sizes[group] = sizes.get(group, 0) + rows // copies
+    sizes = matrix_rows(blocks, groups)
     sections = dict(zip(sizes, t.split(list(sizes.values()))))
     taken = dict.fromkeys(sizes, 0)
     out = []

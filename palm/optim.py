@@ -36,6 +36,7 @@ from palm.dtensor import (
     dtensor_type,
     global_row_offset,
     local_shard,
+    matrix_rows,
     sharded_norms,
     whole_matrix_norms,
 )
@@ -229,9 +230,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
             here = local[0].shape[0] if p.dim() else 1
             blocks = row_blocks(p)
             groups = getattr(p, ROW_GROUPS, None) or [(i, 1) for i in range(len(blocks))]
-            matrix_rows: dict[int, int] = {}  # rows of each whole matrix, counted once
-            for rows, (matrix, copies) in zip(blocks, groups):
-                matrix_rows[matrix] = matrix_rows.get(matrix, 0) + rows // copies
+            whole_rows = matrix_rows(blocks, groups)  # of each whole matrix, counted once
             begin = 0
             for rows, (matrix, copies) in zip(blocks, groups):
                 lo, hi = max(begin, first), min(begin + rows, first + here)
@@ -243,7 +242,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
                     m_local.append(views[3])
                 layouts.append((mesh, placements))
                 matrices.append((id(p), matrix, copies))
-                numel_sqrt.append(math.sqrt(max(matrix_rows[matrix] * cols, 1)))  # global size
+                numel_sqrt.append(math.sqrt(max(whole_rows[matrix] * cols, 1)))  # global size
                 begin += rows
         p32 = [p if p.dtype == torch.float32 else p.float() for p in p_local]
         g32 = [g if g.dtype == torch.float32 else g.float() for g in g_local]
