@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from palm.checkpoint import list_checkpoints, load_checkpoint_weights, read_meta
+from palm.checkpoint import list_checkpoints, read_meta
 from palm.config import Config, build_config
 from palm.data.manifest import load_manifest
 from palm.distributed import pick_device
 from palm.errors import CheckpointError, ConfigError, CorruptCheckpointError, DataError, warn
 from palm.files import write_atomic
 from palm.model import PaLM
+from palm.saving import load_checkpoint_weights
 from palm.tokenizer import Tokenizer
 
 WHICH = ("best", "latest")  # which checkpoint of a run folder to load

@@ -28,7 +28,6 @@ from palm.config import Config
 from palm.data import open_windows, rank_sample_indices
 from palm.distributed import (
     clip_gradients,
-    full_state_dicts,
     gradient_sync,
     init_distributed,
     load_full_state_dicts,
@@ -45,6 +44,7 @@ from palm.parallel import parallelize
 from palm.perplexity import validation_loss
 from palm.runs import prepare_run_dir, resolve_checkpoint, resolve_run, saved_config
 from palm.sampling import sample_run
+from palm.saving import Checkpointer, load_checkpoint_weights
 from palm.schedules import (
     BatchRamp,
     LRSchedule,
@@ -98,6 +98,9 @@ class Trainer:
         self.state = TrainingState(step=0)
         self.spikes = SpikeDetector(c.train.spike_window, c.train.spike_sigma, c.train.spike_ratio)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(
+            self.ckpt_root, self.world, self.world.sharded, c.train.async_checkpoint
+        )
         self.peak_flops, self.peak_source = peak_flops(
             self.device, torch.bfloat16 if bf16 else torch.float32
         )
@@ -109,33 +112,26 @@ class Trainer:
         return ramp
 
     def save(self, abandon_after: int | None = None, log: MetricsLogger | None = None) -> None:
-        """Every rank helps gather the full state (FSDP); rank 0 writes it, then removes the
-        checkpoints after step `abandon_after` (a rollback's abandoned ones) and prunes."""
-        began = time.perf_counter()
+        """A checkpoint of this step (palm.saving: gathered by rank 0, or every rank its shards,
+        maybe in the background); then the ones after step `abandon_after` (a rollback's
+        abandoned ones) are removed and old ones pruned."""
         self.state.rng = checkpoint.capture_rng()
         self.state.recent_losses = self.spikes.state_dict()
-        model_state, optimizer_state = full_state_dicts(self.train_module, self.optimizer)
-        if self.world.is_main:
-            checkpoint.save_checkpoint(
-                self.ckpt_root, model_state, optimizer_state, self.state, self.config.to_dict()
-            )
-            if abandon_after is not None:
-                checkpoint.discard_after(self.ckpt_root, abandon_after)
-            checkpoint.prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
-        self.world.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
+        timings = self.checkpointer.save(
+            self.train_module,
+            self.optimizer,
+            self.state,
+            self.config.to_dict(),
+            self.config.train.keep_checkpoints,
+            abandon_after,
+        )
         if log is not None:
-            seconds = time.perf_counter() - began
-            log.log({"step": self.state.step, "kind": "checkpoint", "seconds": seconds})
+            log.log({"step": self.state.step, "kind": "checkpoint", **timings})
 
     def load(self, path: Path) -> None:
         """Restore a checkpoint of this run (verified; CorruptCheckpointError if it is not)."""
         checkpoint.check_same_model(path, saved_config(path).model, self.config.model)
-        with checkpoint.verifying(path):  # hashes while the state is restored
-            loaded = checkpoint.load_checkpoint(path, verify=False)
-            load_full_state_dicts(
-                self.train_module, self.optimizer, loaded.model_state, loaded.optimizer_state
-            )
-        self.state = loaded.state
+        self.state = self.checkpointer.load(path, self.train_module, self.optimizer)
         self.spikes.load_state_dict(self.state.recent_losses)
         checkpoint.restore_rng(self.state.rng)
 
@@ -167,7 +163,7 @@ class Trainer:
                 raise CheckpointError(f"every checkpoint in {self.ckpt_root} is corrupt")
             if t.init_from:  # fine-tuning: another run's weights, a fresh optimizer, step 0
                 source = resolve_checkpoint(t.init_from, "latest")
-                weights = checkpoint.load_checkpoint_weights(source)
+                weights = load_checkpoint_weights(source)
                 load_full_state_dicts(self.train_module, self.optimizer, weights, {"state": {}})
                 self.world.print(f"initialised from {source}")
         self.ramp = self.checked_ramp(kept_ramp(self.state.ramp, self.ramp, self.ckpt_root))
@@ -325,6 +321,7 @@ class Trainer:
                 self.state.val_loss = None
                 if finished:
                     break
+        self.checkpointer.finish()  # the save in flight, if any
         console.close()
         log.close()
         return self.result(val_loss, meter, stopped_by)
