@@ -179,6 +179,13 @@ class Checkpointer:
         self.sharded = sharded or asynchronous
         self.asynchronous = asynchronous
         self.pending: tuple | None = None  # (future, tmp, final, meta, began, keep, abandon)
+        # Background saves run their collectives in a thread: on a group of their own, so
+        # they never interleave with training's on the default one.
+        self.async_group = None
+        if asynchronous and world.enabled and world.world_size > 1:
+            import torch.distributed as dist
+
+            self.async_group = dist.new_group(backend="gloo")
 
     def save(
         self,
@@ -188,17 +195,21 @@ class Checkpointer:
         config: dict[str, Any],
         keep: int,
         abandon_after: int | None = None,
-    ) -> dict[str, float]:
-        """One checkpoint of step `state.step`; returns its timings (seconds) for the log."""
-        began = time.perf_counter()
+    ) -> list[dict[str, Any]]:
+        """One checkpoint of step `state.step`. Returns records for the run's log: "checkpoint"
+        (wall-clock `time` it began, `seconds` training waited) and, for each save completed
+        meanwhile, "checkpoint_written" (`time` it was complete, `seconds` it took in all)."""
+        began, wall = time.perf_counter(), time.time()
+        records = self.finish()  # at most one save in flight
         if not self.sharded:
-            self.finish()
             model_state, optimizer_state = full_state_dicts(model, optimizer)
             if self.world.is_main:
                 checkpoint.save_checkpoint(self.root, model_state, optimizer_state, state, config)
             self._tidy(keep, abandon_after)
-            return {"seconds": time.perf_counter() - began}
-        self.finish()  # at most one save in flight
+            seconds = time.perf_counter() - began
+            written = {"step": state.step, "kind": "checkpoint_written", "time": time.time()}
+            started = {"step": state.step, "kind": "checkpoint", "time": wall}
+            return [*records, {**started, "seconds": seconds}, {**written, "seconds": seconds}]
         final = checkpoint.checkpoint_dir(self.root, state.step)
         tmp = self._shared_temporary(final)
         model_state, optimizer_state = _sharded_states(model, optimizer)
@@ -217,17 +228,20 @@ class Checkpointer:
             import torch.distributed.checkpoint as dcp
 
             if self.asynchronous:
-                future = dcp.async_save(content, checkpoint_id=str(tmp / STATE))
+                future = dcp.async_save(
+                    content, checkpoint_id=str(tmp / STATE), process_group=self.async_group
+                )
             else:
                 dcp.save(content, checkpoint_id=str(tmp / STATE))
                 future = None
         except OSError as error:
             raise _write_error(final, error) from None
-        staged = time.perf_counter() - began
         self.pending = (future, tmp, final, meta, began, keep, abandon_after)
+        started = {"step": state.step, "kind": "checkpoint", "time": wall}
+        records.append({**started, "seconds": time.perf_counter() - began})
         if future is None or abandon_after is not None:  # a rollback's save: finished now
-            self.finish()
-        return {"seconds": time.perf_counter() - began, "blocking_seconds": staged}
+            records += self.finish()
+        return records
 
     def _shared_temporary(self, final: Path) -> Path:
         """One temporary folder name for all ranks (rank 0's), created by rank 0."""
@@ -245,11 +259,12 @@ class Checkpointer:
         self.world.barrier()
         return tmp
 
-    def finish(self) -> None:
+    def finish(self) -> list[dict[str, Any]]:
         """Wait for the save in flight (if any) and publish it: meta.json with the sha256 of
-        every file, fsynced, then the rename that makes it a checkpoint."""
+        every file, fsynced, then the rename that makes it a checkpoint. Returns its
+        "checkpoint_written" record (none if nothing was in flight)."""
         if self.pending is None:
-            return
+            return []
         future, tmp, final, meta, began, keep, abandon_after = self.pending
         self.pending = None
         try:
@@ -259,7 +274,6 @@ class Checkpointer:
             if self.world.is_main:
                 files = sorted(f for f in (tmp / STATE).iterdir() if f.is_file())
                 meta["sha256"] = {f"{STATE}/{f.name}": sha256_file(f) for f in files}
-                meta["written_seconds"] = time.perf_counter() - began
                 (tmp / "meta.json").write_text(json.dumps(meta))
                 for f in [*files, tmp / "meta.json"]:
                     fsync_file(f)
@@ -270,6 +284,10 @@ class Checkpointer:
             remove(tmp)
             raise _write_error(final, error) from None
         self._tidy(keep, abandon_after)  # pruned only once the new one is complete
+        step, seconds = meta["state"]["step"], time.perf_counter() - began
+        return [
+            {"step": step, "kind": "checkpoint_written", "time": time.time(), "seconds": seconds}
+        ]
 
     def _tidy(self, keep: int, abandon_after: int | None) -> None:
         """Remove abandoned (after a rollback) and old checkpoints; rank 0 only. The save in

@@ -117,7 +117,7 @@ class Trainer:
         abandoned ones) are removed and old ones pruned."""
         self.state.rng = checkpoint.capture_rng()
         self.state.recent_losses = self.spikes.state_dict()
-        timings = self.checkpointer.save(
+        records = self.checkpointer.save(
             self.train_module,
             self.optimizer,
             self.state,
@@ -125,8 +125,8 @@ class Trainer:
             self.config.train.keep_checkpoints,
             abandon_after,
         )
-        if log is not None:
-            log.log({"step": self.state.step, "kind": "checkpoint", **timings})
+        for record in records if log is not None else ():
+            log.log(record)
 
     def load(self, path: Path) -> None:
         """Restore a checkpoint of this run (verified; CorruptCheckpointError if it is not)."""
@@ -321,7 +321,8 @@ class Trainer:
                 self.state.val_loss = None
                 if finished:
                     break
-        self.checkpointer.finish()  # the save in flight, if any
+        for record in self.checkpointer.finish():  # the save in flight, if any
+            log.log(record)
         console.close()
         log.close()
         return self.result(val_loss, meter, stopped_by)
@@ -346,7 +347,8 @@ class Trainer:
         self, step: int, metrics: dict, meter: Throughput, log: MetricsLogger, console: Console
     ) -> None:
         tokens_per_s, step_mfu = meter.lap()
-        record = {"step": step, "kind": "train", "tokens": self.state.tokens_seen, **metrics}
+        record = {"step": step, "kind": "train", "time": time.time(), **metrics}
+        record["tokens"] = self.state.tokens_seen
         log.log({**record, "tokens_per_s": tokens_per_s, "mfu": step_mfu})
         console.train(step, metrics["loss"], metrics["lr"], tokens_per_s, step_mfu)
 

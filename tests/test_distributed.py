@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from palm.checkpoint import list_checkpoints
 from palm.config import load_config
+from palm.saving import load_checkpoint_weights
 from palm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def tokens_seen(run_dir: Path) -> int:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors")
+    return load_checkpoint_weights(list_checkpoints(run_dir / "checkpoints")[-1])  # any layout
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
