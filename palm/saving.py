@@ -227,12 +227,11 @@ class Checkpointer:
         try:
             import torch.distributed.checkpoint as dcp
 
+            where = {"checkpoint_id": str(tmp / STATE), "no_dist": not self.world.enabled}
             if self.asynchronous:
-                future = dcp.async_save(
-                    content, checkpoint_id=str(tmp / STATE), process_group=self.async_group
-                )
+                future = dcp.async_save(content, process_group=self.async_group, **where)
             else:
-                dcp.save(content, checkpoint_id=str(tmp / STATE))
+                dcp.save(content, **where)
                 future = None
         except OSError as error:
             raise _write_error(final, error) from None
@@ -333,10 +332,12 @@ class Checkpointer:
 
 def read_sharded(path: Path, content: dict[str, Any]) -> None:
     """Fill `content` (tensors or DTensors, any sharding) from a sharded checkpoint."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
+    alone = not (dist.is_available() and dist.is_initialized())  # e.g. generate.py
     try:
-        dcp.load(content, checkpoint_id=str(path / STATE))
+        dcp.load(content, checkpoint_id=str(path / STATE), no_dist=alone)
     except Exception as error:  # noqa: BLE001 (DCP raises CheckpointException, RuntimeError)
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
         raise CorruptCheckpointError(

@@ -1,4 +1,5 @@
-"""`palm export --checkpoint DIR --to palm-rlhf-pytorch OUT.pt`: weights for lucidrains' peers.
+"""`palm export --checkpoint DIR --to palm-rlhf-pytorch OUT.pt`: weights for lucidrains' peers;
+`--to safetensors OUT.safetensors`: one file of a checkpoint's weights (a sharded one consolidated).
 
 The file is a plain state dict (`torch.save`), loadable with `torch.load(weights_only=True)`:
 - palm-rlhf-pytorch: `PaLM(num_tokens, dim, depth, dim_head, heads, ff_mult,
@@ -18,7 +19,7 @@ from palm.cli import run
 from palm.errors import ConversionError, PalmError
 from palm.files import atomic_file
 
-TARGETS = ("palm-rlhf-pytorch", "palm-pytorch")
+TARGETS = ("palm-rlhf-pytorch", "palm-pytorch", "safetensors")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,8 @@ def export(args: argparse.Namespace) -> None:
     model = load_model(
         args.checkpoint, device="cpu", dtype=torch.float32, require_tokenizer=False
     ).model
+    if args.to == "safetensors":
+        return _write_safetensors(model, args.out)
     try:
         if args.to == "palm-rlhf-pytorch":
             state = to_palm_rlhf_pytorch(model, args.peer_version)
@@ -78,6 +81,21 @@ def export(args: argparse.Namespace) -> None:
         f"depth={c.n_layers}, dim_head={c.head_dim}, heads={c.n_heads}, ff_mult={ff_mult}"
         f"{extra}).load_state_dict(torch.load(path, weights_only=True))"
     )
+
+
+
+def _write_safetensors(model, out: Path) -> None:
+    """The single-device state dict (tied embedding once), as palm's own checkpoints store it."""
+    from safetensors.torch import save
+
+    from palm.files import write_atomic
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    try:
+        write_atomic(out, save(state))
+    except OSError as error:
+        raise PalmError(f"cannot write {out}: {error.strerror or error}") from None
+    print(f"wrote {out}: {len(state)} tensors, {model.num_parameters():,} parameters")
 
 
 if __name__ == "__main__":
