@@ -1,11 +1,17 @@
-"""`palm export --checkpoint DIR --to palm-rlhf-pytorch OUT.pt`: weights for lucidrains' peers.
+"""`palm export --checkpoint DIR --to TARGET OUT`: a checkpoint for Hugging Face transformers or
+for lucidrains' peers.
 
-The file is a plain state dict (`torch.save`), loadable with `torch.load(weights_only=True)`:
-- palm-rlhf-pytorch: `PaLM(num_tokens, dim, depth, dim_head, heads, ff_mult,
-  rotary_xpos_scale_base).load_state_dict(...)`; the model must use xPos (converted ones do);
-- palm-pytorch: `PaLM(num_tokens, dim, depth, dim_head, heads, ff_mult)`; plain RoPE only.
-The constructor arguments to use are printed. Exit status: 0 written; 1 the model cannot be
-expressed in that peer or the checkpoint is unusable (one `error:` line); 2 bad command line.
+- hf: OUT is a folder `AutoModelForCausalLM.from_pretrained(OUT)` and
+  `AutoTokenizer.from_pretrained(OUT)` load with no custom code (transformers >= 4.48): a
+  CohereForCausalLM, whose block is PaLM's (palm.hf), and the run's tokenizer (palm.hf_tokenizer);
+  weights sharded above --max_shard_size. xPos, no-final-norm, serial and GELU models are refused.
+- palm-rlhf-pytorch / palm-pytorch: OUT is a plain state dict file (`torch.save`), loadable with
+  `torch.load(weights_only=True)`: palm-rlhf-pytorch `PaLM(num_tokens, dim, depth, dim_head,
+  heads, ff_mult, rotary_xpos_scale_base).load_state_dict(...)`; the model must use xPos
+  (converted ones do); palm-pytorch `PaLM(num_tokens, dim, depth, dim_head, heads, ff_mult)`;
+  plain RoPE only. The constructor arguments to use are printed.
+Everything is written atomically. Exit status: 0 written; 1 the model cannot be expressed in that
+format or the checkpoint is unusable (one `error:` line); 2 bad command line.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from palm.cli import run
 from palm.errors import ConversionError, PalmError
 from palm.files import atomic_file
 
-TARGETS = ("palm-rlhf-pytorch", "palm-pytorch")
+TARGETS = ("hf", "palm-rlhf-pytorch", "palm-pytorch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="checkpoint folder, or a run folder (its best checkpoint)",
     )
-    p.add_argument("--to", required=True, choices=TARGETS, help="peer implementation")
+    p.add_argument("--to", required=True, choices=TARGETS, help="format to write")
     p.add_argument(
         "--peer_version",
         default="0.2.1",
         help="palm-rlhf-pytorch release to load it with: from 0.2.4 its LayerNorm "
         "stores gain - 1, which the file then does too",
     )
-    p.add_argument("out", type=Path, help="output .pt file (written atomically)")
+    p.add_argument(
+        "--max_shard_size",
+        default="5GB",
+        help="hf: largest model-*.safetensors file (e.g. 5GB, 500MB, 2GiB); more weights "
+        "than that are split into shards listed by model.safetensors.index.json",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="hf: the tokenizer to convert (default: the run's tokenizer.model)",
+    )
+    p.add_argument("out", type=Path, help="hf: output folder; peers: output .pt file")
     return p
 
 
@@ -50,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 def export(args: argparse.Namespace) -> None:
     import torch
 
+    if args.to == "hf":
+        return export_hf(args)
     from palm.interop import to_palm_pytorch, to_palm_rlhf_pytorch
     from palm.runs import load_model
 
@@ -77,6 +97,37 @@ def export(args: argparse.Namespace) -> None:
         f"wrote {args.out}: load with PaLM(num_tokens={c.vocab_size}, dim={c.d_model}, "
         f"depth={c.n_layers}, dim_head={c.head_dim}, heads={c.n_heads}, ff_mult={ff_mult}"
         f"{extra}).load_state_dict(torch.load(path, weights_only=True))"
+    )
+
+
+def export_hf(args: argparse.Namespace) -> None:
+    import torch
+
+    from palm.hf import MIN_TRANSFORMERS, parse_size, write_folder
+    from palm.hf_tokenizer import tokenizer_files
+    from palm.runs import load_model
+
+    max_shard_bytes = parse_size(args.max_shard_size)  # a bad size fails before any loading
+    loaded = load_model(
+        args.checkpoint, device="cpu", dtype=torch.float32, tokenizer=args.tokenizer
+    )
+    model, tok = loaded.model, loaded.tokenizer
+    try:
+        files = tokenizer_files(tok, model.config.max_seq_len)
+        written = write_folder(
+            model,
+            args.out,
+            files,
+            eos_id=tok.eod_id if tok.eod_id >= 0 else None,
+            pad_id=tok.pad_id if tok.pad_id >= 0 else None,
+            max_shard_bytes=max_shard_bytes,
+        )
+    except ConversionError as error:
+        raise ConversionError(f"{loaded.path}: {error}") from None
+    print(
+        f"wrote {args.out}/ ({', '.join(written)}): CohereForCausalLM; load with "
+        f"transformers>={MIN_TRANSFORMERS} AutoModelForCausalLM.from_pretrained({str(args.out)!r}) "
+        f"and AutoTokenizer.from_pretrained({str(args.out)!r})"
     )
 
 
