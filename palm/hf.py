@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -43,22 +42,6 @@ MODEL_TYPE = "cohere"
 MIN_TRANSFORMERS = "4.48"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-
-
-def parse_size(text: str) -> int:
-    """Bytes of a size such as "5GB" (decimal, as transformers), "500MiB" or "1000000"."""
-    match = _SIZE.match(str(text))
-    if not match or (match.group(2) or "").upper() not in _UNITS:
-        raise ConfigError(f"--max_shard_size {text!r} is not a size; use e.g. 5GB, 500MB, 2GiB")
-    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
-    if size < 1:
-        raise ConfigError(f"--max_shard_size {text!r} must be at least one byte")
-    return size
-
-
 # ---------------------------------------------------------------------------------------------
 # The mapping (pure functions on configs and tensors)
 # ---------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ LAYERS: dict[str, int] = {
     "palm.checkpoint": 4,
     "palm.runs": 4,
     "palm.metrics": 4,
+    "palm.hf": 4,  # transformers folders: runs.init_from reads them
+    "palm.hf_tokenizer": 4,
     # 5 jobs and peers
     "palm.trainer": 5,
     "palm.perplexity": 5,

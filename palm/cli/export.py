@@ -17,14 +17,29 @@ format or the checkpoint is unusable (one `error:` line); 2 bad command line.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from palm.cli import run
-from palm.errors import ConversionError, PalmError
+from palm.errors import ConfigError, ConversionError, PalmError
 from palm.files import atomic_file
 
 TARGETS = ("hf", "palm-rlhf-pytorch", "palm-pytorch")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as "5GB" (decimal, as transformers), "500MiB" or "1000000"."""
+    match = _SIZE.match(str(text))
+    if not match or (match.group(2) or "").upper() not in _UNITS:
+        raise ConfigError(f"--max_shard_size {text!r} is not a size; use e.g. 5GB, 500MB, 2GiB")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    if size < 1:
+        raise ConfigError(f"--max_shard_size {text!r} must be at least one byte")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +118,7 @@ def export(args: argparse.Namespace) -> None:
 def export_hf(args: argparse.Namespace) -> None:
     import torch
 
-    from palm.hf import MIN_TRANSFORMERS, parse_size, write_folder
+    from palm.hf import MIN_TRANSFORMERS, write_folder
     from palm.hf_tokenizer import tokenizer_files
     from palm.runs import load_model
 
