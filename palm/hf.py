@@ -66,7 +66,7 @@ def logit_scale(config: ModelConfig) -> float:
     return 1.0 / math.sqrt(config.d_model) if config.scale_logits and config.tie_embeddings else 1.0
 
 
-def hf_config(config: ModelConfig, eos_id: int | None, pad_id: int | None) -> dict:
+def hf_config(config: ModelConfig, special_ids: dict) -> dict:
     """config.json of the CohereForCausalLM that computes what `config` does."""
     if reasons := unsupported(config):
         raise ConversionError("CohereForCausalLM cannot hold this model: " + "; ".join(reasons))
@@ -91,10 +91,10 @@ def hf_config(config: ModelConfig, eos_id: int | None, pad_id: int | None) -> di
         # transformers 4.x reads rope_theta, 5.x rope_parameters; both name the same base.
         "rope_theta": config.rope_base,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
-        # Cohere's default bos is 5; PaLM prepends nothing, so there is none.
-        "bos_token_id": None,
-        "eos_token_id": eos_id,
-        "pad_token_id": pad_id,
+        # Always given: Cohere's defaults (bos 5, eos 255001) are no ids of ours.
+        "bos_token_id": special_ids.get("bos"),
+        "eos_token_id": special_ids.get("eos"),
+        "pad_token_id": special_ids.get("pad"),
         "use_cache": True,
         "dtype": "float32",
     }
@@ -327,21 +327,21 @@ def write_folder(
     model: PaLM,
     out: str | Path,
     files: dict[str, bytes],
-    eos_id: int | None,
-    pad_id: int | None,
+    special_ids: dict,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[str]:
     """Write the transformers folder `out` (config, generation config, weights, and `files`,
-    e.g. the tokenizer's) into a temporary folder, then publish it whole; the names written."""
+    e.g. the tokenizer's) into a temporary folder, then publish it whole; the names written.
+    `special_ids` {"bos", "eos", "pad"} go to config.json and generation_config.json."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not is_hf_folder(out):
         raise ConversionError(
             f"{out} exists and is not a transformers folder; choose a new output folder "
             "(an earlier export there would be replaced, anything else is never deleted)"
         )
-    config = hf_config(model.config, eos_id, pad_id)
+    config = hf_config(model.config, special_ids)
     state = {k: v.cpu() for k, v in to_hf_state_dict(model).items()}
-    generation = {"bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": pad_id}
+    generation = {f"{k}_token_id": special_ids.get(k) for k in ("bos", "eos", "pad")}
     groups = shards(state, max_shard_bytes)
     names = (
         [WEIGHTS]

@@ -9,7 +9,8 @@
   then the same model: Unigram with the same piece scores, or BPE with merges ranked by the
   merged piece's score; unknown characters fall back to their UTF-8 byte pieces. The
   SentencePiece file itself is kept beside it as tokenizer.model (as Llama folders do), so palm
-  (`train.init_from=`) reads the original.
+  (`train.init_from=`) reads the original. <eod> is the end-of-sequence token and, prepended by
+  the tokenizer as transformers' BOS, the start every palm prompt has (`with_eod_prefix`).
 
 SentencePiece never matches its reserved pieces (<pad>, <eod>, <unk>, <0x..>) in text; here they
 are special tokens that `split_special_tokens` keeps out of the text too, and in a Unigram model
@@ -22,7 +23,6 @@ the vocabulary, text holding "▁" (U+2581) itself, and ties between segmentatio
 from __future__ import annotations
 
 import json
-import re
 
 from palm.errors import ConversionError
 from palm.tokenizer import Tokenizer
@@ -60,6 +60,11 @@ def _check_lossless(proto, where: str) -> None:
             f"{where}: a SentencePiece model with {', '.join(problems)}; only the lossless "
             "models palm trains (download.py --tokenize True) convert to tokenizer.json"
         )
+
+
+def _literal(text: str) -> str:
+    """`text` as an Oniguruma pattern (tokenizers' regex engine), every character escaped."""
+    return "".join(f"\\x{{{ord(c):X}}}" for c in text)
 
 
 def sentencepiece_json(model_bytes: bytes, where: str = "tokenizer.model") -> str:
@@ -102,10 +107,16 @@ def sentencepiece_json(model_bytes: bytes, where: str = "tokenizer.model") -> st
         )
     tok = HFTokenizer(model)
     tok.normalizer = normalizers.Replace(" ", META_SYMBOL)  # SentencePiece's only rewrite here
+    # Cut out what SentencePiece never segments across: user pieces ("\n"), and for Unigram
+    # each character outside the vocabulary (it becomes <unk>, then bytes), so that no reserved
+    # piece's literal name can match around it.
     user = sorted((p for p, _, kind in pieces if kind == USER_DEFINED), key=len, reverse=True)
-    if user:
-        pattern = "|".join(re.escape(p) for p in user)
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    cuts = [_literal(p) for p in user]
+    if proto.trainer_spec.model_type == UNIGRAM:
+        known = {p for p, _, kind in pieces if kind in (NORMAL, USER_DEFINED) and len(p) == 1}
+        cuts.append(f"[^{_literal(''.join(sorted(known)))}]")
+    if cuts:
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("|".join(cuts)), behavior="isolated")
     steps = [decoders.Replace(META_SYMBOL, " ")]
     steps += [decoders.ByteFallback()] if byte_fallback else []
     tok.decoder = decoders.Sequence([*steps, decoders.Fuse()])
@@ -114,36 +125,62 @@ def sentencepiece_json(model_bytes: bytes, where: str = "tokenizer.model") -> st
     return tok.to_str(pretty=True)
 
 
-def tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, bytes]:
-    """tokenizer.json, tokenizer_config.json (and for SentencePiece tokenizer.model) for a
-    transformers folder; eos is palm's end-of-document id, pad its padding id, no bos."""
+def with_eod_prefix(tokenizer_json: str, eod: str, eod_id: int) -> str:
+    """The same tokenizer, prepending <eod> when asked for special tokens (transformers' default):
+    PaLM reads every document after an <eod> (§5 packing), so generate.py and the lm-eval adapter
+    condition on it first; here it plays the part of a BOS token."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import processors
+
+    tok = HFTokenizer.from_str(tokenizer_json)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{eod}:0 $A:0", pair=f"{eod}:0 $A:0 {eod}:1 $B:1", special_tokens=[(eod, eod_id)]
+    )
+    return tok.to_str(pretty=True)
+
+
+def tokenizer_files(tokenizer: Tokenizer, max_len: int) -> tuple[dict[str, bytes], dict]:
+    """The tokenizer files of a transformers folder, and its special ids (bos, eos, pad).
+
+    SentencePiece: tokenizer.json, tokenizer_config.json and the original as tokenizer.model;
+    eos is <eod>, which is also prepended as bos. A tokenizer.json (GPT-NeoX) is copied as it
+    is, with eos its end of text and no bos, as GPT-NeoX models are used in transformers."""
     where = tokenizer.path or "the tokenizer"
-    is_json = tokenizer.model_bytes.lstrip()[:1] == b"{"
-    if is_json:
-        files = {"tokenizer.json": tokenizer.model_bytes}
-    else:
-        files = {
-            "tokenizer.json": sentencepiece_json(tokenizer.model_bytes, where).encode(),
-            "tokenizer.model": tokenizer.model_bytes,
-        }
 
     def name(token_id: int) -> str | None:
         return tokenizer.id_to_piece(token_id) if token_id >= 0 else None
 
+    eod, pad = name(tokenizer.eod_id), name(tokenizer.pad_id)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,  # PaLM prepends nothing; lm-eval then starts contexts with eos
-        "eos_token": name(tokenizer.eod_id),
-        "pad_token": name(tokenizer.pad_id),
-        "add_bos_token": False,
-        "add_eos_token": False,
-        # SentencePiece reads "<eod>" in text as characters; tokenizers would take it for the
-        # special token unless told not to. A tokenizer.json is used as palm uses it.
-        "split_special_tokens": not is_json,
+        "eos_token": eod,
+        "pad_token": pad,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_len,
     }
-    if not is_json:
-        config["unk_token"] = name(_proto(tokenizer.model_bytes).trainer_spec.unk_id)
+    ids = {
+        "bos": None,
+        "eos": tokenizer.eod_id if eod else None,
+        "pad": tokenizer.pad_id if pad else None,
+    }
+    if tokenizer.model_bytes.lstrip()[:1] == b"{":  # a tokenizer.json, used as palm uses it
+        files = {"tokenizer.json": tokenizer.model_bytes}
+    else:
+        if eod is None:
+            raise ConversionError(f"{where}: a SentencePiece model without an <eod> (eos) piece")
+        converted = with_eod_prefix(
+            sentencepiece_json(tokenizer.model_bytes, where), eod, ids["eos"]
+        )
+        files = {"tokenizer.json": converted.encode(), "tokenizer.model": tokenizer.model_bytes}
+        ids["bos"] = ids["eos"]
+        config.update(
+            bos_token=eod,
+            unk_token=name(_proto(tokenizer.model_bytes).trainer_spec.unk_id),
+            add_bos_token=True,  # transformers 5 rebuilds the template from these two
+            add_eos_token=False,
+            # SentencePiece reads "<eod>" in text as characters; tokenizers would take it
+            # for the special token unless told not to.
+            split_special_tokens=True,
+        )
     files["tokenizer_config.json"] = (json.dumps(config, indent=2) + "\n").encode()
-    return files
+    return files, ids

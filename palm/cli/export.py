@@ -128,15 +128,8 @@ def export_hf(args: argparse.Namespace) -> None:
     )
     model, tok = loaded.model, loaded.tokenizer
     try:
-        files = tokenizer_files(tok, model.config.max_seq_len)
-        written = write_folder(
-            model,
-            args.out,
-            files,
-            eos_id=tok.eod_id if tok.eod_id >= 0 else None,
-            pad_id=tok.pad_id if tok.pad_id >= 0 else None,
-            max_shard_bytes=max_shard_bytes,
-        )
+        files, special_ids = tokenizer_files(tok, model.config.max_seq_len)
+        written = write_folder(model, args.out, files, special_ids, max_shard_bytes)
     except ConversionError as error:
         raise ConversionError(f"{loaded.path}: {error}") from None
     print(
