@@ -233,7 +233,7 @@ def from_hf_state_dict(state: dict[str, Tensor], config: ModelConfig) -> dict[st
     return ours
 
 
-def build(config: ModelConfig, state: dict[str, Tensor]) -> PaLM:
+def build(config: ModelConfig, state: dict[str, Tensor], where: str = "") -> PaLM:
     """Our PaLM holding exactly these tensors (no copy, no cast: a round trip is bit-exact)."""
     with torch.device("meta"):
         model = PaLM(config)
@@ -241,7 +241,9 @@ def build(config: ModelConfig, state: dict[str, Tensor]) -> PaLM:
         model.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as error:
         detail = " ".join(str(error).split("\n\t")[1:2]) or str(error)
-        raise ConversionError(f"CohereForCausalLM weights do not fit: {detail[:300]}") from None
+        raise ConversionError(
+            f"{where or 'CohereForCausalLM'}: weights do not fit its config ({detail[:300]})"
+        ) from None
     return model.eval()
 
 
@@ -301,7 +303,7 @@ def from_hf(source) -> PaLM:
             raise ConversionError(
                 f"{source}: not a transformers folder (config.json and {WEIGHTS} or {INDEX})"
             )
-        return build(*read_folder(source))
+        return build(*read_folder(source), where=str(source))
     hf = getattr(source, "config", None)
     if hf is None or not hasattr(source, "state_dict"):
         raise ConversionError(f"from_hf takes a folder or a CohereForCausalLM, not {type(source)}")
