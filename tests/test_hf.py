@@ -362,3 +362,105 @@ def test_fine_tuning_starts_from_a_transformers_folder(exported, tiny_config, tm
                 config, train=dataclasses.replace(config.train, init_from=str(other))
             )
         )
+
+
+LM_EVAL_TASKS = {
+    "hf_toy_mc": """
+output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+""",
+    "hf_toy_ppl": """
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+""",
+    "hf_toy_gen": """
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+LM_EVAL_DOCS = [
+    {
+        "question": "The world and",
+        "choices": [" the people", " many men", " old"],
+        "answer": 0,
+        "text": "The people of the world came back.\nThey made 12 of it.",
+    },
+    {
+        "question": "Life is",
+        "choices": [" good", " a state", " very old year"],
+        "answer": 1,
+        "text": "Still one life, and two years.\n",
+    },
+    {"question": "", "choices": ["Time", "Back to work"], "answer": 1, "text": "One. Two.  Three"},
+]
+
+
+def numbers(samples: list[dict]) -> list:
+    """Every response of every sample, flattened: log-likelihoods, greedy flags, texts."""
+    flat = []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        for resp in sample["resps"]:
+            flat.extend(resp[0] if isinstance(resp[0], (list, tuple)) else resp)
+    return flat
+
+
+def test_lm_evals_hf_model_scores_the_export_like_our_adapter(exported):
+    root, _, run, out = exported
+    tasks = root / "tasks"
+    tasks.mkdir()
+    data = tasks / "docs.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in LM_EVAL_DOCS))
+    for name, body in LM_EVAL_TASKS.items():
+        head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        (tasks / f"{name}.yaml").write_text(f"{head}    test: {data}\ntest_split: test\n{body}")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_CACHE", str(root / "hf_cache"))
+        mp.setenv("HF_HOME", str(root / "hf_home"))
+        pytest.importorskip("lm_eval", reason="lm-eval is optional: pip install lm-eval")
+        pytest.importorskip("palm.lm_eval_adapter")  # registers --model palm
+        import lm_eval.models  # noqa: F401 (registers --model hf, as lm_eval's command does)
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager(include_path=str(tasks), include_defaults=False)
+
+        def evaluate(model: str, args: str, names: list[str]) -> dict:
+            return simple_evaluate(
+                model=model, model_args=args, tasks=names, task_manager=manager, log_samples=True
+            )
+
+        hf_args = f"pretrained={out},dtype=float32,device=cpu,batch_size=2"
+        ours = evaluate("palm", f"checkpoint={run},batch_size=2", list(LM_EVAL_TASKS))
+        theirs = evaluate("hf", hf_args, ["hf_toy_mc", "hf_toy_gen"])
+        # lm-eval's rolling scoring puts its own prefix token before what the tokenizer
+        # returns, so the tokenizer must not add <eod> as well (our adapter adds it once).
+        theirs |= {
+            "samples": {
+                **theirs["samples"],
+                **evaluate("hf", hf_args + ",add_bos_token=False", ["hf_toy_ppl"])["samples"],
+            }
+        }
+    for task in LM_EVAL_TASKS:
+        a, b = numbers(ours["samples"][task]), numbers(theirs["samples"][task])
+        assert len(a) == len(b) > 0, task
+        for x, y in zip(a, b):
+            if isinstance(x, float):
+                assert abs(x - y) <= 1e-4, task
+            else:
+                assert x == y, task
