@@ -17,8 +17,9 @@ import torch
 
 from palm.config import ModelConfig
 from palm.errors import ConversionError, DataError
-from palm.hf import from_hf, hf_config, to_hf_state_dict, write_folder
+from palm.hf import hf_config, write_folder
 from palm.hf_tokenizer import tokenizer_files
+from palm.interop import from_hf, to_hf_state_dict
 from palm.model import PaLM
 from palm.sampling import generate
 from palm.tokenizer import Tokenizer, TokenizerTrainConfig, train_sentencepiece
