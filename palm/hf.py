@@ -96,7 +96,7 @@ def hf_config(config: ModelConfig, special_ids: dict) -> dict:
         "eos_token_id": special_ids.get("eos"),
         "pad_token_id": special_ids.get("pad"),
         "use_cache": True,
-        "dtype": "float32",
+        "dtype": "float32",  # what export writes; write_folder states the weights' own dtype
     }
 
 
@@ -342,6 +342,7 @@ def write_folder(
             "(an earlier export there would be replaced, anything else is never deleted)"
         )
     config = hf_config(model.config, special_ids)
+    config["dtype"] = str(model.embedding.weight.dtype).removeprefix("torch.")
     state = {k: v.cpu() for k, v in to_hf_state_dict(model).items()}
     generation = {f"{k}_token_id": special_ids.get(k) for k in ("bos", "eos", "pad")}
     groups = shards(state, max_shard_bytes)
