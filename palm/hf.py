@@ -108,6 +108,9 @@ def model_config(hf: dict, where: str = "config.json") -> ModelConfig:
             f"{where}: model_type {hf.get('model_type')!r}; only {ARCHITECTURE} "
             f"({MODEL_TYPE!r}, what `palm export --to hf` writes) converts to PaLM"
         )
+    shape = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+    if missing := [k for k in (*shape, "intermediate_size") if k not in hf]:
+        raise ConversionError(f"{where}: key {missing[0]!r} is missing")
     rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta")}
     fixed = {
         "hidden_act": ("silu", hf.get("hidden_act", "silu")),
@@ -147,8 +150,6 @@ def model_config(hf: dict, where: str = "config.json") -> ModelConfig:
             multi_query=n_kv == 1,
             tie_embeddings=tied,
         )
-    except KeyError as missing:
-        raise ConversionError(f"{where}: key {missing} is missing") from None
     except ConfigError as error:
         raise ConversionError(f"{where}: no PaLM has this shape ({error})") from None
 
