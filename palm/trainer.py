@@ -42,9 +42,9 @@ from palm.model import PaLM
 from palm.optim import optimizer_for
 from palm.parallel import parallelize
 from palm.perplexity import validation_loss
-from palm.runs import prepare_run_dir, resolve_checkpoint, resolve_run, saved_config
+from palm.runs import init_weights, prepare_run_dir, resolve_run, saved_config
 from palm.sampling import sample_run
-from palm.saving import Checkpointer, load_checkpoint_weights
+from palm.saving import Checkpointer
 from palm.schedules import (
     BatchRamp,
     LRSchedule,
@@ -162,8 +162,7 @@ class Trainer:
             if candidates:
                 raise CheckpointError(f"every checkpoint in {self.ckpt_root} is corrupt")
             if t.init_from:  # fine-tuning: another run's weights, a fresh optimizer, step 0
-                source = resolve_checkpoint(t.init_from, "latest")
-                weights = load_checkpoint_weights(source)
+                source, weights = init_weights(t.init_from)
                 load_full_state_dicts(self.train_module, self.optimizer, weights, {"state": {}})
                 self.world.print(f"initialised from {source}")
         self.ramp = self.checked_ramp(kept_ramp(self.state.ramp, self.ramp, self.ckpt_root))

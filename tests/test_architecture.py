@@ -49,7 +49,10 @@ LAYERS: dict[str, int] = {
     # 4 state
     "palm.checkpoint": 4,
     "palm.runs": 4,
+    "palm.saving": 4,
     "palm.metrics": 4,
+    "palm.hf": 4,  # transformers folders: runs.init_from reads them
+    "palm.hf_tokenizer": 4,
     # 5 jobs and peers
     "palm.trainer": 5,
     "palm.perplexity": 5,
