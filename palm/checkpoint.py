@@ -45,6 +45,7 @@ from palm.files import (
 PREFIX = "step_"
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 FILES = (*TENSOR_FILES, "meta.json")
+STATE = "state"  # a sharded checkpoint's torch.distributed.checkpoint folder (palm.saving)
 FORMAT = 2  # 2: meta.json records the sha256 of the tensor files (1 did not; still loadable)
 
 
@@ -185,9 +186,20 @@ def list_checkpoints(root: Path) -> list[Path]:
         if p.is_dir()
         and p.name.startswith(PREFIX)
         and p.name[len(PREFIX) :].isdigit()
-        and all((p / name).is_file() for name in FILES)
+        and (p / "meta.json").is_file()
+        and (is_sharded(p) or all((p / name).is_file() for name in TENSOR_FILES))
     ]
     return sorted(found, key=_rank)
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether a checkpoint is in the sharded layout (written by every rank, palm.saving)."""
+    return (path / STATE / ".metadata").is_file()
+
+
+def sharded_files(path: Path) -> tuple[str, ...]:
+    """The files of a sharded checkpoint that its meta.json records a sha256 for."""
+    return tuple(read_meta(path).get("sha256", {}))
 
 
 def incomplete_checkpoints(root: Path) -> list[Path]:
@@ -276,12 +288,6 @@ def load_checkpoint(path: Path, verify: bool = True) -> LoadedCheckpoint:
         raise CorruptCheckpointError(
             f"checkpoint {path}: meta.json is inconsistent ({error})"
         ) from None
-
-
-def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Only the weights of a checkpoint folder (inference, fine-tuning), verified."""
-    verify_checkpoint(path, ("model.safetensors",))
-    return _load_tensors(path, "model.safetensors")
 
 
 def check_same_model(path: Path, saved: ModelConfig, current: ModelConfig) -> None:

@@ -216,6 +216,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute block activations in backward (PaLM §4)
     parallel: str = "none"  # data parallelism under torchrun: "ddp" or "fsdp"
     meta_init: bool = False  # fsdp: build on the meta device, initialise each rank's shard only
+    tensor_parallel: int = 1  # ranks splitting each layer (PaLM §4 model parallelism); 1 = none
+    async_checkpoint: bool = False  # sharded checkpoints: write in the background (dcp.async_save)
     runs_dir: str = "runs"  # run folders are runs/<name>/
     name: str = "default"  # run name
     # "auto": continue the latest complete checkpoint of runs/<name>/ if there is one;
@@ -251,7 +253,13 @@ class TrainConfig:
         _check_choice("train.resume", self.resume, RESUME)
         if self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
-        for name in ("log_every", "keep_checkpoints", "eval_batches", "spike_window"):
+        for name in (
+            "log_every",
+            "keep_checkpoints",
+            "eval_batches",
+            "spike_window",
+            "tensor_parallel",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not self.name or "/" in self.name:

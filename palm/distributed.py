@@ -11,11 +11,9 @@ gradients and optimizer state (FSDP2, `torch.distributed.fsdp.fully_shard`).
 
 from __future__ import annotations
 
-import functools
+import math
 import os
 import socket
-import sys
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +23,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from palm.dtensor import (
+    ROW_GROUPS,
+    dtensor_type,
+    local_rows,
+    local_shard,
+    replicated_spans,
+    rows_from_canonical,
+    rows_to_canonical,
+    sharded_norms,
+)
 from palm.errors import ConfigError
 
 
@@ -36,6 +44,8 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     parallel: str = "none"  # "none", "ddp" or "fsdp"
+    tensor_parallel: int = 1  # ranks that share one model replica (PaLM §4 "model parallelism")
+    mesh: Any = None  # the ("dp", "tp") DeviceMesh, made by palm.parallel.device_mesh
     # Whether *this* object created the process group (and so must destroy it in close());
     # `enabled` says whether any process group exists, e.g. one a caller started.
     initialized: bool = False
@@ -43,6 +53,21 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel degree: model replicas, each reading its own share of the batch."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's replica; ranks rank // tp share one, as the ("dp", "tp") mesh lays out."""
+        return self.rank // self.tensor_parallel
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's parameters are split over ranks (every rank runs every forward)."""
+        return self.parallel == "fsdp" or self.tensor_parallel > 1
 
     @property
     def enabled(self) -> bool:
@@ -61,12 +86,14 @@ class Distributed:
         return torch.device(kind)
 
     def all_reduce_sum(self, values: list[float], device: torch.device) -> list[float]:
-        """Sum a few floats over the ranks (one collective)."""
+        """Sum a few floats over the model replicas (one collective). The tensor-parallel ranks
+        of a replica hold the same values, so the sum over all ranks is divided by their number
+        (a flag raised on any one rank still gives a sum > 0 everywhere)."""
         if not self.enabled or self.world_size == 1:
             return list(values)
         tensor = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor.tolist()
+        return (tensor / self.tensor_parallel).tolist()
 
     def barrier(self) -> None:
         if self.enabled:
@@ -108,18 +135,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(parallel: str, device_kind: str) -> Distributed:
+def init_distributed(parallel: str, device_kind: str, tensor_parallel: int = 1) -> Distributed:
     """Read the torchrun environment and start the process group when one is needed."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and parallel == "none":
+    tp = tensor_parallel
+    if world_size % tp:
         raise ConfigError(
-            f"running {world_size} processes (torchrun) but train.parallel=none; "
-            f"set train.parallel=ddp or train.parallel=fsdp"
+            f"train.tensor_parallel={tp} does not divide the {world_size} processes; run "
+            f"torchrun --nproc_per_node with a multiple of {tp}"
         )
-    ctx = Distributed(rank, world_size, local_rank, parallel)
-    if parallel == "none":
+    if world_size > tp and parallel == "none":
+        raise ConfigError(
+            f"running {world_size} processes (torchrun) but train.parallel=none"
+            + (f" with train.tensor_parallel={tp}" if tp > 1 else "")
+            + "; set train.parallel=ddp or train.parallel=fsdp"
+        )
+    if tp > 1 and parallel == "ddp":
+        raise ConfigError(
+            "train.tensor_parallel > 1 shards the model, which DDP cannot replicate; use "
+            "train.parallel=fsdp (or none, for tensor parallelism alone)"
+        )
+    ctx = Distributed(rank, world_size, local_rank, parallel, tp)
+    if parallel == "none" and tp == 1:
         return ctx
     if not dist.is_available():
         raise ConfigError("train.parallel needs torch.distributed, which this torch build lacks")
@@ -155,80 +194,6 @@ def init_distributed(parallel: str, device_kind: str) -> Distributed:
     return ctx
 
 
-def parallelize(
-    build: Callable[[], nn.Module],
-    ctx: Distributed,
-    device: torch.device,
-    *,
-    meta_init: bool = False,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
-) -> tuple[nn.Module, nn.Module]:
-    """Build the model and apply, from outside and in this order: FSDP2 sharding, activation
-    checkpointing, DDP, compile. Returns (model, train_module): the single-device model (for
-    parameters, evaluation and sampling) and what training runs forward/backward through (the
-    model itself under FSDP2, which shards in place, or DDP around it; compiled in place).
-
-    `build()` makes the model on the current default device. With FSDP and `meta_init` it is
-    built on the meta device and materialised shard by shard, so a model larger than one rank's
-    memory can be built; `reset_parameters()` then draws the initialisation per shard.
-    """
-    if ctx.parallel == "fsdp" and meta_init:
-        with torch.device("meta"):
-            model = build()
-        _fully_shard(model, ctx, device)  # shards the (empty) parameters
-        model.to_empty(device=device)
-        model.reset_parameters()
-    else:
-        model = build().to(device)
-        if ctx.parallel == "fsdp":
-            _fully_shard(model, ctx, device)
-    if activation_checkpointing:
-        _checkpoint_blocks(model)
-    train_module = model
-    if ctx.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        train_module = DistributedDataParallel(model, device_ids=ids)
-    if compile:
-        train_module.compile()  # in place: state-dict keys keep no "_orig_mod." prefix
-    return model, train_module
-
-
-def _fully_shard(model: nn.Module, ctx: Distributed, device: torch.device) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    shard_blocks(model, init_device_mesh(device.type, (ctx.world_size,)))
-
-
-def shard_blocks(model: nn.Module, mesh: Any) -> None:
-    """FSDP2 on each block, then on the model (one all-gather per block, overlapped with
-    compute). Parameter attributes the optimizer reads (row blocks of fused weights) are carried
-    over to the sharded parameters, which FSDP2 creates anew."""
-    from torch.distributed.fsdp import fully_shard
-
-    tags = {name: vars(p).copy() for name, p in model.named_parameters() if vars(p)}
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    for name, attributes in tags.items():
-        vars(model.get_parameter(name)).update(attributes)
-
-
-def _checkpoint_blocks(model: nn.Module) -> None:
-    """Recompute each block's activations during backward instead of storing them (PaLM §4)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        plain = block.forward
-
-        def forward(*args, _plain=plain, **kwargs):
-            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
-
-
 def gradient_sync(train_module: nn.Module, ctx: Distributed, enabled: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of a step."""
     if ctx.parallel == "ddp" and not enabled:
@@ -239,11 +204,61 @@ def gradient_sync(train_module: nn.Module, ctx: Distributed, enabled: bool):
 
 
 def clip_gradients(params: list[Tensor], max_norm: float) -> float:
-    """Global gradient-norm clipping (PaLM §5: 1.0); returns the norm before clipping."""
+    """Global gradient-norm clipping (PaLM §5: 1.0); returns the norm before clipping.
+
+    Under tensor parallelism the rows every rank holds a copy of (ROW_GROUPS) first get their
+    partial gradients summed, and count once in the norm, as in the single-device model."""
+    if any(getattr(p, ROW_GROUPS, None) for p in params):
+        return _clip_tensor_parallel([p for p in params if p.grad is not None], max_norm)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _clip_tensor_parallel(params: list[Tensor], max_norm: float) -> float:
+    dtensor = dtensor_type()
+    fused = [p for p in params if getattr(p, ROW_GROUPS, None)]
+    copies = max(c for p in fused for _, c in getattr(p, ROW_GROUPS))
+    copied = [local_rows(p.grad, replicated_spans(p)) for p in fused]
+    for p, views in zip(fused, copied):  # each copy saw only its own ranks' heads: sum them
+        for view in views:
+            dist.all_reduce(view, group=p.device_mesh.get_group("tp"))
+    local = [local_shard(p.grad) for p in params]
+    norms = list(torch._foreach_norm(local))
+    where = [i for i, p in enumerate(params) if isinstance(p, dtensor)]
+    # The copies' norms too, their squares summed over all ranks (each holds other rows).
+    extra = [
+        torch.cat([v.flatten() for v in views]).norm() if views else norms[0] * 0
+        for views in copied
+    ]
+    layouts = [(params[i].device_mesh, params[i].placements) for i in where]
+    layouts += [(p.device_mesh, p.placements) for p in fused]
+    reduced = sharded_norms(layouts)([norms[i] for i in where] + extra)[0]
+    for i, value in zip(where, reduced):
+        norms[i] = value
+    duplicated = sum(float(e) ** 2 for e in reduced[len(where) :])
+    total_sq = sum(float(n) ** 2 for n in norms) - duplicated * (copies - 1) / copies
+    total = math.sqrt(max(total_sq, 0.0))
+    if max_norm > 0 and max_norm / (total + 1e-6) < 1.0:
+        torch._foreach_mul_(local, max_norm / (total + 1e-6))
+    return total
+
+
+def _relayout(state: dict[str, Any], model: nn.Module, forward: bool) -> None:
+    """Tensor-parallel fused weights (and their moments) to (forward) or from the canonical
+    single-device layout, in place in `state` (keyed by parameter name, as DCP's state dicts)."""
+    for name, p in model.named_parameters():
+        groups = getattr(p, ROW_GROUPS, None)
+        if not groups or name not in state:
+            continue
+        convert = rows_to_canonical if forward else rows_from_canonical
+        if isinstance(state[name], dict):  # optimizer state of the parameter
+            for key, value in state[name].items():
+                if isinstance(value, Tensor) and value.dim():
+                    state[name][key] = convert(value, p.row_blocks, groups)
+        else:
+            state[name] = convert(state[name], p.row_blocks, groups)
 
 
 def full_state_dicts(
@@ -263,10 +278,13 @@ def full_state_dicts(
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
+    _relayout(model_state, model, forward=True)
     if not optimizer.state:  # nothing yet (before the first step); DCP would run a dummy step
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         return model_state, {"state": {}, "param_groups": groups}
-    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    _relayout(optimizer_state.get("state", {}), model, forward=True)  # rank 0's alone
+    return model_state, optimizer_state
 
 
 def load_full_state_dicts(
@@ -283,91 +301,11 @@ def load_full_state_dicts(
     )
 
     options = StateDictOptions(full_state_dict=True, strict=True)
+    model_state = dict(model_state)
+    _relayout(model_state, model, forward=False)
     set_model_state_dict(model, model_state, options=options)
     if optimizer_state["state"]:
+        per_param = {name: dict(value) for name, value in optimizer_state["state"].items()}
+        _relayout(per_param, model, forward=False)
+        optimizer_state = {**optimizer_state, "state": per_param}
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
-
-
-# --- DTensor collectives of palm.optim.PaLMAdafactor --------------------------------------------
-
-
-def dtensor_type() -> type | None:
-    """torch's DTensor class if it is loaded; if not, no parameter can be a DTensor (and importing
-    torch.distributed.tensor would cost seconds for single-process runs)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
-
-
-@functools.cache
-def _sharded_mesh_dims(placements: tuple[Any, ...]) -> tuple[int, ...]:
-    """The mesh dimensions a DTensor with these placements is split over (Shard, _StridedShard)."""
-    if any(pl.is_partial() for pl in placements):
-        raise ConfigError(f"PaLMAdafactor: parameters cannot be Partial, got {placements}")
-    return tuple(d for d, pl in enumerate(placements) if pl.is_shard())
-
-
-def global_row_offset(t: Tensor) -> int:
-    """The global index of the first row of this rank's shard (0 for plain tensors)."""
-    if dtensor_type() is None or not isinstance(t, dtensor_type()) or t.dim() == 0:
-        return 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    return int(compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)[1][0])
-
-
-def local_shard(t: Tensor) -> Tensor:
-    """A DTensor's local shard, the tensor itself (writes go through). `to_local()` is the same
-    tensor behind an autograd function that costs microseconds per call, four calls per
-    parameter per step."""
-    local = getattr(t, "_local_tensor", None)
-    return t.to_local() if local is None else local
-
-
-def sharded_norms(layouts: list[tuple[Any, Any]]) -> Callable[..., list[list[Tensor] | None]]:
-    """For DTensor parameters laid out as `layouts` ((mesh, placements) each): a function mapping
-    per-shard norms to whole-tensor norms.
-
-    Each argument is None or a list of 0-D norms of the local shards, aligned with `layouts`. The
-    squares are summed over every mesh dimension where the parameter is sharded (Replicate needs
-    nothing), in float64, with one all-reduce per (mesh, sharded dims) for all lists together.
-    """
-    plans: dict[tuple[Any, tuple[int, ...]], list[int]] = {}
-    for i, (mesh, placements) in enumerate(layouts):
-        dims = _sharded_mesh_dims(placements)
-        if dims:
-            plans.setdefault((mesh, dims), []).append(i)
-
-    def reduce(*norm_lists: list[Tensor] | None) -> list[list[Tensor] | None]:
-        out = [None if norms is None else list(norms) for norms in norm_lists]
-        lists = [norms for norms in out if norms is not None]
-        for (mesh, dims), idx in plans.items():
-            flat = torch.stack([norms[i] for norms in lists for i in idx])
-            wide = torch.float32 if flat.device.type == "mps" else torch.float64
-            squares = flat.to(wide).square_()
-            for dim in dims:
-                dist.all_reduce(squares, group=mesh.get_group(dim))
-            values = squares.sqrt_().to(torch.float32).unbind()
-            j = 0
-            for norms in lists:
-                for i in idx:
-                    norms[i] = values[j]
-                    j += 1
-        return out
-
-    return reduce
-
-
-def any_nonzero(tensors: list[Tensor]) -> bool:
-    """Whether any element of `tensors` (plain or DTensor, over all ranks holding them) is != 0."""
-    dtensor = dtensor_type()
-    local = [t.to_local() if dtensor and isinstance(t, dtensor) else t for t in tensors]
-    flag = torch.stack([t.ne(0).any() for t in local]).any().to(torch.int32)
-    meshes = []
-    for t in tensors:
-        if dtensor and isinstance(t, dtensor) and t.device_mesh not in meshes:
-            meshes.append(t.device_mesh)
-    if meshes:  # the same decision on every rank, or the collectives in the step would hang
-        for mesh in meshes:
-            for dim in range(mesh.ndim):
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-    return bool(flag)

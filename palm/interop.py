@@ -5,6 +5,9 @@ palm_pytorch is an `nn.Sequential`: [Embedding, Residual(ParallelTransformerBloc
 LayerNorm, Linear tied to the embedding]. Its blocks fuse the same input projection as ours,
 row-wise [q | k | v | MLP value | MLP gate], and use the same "rotate half" RoPE, so conversion
 is a renaming plus reading the shapes; the peer does not scale logits by 1/sqrt(d_model).
+
+Hugging Face transformers' CohereForCausalLM, PaLM's block under other names, lives in palm.hf;
+`from_hf` (a folder or a loaded model) and `to_hf_state_dict` are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,18 @@ from torch import Tensor
 
 from palm.config import ModelConfig
 from palm.errors import ConversionError
+from palm.hf import from_hf, to_hf_state_dict
 from palm.model import PaLM
+
+__all__ = [
+    "convert_state_dict",
+    "from_hf",
+    "from_palm_pytorch",
+    "from_palm_rlhf_pytorch",
+    "to_hf_state_dict",
+    "to_palm_pytorch",
+    "to_palm_rlhf_pytorch",
+]
 
 _BLOCK_KEY = re.compile(r"^(\d+)\.fn\.")
 

@@ -230,6 +230,100 @@ def linear_lm_loss(
     return LossOutput(loss, cross_entropy, z_loss, n_tokens)
 
 
+# ---------------------------------------------------------------------------------------------
+# The same, with the vocabulary split over tensor-parallel ranks (PaLM §4)
+# ---------------------------------------------------------------------------------------------
+
+
+class _VocabParallelLMLoss(torch.autograd.Function):
+    """_LinearLMLoss where this rank holds rows [start, start + V_r) of the output weight: each
+    chunk's softmax normaliser and target logit are summed over the ranks (max, then sum), so no
+    rank ever holds logits beyond its own (chunk, V_r) block. `all_reduce(t, op)` sums ("sum") or
+    maximises ("max") `t` in place over the ranks sharing the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, start, targets, ce_weight, z_loss_coef, chunk, all_reduce):
+        exact = torch.promote_types(hidden.dtype, torch.float32)
+        n, rows = hidden.shape[0], weight.shape[0]
+        grad_h = torch.zeros(hidden.shape, dtype=exact, device=hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=exact, device=weight.device)
+        nll = torch.empty(n, dtype=exact, device=hidden.device)
+        log_z = torch.empty_like(nll)
+        ce_weight = ce_weight.to(exact)
+        h, w = hidden.to(exact), weight.to(exact)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        for begin in range(0, n, chunk):
+            end = min(begin + chunk, n)
+            logits = torch.mm(h[begin:end], w.t())  # (c, V_r)
+            local = targets[begin:end] - start
+            mine = (local >= 0) & (local < rows)  # targets in this rank's rows
+            index = local.clamp(0, rows - 1)[:, None]
+            target_logit = logits.gather(-1, index)[:, 0] * mine  # 0 on the other ranks
+            high = logits.max(-1).values
+            all_reduce(high, "max")
+            logits.sub_(high[:, None]).exp_()  # exp(x - max), in place
+            sums = torch.stack((logits.sum(-1), target_logit))
+            all_reduce(sums, "sum")  # (sum of exp, the target's logit) over the ranks
+            log_z[begin:end] = high + sums[0].log()
+            nll[begin:end] = log_z[begin:end] - sums[1]
+            if want_grad:
+                a = ce_weight[begin:end]
+                softmax = logits.div_(sums[0][:, None])
+                scale = a + 2.0 * z_loss_coef * a * log_z[begin:end]
+                grad = softmax.mul_(scale[:, None])
+                grad.scatter_add_(-1, index, -(a * mine)[:, None])
+                grad_h[begin:end] = torch.mm(grad, w)
+                grad_w.addmm_(grad.t(), h[begin:end])
+        if want_grad:
+            all_reduce(grad_h, "sum")  # each rank's vocabulary rows add to every token's gradient
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        cross_entropy = (nll * ce_weight).sum()
+        z_loss = z_loss_coef * (log_z.square() * ce_weight).sum()
+        ctx.mark_non_differentiable(cross_entropy, z_loss)
+        return cross_entropy + z_loss, cross_entropy, z_loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_z):
+        grad_h, grad_w = ctx.saved_tensors
+        gh, gw = (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1])
+        return gh, gw, None, None, None, None, None, None
+
+
+def vocab_parallel_lm_loss(
+    hidden: Tensor,
+    weight_shard: Tensor,
+    vocab_start: int,
+    targets: Tensor,
+    all_reduce,
+    z_loss_coef: float = 1e-4,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_tokens: int | None = None,
+) -> LossOutput:
+    """`linear_lm_loss` with this rank's rows [vocab_start, vocab_start + V_r) of the (V, D)
+    output weight (vocabulary parallelism); hidden (..., D) and targets (...) are the same on
+    every rank, and so is the result. Computed in float32 at least (autocast is ignored)."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).long()
+    valid = targets != ignore_index
+    n_tokens = valid.sum().to(torch.float32)
+    exact = torch.promote_types(hidden.dtype, torch.float32)
+    ce_weight = valid.to(exact) / n_tokens.to(exact).clamp(min=1.0)
+    chunk = chunk_tokens or chunk_tokens_for(weight_shard.shape[0], hidden.device.type)
+    with torch.autocast(hidden.device.type, enabled=False):
+        loss, cross_entropy, z_loss = _VocabParallelLMLoss.apply(
+            hidden,
+            weight_shard,
+            vocab_start,
+            targets.masked_fill(~valid, 0),
+            ce_weight,
+            float(z_loss_coef),
+            chunk,
+            all_reduce,
+        )
+    return LossOutput(loss, cross_entropy, z_loss, n_tokens)
+
+
 @torch.no_grad()
 def token_scores(
     hidden: Tensor,

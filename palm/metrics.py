@@ -105,7 +105,7 @@ class MetricsLogger:
         step = int(record["step"])
         kind = record.get("kind", "train")
         for key, value in record.items():
-            if key not in ("step", "kind", "event") and isinstance(value, (int, float)):
+            if key not in ("step", "kind", "event", "time") and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
         self.tensorboard.flush()
 

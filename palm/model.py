@@ -181,9 +181,11 @@ class PaLMBlock(nn.Module):
         """Causal multi-query attention on q (B, T, H*Q) and k, v (B, T, KH*Q)."""
         c = self.config
         B, T, _ = q.shape
-        q = q.view(B, T, c.n_heads, c.head_dim).transpose(1, 2)  # (B, H, T, Q)
-        k = k.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
-        v = v.view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
+        # Head counts read off the rows, not the config: under tensor parallelism (palm.parallel)
+        # this rank holds a share of the query heads.
+        q = q.view(B, T, -1, c.head_dim).transpose(1, 2)  # (B, H, T, Q)
+        k = k.view(B, T, -1, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
+        v = v.view(B, T, -1, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
         q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.k_cos, rope.k_sin)
         past = 0
         if cache is not None:
@@ -200,10 +202,10 @@ class PaLMBlock(nn.Module):
             mask, causal = key_pos[None, :] <= query_pos[:, None], False
         if cache is not None and cache.key_mask is not None:
             mask, causal = self.padding_mask(cache.key_mask, past, T), False
-        if c.n_kv_heads != c.n_heads:
+        if k.shape[1] != q.shape[1]:
             # Broadcast the shared head: expand() is a view, no copy of the keys/values.
-            k = k.expand(B, c.n_heads, k.shape[2], c.head_dim)
-            v = v.expand(B, c.n_heads, v.shape[2], c.head_dim)
+            k = k.expand(B, q.shape[1], k.shape[2], c.head_dim)
+            v = v.expand(B, q.shape[1], v.shape[2], c.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return out.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*Q)
 
@@ -324,8 +326,16 @@ class PaLM(nn.Module):
         """
         x = self.features(tokens, cache)
         if targets is not None:
-            return linear_lm_loss(x, self.output_weight, targets, z_loss_coef)
-        return F.linear(x, self.output_weight)  # (B, T, V)
+            return self.output_loss(x, targets, z_loss_coef)
+        return self.output_logits(x)
+
+    # The output projection, as logits or fused with the loss. Methods, so that tensor
+    # parallelism (palm.parallel) can replace them with vocabulary-parallel ones from outside.
+    def output_logits(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.output_weight)  # (..., V)
+
+    def output_loss(self, x: Tensor, targets: Tensor, z_loss_coef: float) -> LossOutput:
+        return linear_lm_loss(x, self.output_weight, targets, z_loss_coef)
 
     def features(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """The final activations (B, T, D) that the output projection turns into logits."""

@@ -29,21 +29,25 @@ import torch
 from torch import Tensor
 
 from palm.config import OPTIMIZERS, OptimConfig, parse_weight_decay
-from palm.distributed import (
+from palm.dtensor import (
+    ROW_BLOCKS,
+    ROW_GROUPS,
     any_nonzero,
     dtensor_type,
     global_row_offset,
     local_shard,
+    matrix_rows,
     sharded_norms,
+    whole_matrix_norms,
 )
 from palm.errors import ConfigError
 
 __all__ = ["ROW_BLOCKS", "PaLMAdafactor", "build_optimizer", "optimizer_for", "row_blocks"]
 
-# A parameter attribute: the row sizes of a weight that fuses several matrices (PaLM's in_proj
-# holds q, k, v and both SwiGLU inputs). As in T5X, Adafactor's two statistics (RMS(p) for the
-# step size, RMS(u) for update clipping) are then computed per matrix, not across all of them.
-ROW_BLOCKS = "row_blocks"
+# ROW_BLOCKS, a parameter attribute: the row sizes of a weight that fuses several matrices (PaLM's
+# in_proj holds q, k, v and both SwiGLU inputs). As in T5X, Adafactor's two statistics (RMS(p)
+# for the step size, RMS(u) for update clipping) are then computed per matrix, not across all of
+# them. Under tensor parallelism ROW_GROUPS says which blocks make one matrix (palm.dtensor).
 
 
 def row_blocks(p: Tensor) -> tuple[int, ...]:
@@ -209,6 +213,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
         a step in one collective. The state is placed like its parameter, so
         `torch.distributed.checkpoint.state_dict` works."""
         p_local, g_local, v_local, m_local, layouts, numel_sqrt = [], [], [], [], [], []
+        matrices: list[tuple[int, int, int]] = []  # per block: (parameter, matrix, copies)
         for p in params:
             grad, mesh, placements = p.grad, p.device_mesh, p.placements
             if grad.placements != placements or (
@@ -223,8 +228,11 @@ class PaLMAdafactor(torch.optim.Optimizer):
             # Each rank cuts its rows by the global row blocks (a block may have none here).
             first, cols = global_row_offset(p), (p[0].numel() if p.dim() else 1)
             here = local[0].shape[0] if p.dim() else 1
+            blocks = row_blocks(p)
+            groups = getattr(p, ROW_GROUPS, None) or [(i, 1) for i in range(len(blocks))]
+            whole_rows = matrix_rows(blocks, groups)  # of each whole matrix, counted once
             begin = 0
-            for rows in row_blocks(p):
+            for rows, (matrix, copies) in zip(blocks, groups):
                 lo, hi = max(begin, first), min(begin + rows, first + here)
                 views = [t[lo - first : max(hi, lo) - first] if p.dim() else t for t in local]
                 p_local.append(views[0])
@@ -233,12 +241,16 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 if group["beta1"] > 0.0:
                     m_local.append(views[3])
                 layouts.append((mesh, placements))
-                numel_sqrt.append(math.sqrt(max(rows * cols, 1)))  # the global block's size
+                matrices.append((id(p), matrix, copies))
+                numel_sqrt.append(math.sqrt(max(whole_rows[matrix] * cols, 1)))  # global size
                 begin += rows
         p32 = [p if p.dtype == torch.float32 else p.float() for p in p_local]
         g32 = [g if g.dtype == torch.float32 else g.float() for g in g_local]
         m = m_local if group["beta1"] > 0.0 else None
-        self._apply(group, k, p32, g32, v_local, m, numel_sqrt, sharded_norms(layouts))
+        norms = sharded_norms(layouts)
+        if any(getattr(p, ROW_GROUPS, None) for p in params):
+            norms = whole_matrix_norms(norms, matrices)
+        self._apply(group, k, p32, g32, v_local, m, numel_sqrt, norms)
         for p, q in zip(p_local, p32):
             if q is not p:
                 p.copy_(q)

@@ -252,7 +252,7 @@ def validation_loss(
     around it); `world` is the run's palm.distributed.Distributed.
     """
     n = min(n_windows, len(windows))
-    mine = np.arange(world.rank, n, world.world_size)  # each rank scores a share
+    mine = np.arange(world.dp_rank, n, world.dp_size)  # each replica scores a share
     total, count = 0.0, 0
     for start in range(0, max(len(mine), 1), batch_size):
         chunk = mine[start : start + batch_size]

@@ -4,7 +4,8 @@ to a model, used by generation, evaluation, fine-tuning and export.
 A run folder holds the resolved `config.yaml`, the tokenizer its data was encoded with, its
 metrics and `checkpoints/`. Given a run folder, the best (lowest validation loss) or latest
 checkpoint is used, skipping any that fails verification, with a warning; an explicitly named
-checkpoint folder that fails is an error.
+checkpoint folder that fails is an error. Fine-tuning (train.init_from) also starts from a
+transformers folder that `palm export --to hf` wrote (palm.hf).
 """
 
 from __future__ import annotations
@@ -18,16 +19,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from palm.checkpoint import list_checkpoints, load_checkpoint_weights, read_meta
+from palm import hf
+from palm.checkpoint import list_checkpoints, read_meta
 from palm.config import Config, build_config
 from palm.data.manifest import load_manifest
 from palm.distributed import pick_device
 from palm.errors import CheckpointError, ConfigError, CorruptCheckpointError, DataError, warn
 from palm.files import write_atomic
 from palm.model import PaLM
+from palm.saving import load_checkpoint_weights
 from palm.tokenizer import Tokenizer
 
 WHICH = ("best", "latest")  # which checkpoint of a run folder to load
+# palm's own tokenizer file in a transformers folder: the SentencePiece original, else the JSON
+HF_TOKENIZERS = ("tokenizer.model", "tokenizer.json")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -162,9 +167,16 @@ def load_model(
 
 def init_from(config: Config) -> Config:
     """For train.init_from (fine-tuning): the run config with that checkpoint's model shape
-    (dropout stays the run's), after checking that the data was tokenized with its tokenizer."""
-    path = resolve_checkpoint(config.train.init_from, "latest")
-    tokenizer, data_tokenizer = find_tokenizer(path), Path(config.data.path) / "tokenizer.model"
+    (dropout stays the run's), after checking that the data was tokenized with its tokenizer.
+    A transformers CohereForCausalLM folder (`palm export --to hf`) works too."""
+    source = Path(config.train.init_from)
+    if hf.is_hf_folder(source):
+        path, shape = source, hf.read_config(source)
+        tokenizer = next((source / n for n in HF_TOKENIZERS if (source / n).is_file()), None)
+    else:
+        path = resolve_checkpoint(source, "latest")
+        shape, tokenizer = saved_config(path).model, find_tokenizer(path)
+    data_tokenizer = Path(config.data.path) / "tokenizer.model"
     if tokenizer is not None and data_tokenizer.is_file():
         if tokenizer.read_bytes() != data_tokenizer.read_bytes():
             raise DataError(
@@ -172,8 +184,16 @@ def init_from(config: Config) -> Config:
                 f"{config.train.init_from} ({tokenizer}); prepare the data "
                 f"with it: download.py --tokenizer {tokenizer} ..."
             )
-    model = dataclasses.replace(saved_config(path).model, dropout=config.model.dropout)
+    model = dataclasses.replace(shape, dropout=config.model.dropout)
     return dataclasses.replace(config, model=model)
+
+
+def init_weights(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights train.init_from names (checkpoint, run or transformers folder), ours."""
+    if hf.is_hf_folder(path):
+        return Path(path), hf.read_folder(path)[1]
+    checkpoint = resolve_checkpoint(path, "latest")
+    return checkpoint, load_checkpoint_weights(checkpoint)
 
 
 def resolve_run(config: Config, world_size: int) -> tuple[Config, str | None]:

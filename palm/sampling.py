@@ -15,7 +15,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from palm.config import TrainConfig
@@ -198,7 +197,7 @@ def _full_forward(model: PaLM, sequence: Tensor, prompt_mask: Tensor | None, cac
         # Recomputation with padding still needs the key mask; a throwaway cache carries it.
         cache = _masked_cache(model, prompt_mask, sequence.shape[1])
     # Only the last position's logits: (B, V), not (B, T, V), at any vocabulary size.
-    return F.linear(model.features(sequence, cache)[:, -1], model.output_weight)
+    return model.output_logits(model.features(sequence, cache)[:, -1])
 
 
 @torch.no_grad()

@@ -28,11 +28,9 @@ from palm.config import Config
 from palm.data import open_windows, rank_sample_indices
 from palm.distributed import (
     clip_gradients,
-    full_state_dicts,
     gradient_sync,
     init_distributed,
     load_full_state_dicts,
-    parallelize,
     pick_device,
     pick_precision,
 )
@@ -42,9 +40,11 @@ from palm.loss import IGNORE_INDEX, LossOutput, perplexity_of
 from palm.metrics import Console, Eta, MetricsLogger, Throughput, TrainResult, peak_flops, plan_line
 from palm.model import PaLM
 from palm.optim import optimizer_for
+from palm.parallel import parallelize
 from palm.perplexity import validation_loss
-from palm.runs import prepare_run_dir, resolve_checkpoint, resolve_run, saved_config
+from palm.runs import init_weights, prepare_run_dir, resolve_run, saved_config
 from palm.sampling import sample_run
+from palm.saving import Checkpointer
 from palm.schedules import (
     BatchRamp,
     LRSchedule,
@@ -65,10 +65,11 @@ class Trainer:
     """
 
     def __init__(self, config: Config) -> None:
-        self.world = init_distributed(config.train.parallel, pick_device(config.train.device).type)
+        t = config.train
+        self.world = init_distributed(t.parallel, pick_device(t.device).type, t.tensor_parallel)
         self.device = self.world.device(pick_device(config.train.device).type)
         self.precision = pick_precision(config.train.precision, self.device)
-        self.config, note = resolve_run(config, self.world.world_size)
+        self.config, note = resolve_run(config, self.world.dp_size)
         c = self.config
         if note:
             self.world.print(note)
@@ -97,6 +98,9 @@ class Trainer:
         self.state = TrainingState(step=0)
         self.spikes = SpikeDetector(c.train.spike_window, c.train.spike_sigma, c.train.spike_ratio)
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.checkpointer = Checkpointer(
+            self.ckpt_root, self.world, self.world.sharded, c.train.async_checkpoint
+        )
         self.peak_flops, self.peak_source = peak_flops(
             self.device, torch.bfloat16 if bf16 else torch.float32
         )
@@ -104,37 +108,30 @@ class Trainer:
     def checked_ramp(self, ramp: BatchRamp) -> BatchRamp:
         """`ramp`, once each stage's batch splits into this run's micro-batches (checked now)."""
         for _, stage_batch in ramp.stages:
-            micro_batches(stage_batch // self.world.world_size, self.config.data.micro_batch_size)
+            micro_batches(stage_batch // self.world.dp_size, self.config.data.micro_batch_size)
         return ramp
 
     def save(self, abandon_after: int | None = None, log: MetricsLogger | None = None) -> None:
-        """Every rank helps gather the full state (FSDP); rank 0 writes it, then removes the
-        checkpoints after step `abandon_after` (a rollback's abandoned ones) and prunes."""
-        began = time.perf_counter()
+        """A checkpoint of this step (palm.saving: gathered by rank 0, or every rank its shards,
+        maybe in the background); then the ones after step `abandon_after` (a rollback's
+        abandoned ones) are removed and old ones pruned."""
         self.state.rng = checkpoint.capture_rng()
         self.state.recent_losses = self.spikes.state_dict()
-        model_state, optimizer_state = full_state_dicts(self.train_module, self.optimizer)
-        if self.world.is_main:
-            checkpoint.save_checkpoint(
-                self.ckpt_root, model_state, optimizer_state, self.state, self.config.to_dict()
-            )
-            if abandon_after is not None:
-                checkpoint.discard_after(self.ckpt_root, abandon_after)
-            checkpoint.prune_checkpoints(self.ckpt_root, self.config.train.keep_checkpoints)
-        self.world.barrier()  # nobody reads checkpoints/ while rank 0 is still writing
-        if log is not None:
-            seconds = time.perf_counter() - began
-            log.log({"step": self.state.step, "kind": "checkpoint", "seconds": seconds})
+        records = self.checkpointer.save(
+            self.train_module,
+            self.optimizer,
+            self.state,
+            self.config.to_dict(),
+            self.config.train.keep_checkpoints,
+            abandon_after,
+        )
+        for record in records if log is not None else ():
+            log.log(record)
 
     def load(self, path: Path) -> None:
         """Restore a checkpoint of this run (verified; CorruptCheckpointError if it is not)."""
         checkpoint.check_same_model(path, saved_config(path).model, self.config.model)
-        with checkpoint.verifying(path):  # hashes while the state is restored
-            loaded = checkpoint.load_checkpoint(path, verify=False)
-            load_full_state_dicts(
-                self.train_module, self.optimizer, loaded.model_state, loaded.optimizer_state
-            )
-        self.state = loaded.state
+        self.state = self.checkpointer.load(path, self.train_module, self.optimizer)
         self.spikes.load_state_dict(self.state.recent_losses)
         checkpoint.restore_rng(self.state.rng)
 
@@ -165,8 +162,7 @@ class Trainer:
             if candidates:
                 raise CheckpointError(f"every checkpoint in {self.ckpt_root} is corrupt")
             if t.init_from:  # fine-tuning: another run's weights, a fresh optimizer, step 0
-                source = resolve_checkpoint(t.init_from, "latest")
-                weights = checkpoint.load_checkpoint_weights(source)
+                source, weights = init_weights(t.init_from)
                 load_full_state_dicts(self.train_module, self.optimizer, weights, {"state": {}})
                 self.world.print(f"initialised from {source}")
         self.ramp = self.checked_ramp(kept_ramp(self.state.ramp, self.ramp, self.ckpt_root))
@@ -225,7 +221,7 @@ class Trainer:
         """This rank's global sample numbers for optimizer step `step` (PaLM §5 batch ramp)."""
         batch = batch_size_at(step, self.ramp)
         first = samples_before(step, self.ramp) + self.state.sample_offset
-        return rank_sample_indices(first, batch, self.world.rank, self.world.world_size)
+        return rank_sample_indices(first, batch, self.world.dp_rank, self.world.dp_size)
 
     def loss(self, step: int, micro_step: int, out: LossOutput) -> Tensor:
         """The loss to backpropagate for one micro-batch: the model's (cross-entropy + z-loss).
@@ -245,10 +241,10 @@ class Trainer:
         ]
         # Weight each micro-batch by its share of the global batch's target tokens, so the
         # gradient is that of the mean over the whole batch (padding excluded), however it is
-        # split over micro-batches and ranks. DDP/FSDP average over ranks, hence the world size.
+        # split over micro-batches and ranks. DDP/FSDP average over replicas, hence dp_size.
         local_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in batches)
         n_total = int(self.world.all_reduce_sum([local_tokens], self.device)[0])
-        scale = self.world.world_size / max(n_total, 1)
+        scale = self.world.dp_size / max(n_total, 1)
         ce_sum = z_sum = 0.0
         for micro_step, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -324,6 +320,8 @@ class Trainer:
                 self.state.val_loss = None
                 if finished:
                     break
+        for record in self.checkpointer.finish():  # the save in flight, if any
+            log.log(record)
         console.close()
         log.close()
         return self.result(val_loss, meter, stopped_by)
@@ -334,7 +332,7 @@ class Trainer:
         eta = Eta(first, t.max_steps, d.batch_size * d.seq_len, self.device.type)
         console = Console(first, t.max_steps, world.is_main, eta)
         parameters = self.model.num_parameters()
-        console.write(plan_line(self.config, parameters, first, world.world_size, self.device.type))
+        console.write(plan_line(self.config, parameters, first, world.dp_size, self.device.type))
         return console
 
     def set_lr(self, step: int) -> float:
@@ -348,7 +346,8 @@ class Trainer:
         self, step: int, metrics: dict, meter: Throughput, log: MetricsLogger, console: Console
     ) -> None:
         tokens_per_s, step_mfu = meter.lap()
-        record = {"step": step, "kind": "train", "tokens": self.state.tokens_seen, **metrics}
+        record = {"step": step, "kind": "train", "time": time.time(), **metrics}
+        record["tokens"] = self.state.tokens_seen
         log.log({**record, "tokens_per_s": tokens_per_s, "mfu": step_mfu})
         console.train(step, metrics["loss"], metrics["lr"], tokens_per_s, step_mfu)
 
@@ -373,7 +372,7 @@ class Trainer:
 
     def result(self, val_loss: float | None, meter: Throughput, stopped_by: str) -> TrainResult:
         t = self.config.train  # FSDP: every rank takes part in the forwards, rank 0 keeps it
-        sampling = t.sample_tokens > 0 and (self.world.is_main or self.world.parallel == "fsdp")
+        sampling = t.sample_tokens > 0 and (self.world.is_main or self.world.sharded)
         sample = sample_run(self.model, self.run_dir / "tokenizer.model", t) if sampling else None
         return TrainResult(
             self.run_dir,

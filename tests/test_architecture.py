@@ -23,11 +23,13 @@ LAYERS: dict[str, int] = {
     "palm.fetch": 0,
     "palm.config": 0,
     "palm.distributed": 0,
+    "palm.dtensor": 0,
     "palm.profiling": 0,
     # 1 the model and its math
     "palm.flops": 1,
     "palm.loss": 1,
     "palm.model": 1,
+    "palm.parallel": 1,
     "palm.tokenizer": 1,
     "palm.sampling": 1,
     # 2 the recipe
@@ -47,7 +49,10 @@ LAYERS: dict[str, int] = {
     # 4 state
     "palm.checkpoint": 4,
     "palm.runs": 4,
+    "palm.saving": 4,
     "palm.metrics": 4,
+    "palm.hf": 4,  # transformers folders: runs.init_from reads them
+    "palm.hf_tokenizer": 4,
     # 5 jobs and peers
     "palm.trainer": 5,
     "palm.perplexity": 5,

@@ -1,4 +1,5 @@
-"""Data parallelism through torchrun on the CPU (gloo): DDP and FSDP2 against one process."""
+"""Data and tensor parallelism through torchrun on the CPU (gloo): DDP, FSDP2, tensor parallel
+and FSDP2 x tensor parallel against one process, and resuming under another mesh."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from palm.checkpoint import list_checkpoints
 from palm.config import load_config
+from palm.saving import load_checkpoint_weights
 from palm.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def tokens_seen(run_dir: Path) -> int:
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(list_checkpoints(run_dir / "checkpoints")[-1] / "model.safetensors")
+    return load_checkpoint_weights(list_checkpoints(run_dir / "checkpoints")[-1])  # any layout
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -123,6 +124,39 @@ def test_resume_with_another_number_of_ranks(setup, parallel, first, second):
         run_args = args(
             dataset, runs, name, steps, f"train.parallel={parallel}", "train.checkpoint_every=3"
         )
+        if nproc == 1:
+            train(load_config(None, run_args))
+        else:
+            assert "at step 3" in torchrun(*run_args, nproc=nproc).stdout
+    torch.testing.assert_close(losses(runs / name), losses(one), rtol=1e-5, atol=1e-6)
+    assert_same_weights(runs / name, one)
+
+
+MESHES = {  # name: (processes, overrides)
+    "tp2": (2, ("train.tensor_parallel=2",)),
+    "dp2xtp2": (4, ("train.tensor_parallel=2", "train.parallel=fsdp")),
+    "one": (1, ()),
+}
+
+
+@pytest.mark.parametrize("mesh", ["tp2", "dp2xtp2"])
+def test_tensor_parallel_gives_the_same_losses_and_weights_as_one_process(setup, mesh):
+    dataset, runs, one = setup
+    nproc, extra = MESHES[mesh]
+    output = torchrun(*args(dataset, runs, mesh, 5, *extra), nproc=nproc).stdout
+    assert output.count("finished at step 5") == 1
+    torch.testing.assert_close(losses(runs / mesh), losses(one), rtol=1e-5, atol=1e-6)
+    assert_same_weights(runs / mesh, one)
+    assert tokens_seen(runs / mesh) == tokens_seen(one)  # tp ranks share their replica's batch
+
+
+@pytest.mark.parametrize("first,second", [("dp2xtp2", "tp2"), ("one", "tp2"), ("tp2", "one")])
+def test_resume_under_another_mesh(setup, first, second):
+    dataset, runs, one = setup
+    name = f"{first}-to-{second}"
+    for mesh, steps in ((first, 3), (second, 5)):
+        nproc, extra = MESHES[mesh]
+        run_args = args(dataset, runs, name, steps, *extra, "train.checkpoint_every=3")
         if nproc == 1:
             train(load_config(None, run_args))
         else:

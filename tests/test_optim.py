@@ -314,7 +314,7 @@ def _fsdp_worker() -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from palm import ModelConfig, PaLM
-    from palm.distributed import shard_blocks
+    from palm.parallel import shard_blocks
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

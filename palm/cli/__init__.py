@@ -21,7 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("palm.cli.train", "train a PaLM model"),
     "generate": ("palm.cli.generate", "sample text from a checkpoint"),
     "evaluate": ("palm.cli.evaluate", "perplexity and benchmark evaluation of a checkpoint"),
-    "export": ("palm.cli.export", "a checkpoint as a palm-rlhf-pytorch or palm-pytorch state dict"),
+    "export": (
+        "palm.cli.export",
+        "a checkpoint for transformers or palm-rlhf-pytorch/palm-pytorch",
+    ),
     "plot": ("palm.cli.plot", "training curves of runs as a PNG (matplotlib)"),
     "serve": ("palm.cli.serve", "an OpenAI-compatible HTTP server for a checkpoint"),
 }
