@@ -105,9 +105,16 @@ def global_row_offset(t: Tensor) -> int:
     """The global index of the first row of this rank's shard (0 for plain tensors)."""
     if dtensor_type() is None or not isinstance(t, dtensor_type()) or t.dim() == 0:
         return 0
+    return _row_offset(tuple(t.shape), t.device_mesh, tuple(t.placements))
+
+
+@functools.cache
+def _row_offset(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> int:
+    """Cached: the same for every step, and _StridedShard's needs real (not fake) tensors, so
+    palm.simulate computes it before its step under FakeTensorMode."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    return int(compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)[1][0])
+    return int(compute_local_shape_and_global_offset(shape, mesh, placements)[1][0])
 
 
 def local_shard(t: Tensor) -> Tensor:

@@ -93,6 +93,7 @@ def activation_bytes(
     act_bytes: int,
     checkpointing: bool = False,
     device_type: str = "cpu",
+    tensor_parallel: int = 1,
 ) -> int:
     """Estimate of the activations one micro-batch keeps for the backward pass.
 
@@ -103,20 +104,24 @@ def activation_bytes(
     full set while it is recomputed. The output projection and loss are fused
     (palm.loss.linear_lm_loss): it keeps float32 gradients for the final activations and for
     the output matrix, and makes the logits one (chunk, vocab) float32 block (two buffers) at a
-    time, never (tokens, vocab).
+    time, never (tokens, vocab). With `tensor_parallel` ranks each keeps its share of the heads,
+    the MLP and the vocabulary; the residual stream, its LayerNorm and the (multi-query) key/value
+    head are on every rank.
     """
-    c = config
-    q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    mlp_in = c.ffn_hidden * (2 if c.activation == "swiglu" else 1)
+    c, tp = config, tensor_parallel
+    q_dim, kv_dim = c.n_heads * c.head_dim // tp, c.n_kv_heads * c.head_dim
+    kv_dim //= tp if c.n_kv_heads > 1 else 1
+    mlp_in = c.ffn_hidden * (2 if c.activation == "swiglu" else 1) // tp
     per_token_layer = 2 * c.d_model + (q_dim + 2 * kv_dim + mlp_in) + 2 * (q_dim + kv_dim)
-    per_token_layer += 2 * c.ffn_hidden
+    per_token_layer += 2 * c.ffn_hidden // tp
     tokens = micro_batch * seq_len
     if checkpointing:
         layers = tokens * (c.n_layers * c.d_model + per_token_layer) * act_bytes
     else:
         layers = tokens * c.n_layers * per_token_layer * act_bytes
-    chunk = min(tokens, chunk_tokens_for(c.vocab_size, device_type))
-    loss = (tokens * c.d_model + c.vocab_size * c.d_model + 2 * chunk * c.vocab_size) * 4
+    vocab = c.vocab_size // tp
+    chunk = min(tokens, chunk_tokens_for(vocab, device_type))
+    loss = (tokens * c.d_model + vocab * c.d_model + 2 * chunk * vocab) * 4
     return layers + loss
 
 
@@ -129,24 +134,27 @@ def per_device_memory_bytes(
     param_bytes: int = 4,
     act_bytes: int = 4,
     checkpointing: bool = False,
+    tensor_parallel: int = 1,
+    device_type: str = "cuda",
 ) -> dict[str, int]:
-    """Memory on one device of a data-parallel run (PaLM §4 shards weights, grads, optimizer).
+    """Memory on one device of a parallel run (PaLM §4 shards weights, grads, optimizer).
 
     ddp: every device holds everything. fsdp: weights, gradients and optimizer state are split
     over the devices, and one block's weights are gathered whole while it runs (twice that with
-    prefetching, which is what we count).
+    prefetching, which is what we count). `tensor_parallel` ranks split every layer (its share
+    of a block is what FSDP gathers), with the key/value head on each of them.
     """
     if parallel not in PARALLEL:
         raise ConfigError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     full = training_memory_bytes(config, param_bytes=param_bytes)
-    share = devices if parallel == "fsdp" else 1
+    share = devices if parallel == "fsdp" else tensor_parallel
     out = {k: -(-full[k] // share) for k in ("weights", "gradients", "optimizer")}
     if parallel == "fsdp":
         counts = parameter_counts(config)
         block = (counts["non_embedding"] - config.d_model) // config.n_layers
-        out["gathered"] = 2 * block * param_bytes
+        out["gathered"] = 2 * block * param_bytes // tensor_parallel
     out["activations"] = activation_bytes(
-        config, micro_batch, seq_len, act_bytes, checkpointing, device_type="cuda"
+        config, micro_batch, seq_len, act_bytes, checkpointing, device_type, tensor_parallel
     )
     out["total"] = sum(out.values())
     return out

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from palm.config import ModelConfig
 from palm.distributed import Distributed
-from palm.dtensor import ROW_BLOCKS, ROW_GROUPS, global_row_offset, rows_from_canonical
+from palm.dtensor import ROW_BLOCKS, ROW_GROUPS, rows_from_canonical
 from palm.errors import ConfigError
 from palm.loss import LossOutput, vocab_parallel_lm_loss
 
@@ -84,7 +84,7 @@ def parallelize(
     one rank's memory can be built; `reset_parameters()` then draws the initialisation per shard.
     """
     tp = ctx.tensor_parallel
-    mesh = device_mesh(ctx, device.type) if ctx.sharded else None
+    mesh = (ctx.mesh or device_mesh(ctx, device.type)) if ctx.sharded else None
     meta_init = meta_init and ctx.sharded
     if meta_init:
         with torch.device("meta"):
@@ -185,10 +185,10 @@ def _reducer(mesh: Any) -> Callable[[Tensor, str], None]:
 def _vocab_parallel_loss(
     model: nn.Module, mesh: Any, x: Tensor, targets: Tensor, z_loss_coef: float
 ) -> LossOutput:
-    weight = model.output_weight  # a DTensor split by vocabulary rows
-    start = global_row_offset(weight)
+    shard = model.output_weight.to_local()  # this rank's rows of the vocabulary (V / tp)
+    start = mesh.get_local_rank() * shard.shape[0]  # check_tensor_parallel: tp divides V
     return vocab_parallel_lm_loss(
-        x, weight.to_local(), start, targets, _reducer(mesh), z_loss_coef=z_loss_coef
+        x, shard, start, targets, _reducer(mesh), z_loss_coef=z_loss_coef
     )
 
 

@@ -55,12 +55,19 @@ def format_report(name: str, info: dict) -> str:
     if "per_gpu" in info:
         g = info["per_gpu"]
         lines.append(
-            f"  per GPU ({g['gpus']} GPUs, {g['parallel']}, micro-batch {g['micro_batch']}"
-            f" x {info['seq_len']} tokens):"
+            f"  per GPU ({g['gpus']} GPUs, {g['parallel']}, tensor parallel "
+            f"{g['tensor_parallel']}, micro-batch {g['micro_batch']} x {info['seq_len']} tokens):"
         )
         lines += [f"    {k:<11} {gib(v)}" for k, v in g["bytes"].items()]
         verdict = "fits" if g["fits"] else "does NOT fit"
         lines.append(f"    -> {verdict} a {g['gpu_memory_gib']:g} GiB GPU")
+    if "simulated" in info:
+        s = info["simulated"]
+        lines.append(f"  simulated peak of rank 0 (2 training steps, {s['seconds']:.0f} s here):")
+        lines += [f"    {k:<19} {gib(v)}" for k, v in s["peak_bytes"].items()]
+        analytic = info["per_gpu"]["bytes"]["total"]
+        ratio = s["peak_bytes"]["total"] / max(analytic, 1)
+        lines.append(f"    simulated / analytic total: {ratio:.2f}")
     return "\n".join(lines)
 
 
@@ -86,10 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--micro_batch", type=int, default=1, help="sequences per device per pass")
     plan.add_argument("--activation_checkpointing", action="store_true")
     plan.add_argument("--gpu_memory_gib", type=float, default=80.0, help="memory of one GPU")
+    plan.add_argument(
+        "--tensor_parallel",
+        type=int,
+        default=1,
+        help="ranks splitting each layer (train.tensor_parallel)",
+    )
+    plan.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also run two real training steps of rank 0 on this CPU (fake process group, "
+        "FakeTensorMode, PyTorch's memory tracker) and print its peak by category",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     args = parser.parse_args(argv)
-    if args.gpus and args.parallel == "none" and args.gpus != 1:
-        parser.error("--parallel none means one GPU; use ddp or fsdp for several")
+    if args.gpus and args.parallel == "none" and args.gpus != args.tensor_parallel:
+        parser.error("--parallel none means one model replica: --gpus = --tensor_parallel")
+    if args.simulate and not args.gpus:
+        parser.error("--simulate needs --gpus (the size of the world to simulate)")
     return run(lambda: report(args))
 
 
@@ -104,9 +125,11 @@ def report(args: argparse.Namespace) -> None:
             args.parallel,
             args.micro_batch,
             seq_len,
-            param_bytes=DTYPE_BYTES[args.dtype],
+            # The trainer keeps float32 weights under bf16 autocast: so does the simulation.
+            param_bytes=4 if args.simulate else DTYPE_BYTES[args.dtype],
             act_bytes=2 if args.dtype != "float32" else 4,
             checkpointing=args.activation_checkpointing,
+            tensor_parallel=args.tensor_parallel,
         )
         limit = args.gpu_memory_gib * 2**30
         info["per_gpu"] = {
@@ -116,7 +139,22 @@ def report(args: argparse.Namespace) -> None:
             "bytes": per_gpu,
             "gpu_memory_gib": args.gpu_memory_gib,
             "fits": per_gpu["total"] <= limit,
+            "tensor_parallel": args.tensor_parallel,
         }
+    if args.simulate:
+        from palm.simulate import simulate
+
+        run_ = simulate(
+            config,
+            args.gpus,
+            args.parallel,
+            args.tensor_parallel,
+            args.micro_batch,
+            seq_len,
+            args.activation_checkpointing,
+            bf16=args.dtype != "float32",
+        )
+        info["simulated"] = {"peak_bytes": run_.peak_bytes, "seconds": run_.seconds}
     if args.json:
         json.dump({"name": args.preset or args.config, **info}, sys.stdout, indent=2)
         print()
