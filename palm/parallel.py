@@ -187,9 +187,7 @@ def _vocab_parallel_loss(
 ) -> LossOutput:
     shard = model.output_weight.to_local()  # this rank's rows of the vocabulary (V / tp)
     start = mesh.get_local_rank() * shard.shape[0]  # check_tensor_parallel: tp divides V
-    return vocab_parallel_lm_loss(
-        x, shard, start, targets, _reducer(mesh), z_loss_coef=z_loss_coef
-    )
+    return vocab_parallel_lm_loss(x, shard, start, targets, _reducer(mesh), z_loss_coef=z_loss_coef)
 
 
 def _vocab_parallel_logits(model: nn.Module, mesh: Any, x: Tensor) -> Tensor:

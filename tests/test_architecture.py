@@ -62,6 +62,7 @@ LAYERS: dict[str, int] = {
     "palm.hub": 5,
     "palm.pretrained": 5,
     "palm.plot": 5,
+    "palm.simulate": 5,
     "palm.batching": 5,
     "palm.engine": 5,
     "palm.protocol": 5,
