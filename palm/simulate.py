@@ -14,6 +14,7 @@ loss uses the CPU's chunk size (palm.flops.CHUNK_BYTES).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -68,26 +69,35 @@ def simulate(
     activation_checkpointing: bool = False,
     bf16: bool = False,
     steps: int = 2,
+    fake: bool = True,
 ) -> Simulation:
     """Peak memory of rank 0 of a `gpus`-rank run of `config`, by category (see module doc).
-    Two steps by default: the optimizer's state exists from the first update on."""
+    Two steps by default: the optimizer's state exists from the first update on.
+
+    With `fake=False` the same steps run for real, with real tensors, in the process group
+    torchrun started (`gpus` must be its world size): what the dry run is checked against."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     began = time.perf_counter()
-    if dist.is_initialized():
-        raise ConfigError("palm info --simulate needs a process without a process group")
+    if dist.is_initialized() == fake:
+        raise ConfigError(
+            "palm info --simulate needs a process without a process group"
+            if fake
+            else "a real measurement runs under torchrun"
+        )
     if gpus < 1 or gpus % tensor_parallel:
         raise ConfigError(f"--tensor_parallel {tensor_parallel} does not divide --gpus {gpus}")
     if parallel == "none" and gpus != tensor_parallel:
         raise ConfigError("--parallel none runs one model replica: --gpus = --tensor_parallel")
     check_tensor_parallel(config, tensor_parallel)
     seq_len = seq_len or config.max_seq_len
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+    if fake:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
     try:
-        ctx = Distributed(0, gpus, 0, parallel, tensor_parallel)
+        ctx = Distributed(dist.get_rank(), gpus, 0, parallel, tensor_parallel)
         mesh = device_mesh(ctx, "cpu") if ctx.sharded else None
         with torch.device("meta"):
             model = PaLM(config)
@@ -98,21 +108,25 @@ def simulate(
             shard_blocks(model, mesh["dp"] if tensor_parallel > 1 else mesh)
         for p in model.parameters():  # computed on real tensors (palm.dtensor._row_offset)
             global_row_offset(p)
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext():
             model.to_empty(device="cpu")
+            if not fake:
+                model.reset_parameters()
             if tensor_parallel > 1:
                 _broadcast_copies(model)
             if activation_checkpointing:
                 _checkpoint_blocks(model)
             optimizer = build_optimizer("adafactor", model.parameters())
             tracker = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
-            tokens = torch.zeros(micro_batch, seq_len, dtype=torch.long)
+            tokens = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
             tracker.track_inputs((tokens,))
             if not fsdp:
                 tracker.track_external(model, optimizer)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
             with tracker:
-                for _ in range(steps):
+                for step in range(steps):
+                    if step:
+                        tracker.reset_mod_stats()  # per-module stats; the peak stays
                     with autocast:
                         out = model(tokens, targets=tokens)
                     out.loss.backward()
@@ -120,7 +134,8 @@ def simulate(
                     optimizer.zero_grad(set_to_none=True)  # as the trainer does
             snapshot = tracker.get_tracker_snapshot("peak")
     finally:
-        dist.destroy_process_group()
+        if fake:
+            dist.destroy_process_group()
     peak: dict[str, int] = {}
     for kind, size in next(iter(snapshot.values())).items():
         name = CATEGORIES.get(getattr(kind, "value", str(kind)))
