@@ -198,7 +198,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 b for t, rows in zip(tensors, blocks) for b in (t.split(rows) if t.dim() else (t,))
             ]
 
-        cols = [p[0].numel() if p.dim() else 1 for p in params]
+        cols = [math.prod(p.shape[1:]) for p in params]
         numel_sqrt = [math.sqrt(max(r * c, 1)) for rows, c in zip(blocks, cols) for r in rows]
         self._apply(group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt)
         for p, q in zip(params, p32):
@@ -226,7 +226,10 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 tensors.append(state["exp_avg"])
             local = [local_shard(t) for t in tensors]
             # Each rank cuts its rows by the global row blocks (a block may have none here).
-            first, cols = global_row_offset(p), (p[0].numel() if p.dim() else 1)
+            first, cols = (
+                global_row_offset(p),
+                math.prod(p.shape[1:]),
+            )  # p[0] would gather a DTensor
             here = local[0].shape[0] if p.dim() else 1
             blocks = row_blocks(p)
             groups = getattr(p, ROW_GROUPS, None) or [(i, 1) for i in range(len(blocks))]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from palm.config import ModelConfig
@@ -116,7 +117,7 @@ def parallelize(
 
 def tensor_parallelize(model: nn.Module, mesh: Any) -> None:
     """Split `model` (palm.model.PaLM) over the 1-D tensor-parallel `mesh`, in place."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         RowwiseParallel,
@@ -129,10 +130,12 @@ def tensor_parallelize(model: nn.Module, mesh: Any) -> None:
         plan["mlp_out"] = RowwiseParallel()
         parallelize_module(block, mesh, plan)
         vars(block.in_proj.weight).update(tags)  # parallelize_module made a new Parameter
-    parallelize_module(model, mesh, {"embedding": RowwiseParallel(input_layouts=Replicate())})
-    if model.lm_head is not None:  # untied head: vocabulary-parallel too, used only below
-        weight = distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)])
-        model.lm_head.weight = nn.Parameter(weight)
+    # The vocabulary's rows split over the ranks; the lookup is ours (torch's RowwiseParallel
+    # embedding gathered the whole (V, D) table, 7.9 GiB at 62B, in palm info --simulate).
+    for head in (model.embedding, model.lm_head):
+        if head is not None:  # an untied head is vocabulary-parallel too (used only below)
+            head.weight = nn.Parameter(distribute_tensor(head.weight.detach(), mesh, [Shard(0)]))
+    model.embedding.forward = functools.partial(_vocab_parallel_lookup, model.embedding, mesh)
     model.output_loss = functools.partial(_vocab_parallel_loss, model, mesh)
     model.output_logits = functools.partial(_vocab_parallel_logits, model, mesh)
 
@@ -180,6 +183,31 @@ def _reducer(mesh: Any) -> Callable[[Tensor, str], None]:
     group = mesh.get_group()
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
     return lambda t, op: dist.all_reduce(t, op=ops[op], group=group)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """y = the sum of x over the ranks; every rank's y feeds the same loss, so each x gets
+    y's gradient as it is (an all-reduce of it would count it tp times)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, reduce: Callable[[Tensor, str], None]) -> Tensor:
+        y = x.clone()
+        reduce(y, "sum")
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def _vocab_parallel_lookup(embedding: nn.Module, mesh: Any, tokens: Tensor) -> Tensor:
+    """Embedding rows (B, T, D) from this rank's block of the vocabulary, zeros for tokens
+    outside it, summed over the ranks."""
+    shard = embedding.weight.to_local()  # (V / tp, D)
+    local = tokens - mesh.get_local_rank() * shard.shape[0]
+    outside = (local < 0) | (local >= shard.shape[0])
+    rows = F.embedding(local.masked_fill(outside, 0), shard).masked_fill(outside[..., None], 0.0)
+    return _SumOverRanks.apply(rows, _reducer(mesh))
 
 
 def _vocab_parallel_loss(
