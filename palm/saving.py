@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +338,9 @@ def read_sharded(path: Path, content: dict[str, Any]) -> None:
 
     alone = not (dist.is_available() and dist.is_initialized())  # e.g. generate.py
     try:
-        dcp.load(content, checkpoint_id=str(path / STATE), no_dist=alone)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(content, checkpoint_id=str(path / STATE), no_dist=alone)
     except Exception as error:  # noqa: BLE001 (DCP raises CheckpointException, RuntimeError)
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else repr(error)
         raise CorruptCheckpointError(

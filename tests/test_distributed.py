@@ -135,6 +135,7 @@ def test_resume_with_another_number_of_ranks(setup, parallel, first, second):
 MESHES = {  # name: (processes, overrides)
     "tp2": (2, ("train.tensor_parallel=2",)),
     "dp2xtp2": (4, ("train.tensor_parallel=2", "train.parallel=fsdp")),
+    "dp4": (4, ("train.parallel=fsdp",)),
     "one": (1, ()),
 }
 
@@ -150,7 +151,9 @@ def test_tensor_parallel_gives_the_same_losses_and_weights_as_one_process(setup,
     assert tokens_seen(runs / mesh) == tokens_seen(one)  # tp ranks share their replica's batch
 
 
-@pytest.mark.parametrize("first,second", [("dp2xtp2", "tp2"), ("one", "tp2"), ("tp2", "one")])
+@pytest.mark.parametrize(
+    "first,second", [("dp2xtp2", "tp2"), ("dp2xtp2", "dp4"), ("one", "tp2"), ("tp2", "one")]
+)
 def test_resume_under_another_mesh(setup, first, second):
     dataset, runs, one = setup
     name = f"{first}-to-{second}"
