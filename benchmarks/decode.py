@@ -1,25 +1,44 @@
-"""Decoding speed: the key/value cache vs recomputing the whole sequence vs transformers' GPT-NeoX.
+"""Decoding speed: ours (eager and compiled) vs litgpt's and transformers' KV caches.
 
-    python benchmarks/decode.py --sizes S M --batches 1 8 --new_tokens 128 512
+    python benchmarks/decode.py --sizes S M --batches 1 8 --new_tokens 128 512 --rounds 5
 
 Greedy decoding of `new_tokens` tokens after a 32-token prompt; tokens/s counts every row of
-the batch (batch x new_tokens / seconds, prompt processing included). Three contenders:
-- ours+cache: palm.sampling.generate, one position per step against the one-head-wide
-  multi-query cache (PaLM §2);
-- ours recompute: every step re-runs the whole sequence (use_cache=False). Its cost grows
-  with the length, so with --recompute_every K > 1 only every K-th step's forward is timed and
-  the total is K times their sum (labelled "estimated"), which keeps CPU runs short;
+the batch (batch x new_tokens / seconds, prompt processing included). Contenders:
+- ours: palm.sampling.generate, one position per step against the one-head-wide
+  multi-query cache (PaLM §2), eager;
+- ours+compile: the same with compile=True, the one-token step under torch.compile with a
+  static-shape cache (gpt-fast's approach); compilation happens in an untimed warm-up;
+- litgpt: `litgpt.model.GPT` configured PaLM-like as in benchmarks/train_step.py (parallel
+  residual, shared LayerNorm, one key/value head, SwiGLU, no biases, tied head), its own
+  preallocated KV cache (`set_kv_cache`) and its fastest eager loop (litgpt.generate.base's
+  single-sequence path: `input_pos` a tensor, `input_pos_maxp1` so attention reads only the
+  filled part of the cache), greedy over the whole batch;
 - hf gpt-neox: transformers' GPTNeoXForCausalLM of the same d_model/layers/heads/ffn/vocab
-  (rotary on all dims, parallel residual) with generate(use_cache=True, do_sample=False).
+  (rotary on all dims, parallel residual) with generate(use_cache=True, do_sample=False);
+- ours recompute (--recompute): every step re-runs the whole sequence (use_cache=False). Its
+  cost grows with the length, so with --recompute_every K > 1 only every K-th step's forward
+  is timed and the total is K times their sum (labelled "estimated").
+
+Every contender runs `--rounds` times per cell, the order rotated each round (a shared machine
+then slows all alike); the table gives medians with (min-max). The fp32 matmul peak is
+measured in the same run, before and after (benchmarks/common.py), to place the machine.
+
+litgpt's package __init__ and its checkpoint-conversion module import `lightning`, which
+nothing here needs (and whose pins conflict with this environment's huggingface-hub), so
+without lightning installed only `litgpt.config` and `litgpt.model` are loaded: the model and
+its KV cache exactly as published, with the unused conversion helper stubbed.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
+import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -28,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout, like train_step.py
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import matmul_peak_flops
 from palm.config import ModelConfig
 from palm.model import PaLM
 from palm.sampling import generate
@@ -64,10 +84,83 @@ def neox(size: str):
     return GPTNeoXForCausalLM(config).eval()
 
 
-@torch.no_grad()
-def time_cached(model: PaLM, prompt: torch.Tensor, new: int) -> float:
+def import_litgpt():
+    """litgpt's Config and GPT; without `lightning`, loaded past the package's __init__."""
+    try:
+        from litgpt.config import Config
+        from litgpt.model import GPT
+
+        return Config, GPT
+    except ModuleNotFoundError as error:
+        if error.name != "lightning" or importlib.util.find_spec("litgpt") is None:
+            raise
+    for name in [m for m in sys.modules if m == "litgpt" or m.startswith("litgpt.")]:
+        del sys.modules[name]
+    package = types.ModuleType("litgpt")
+    package.__path__ = list(importlib.util.find_spec("litgpt").submodule_search_locations)
+    scripts = types.ModuleType("litgpt.scripts")
+    convert = types.ModuleType("litgpt.scripts.convert_hf_checkpoint")
+    convert.qkv_reassemble = None  # only used to load legacy checkpoints
+    sys.modules.update({"litgpt": package, "litgpt.scripts": scripts, convert.__name__: convert})
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    return Config, GPT
+
+
+def litgpt(size: str):
+    Config, GPT = import_litgpt()
+    s = SIZES[size]
+    config = Config(
+        name="palm-like",
+        block_size=1024,
+        vocab_size=s["vocab_size"],
+        padded_vocab_size=s["vocab_size"],
+        n_layer=s["n_layers"],
+        n_head=s["n_heads"],
+        n_embd=s["d_model"],
+        head_size=s["head_dim"],
+        n_query_groups=1,
+        rotary_percentage=1.0,
+        parallel_residual=True,
+        shared_attention_norm=True,
+        bias=False,
+        norm_class_name="LayerNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=4 * s["d_model"],
+    )
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as PaLM (same parameters)
+    return model
+
+
+@torch.inference_mode()
+def time_litgpt(model, prompt: torch.Tensor, new: int) -> float:
+    """litgpt.generate.base.generate_fn's loop, greedy for a whole batch."""
+    batch, length = prompt.shape
     start = time.perf_counter()
-    out = generate(model, prompt, new, temperature=0.0)
+    model.clear_kv_cache()  # (else resizing warns about the previous run's cache)
+    model.max_seq_length = length + new
+    model.set_kv_cache(batch_size=batch, max_seq_length=length + new)
+    logits = model(prompt, torch.arange(length), input_pos_maxp1=length)
+    token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    out = [token]
+    input_pos, maxp1 = torch.tensor([length]), length
+    for _ in range(new - 1):
+        maxp1 += 1
+        logits = model(token, input_pos, input_pos_maxp1=maxp1)
+        input_pos.add_(1)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(token)
+    assert torch.cat(out, 1).shape == (batch, new)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def time_ours(model: PaLM, prompt: torch.Tensor, new: int, compile: bool = False) -> float:
+    start = time.perf_counter()
+    out = generate(model, prompt, new, temperature=0.0, compile=compile, cache_len=PROMPT + new)
     assert out.shape[1] == new
     return time.perf_counter() - start
 
@@ -103,65 +196,102 @@ def time_neox(model, prompt: torch.Tensor, new: int) -> float:
     return time.perf_counter() - start
 
 
+def summary(rates: list[float]) -> str:
+    if not rates:
+        return "-"
+    return f"{statistics.median(rates):,.0f} ({min(rates):,.0f}-{max(rates):,.0f})"
+
+
+def ratio(rows: dict, a: str, b: str) -> str:
+    if not rows.get(a) or not rows.get(b):
+        return "-"
+    return f"{statistics.median(rows[a]) / statistics.median(rows[b]):.2f}x"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", nargs="+", default=["S", "M"], choices=tuple(SIZES))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--new_tokens", nargs="+", type=int, default=[128, 512])
+    p.add_argument("--rounds", type=int, default=5, help="timed runs per contender and cell")
+    p.add_argument("--no_compile", action="store_true", help="leave out ours+compile")
+    p.add_argument("--skip_hf", action="store_true", help="no transformers baseline")
+    p.add_argument("--skip_litgpt", action="store_true", help="no litgpt baseline")
+    p.add_argument("--recompute", action="store_true", help="also time ours without cache")
     p.add_argument(
         "--recompute_every",
         type=int,
         default=1,
         help="time every K-th recompute step and scale by K (1 = all, exact)",
     )
-    p.add_argument("--skip_hf", action="store_true", help="no transformers baseline")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    peak_before = matmul_peak_flops()
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, float32, CPU"
+        f"{platform.processor() or platform.machine()}, float32, CPU; "
+        f"fp32 matmul peak {peak_before / 1e9:.0f} GFLOP/s (before)",
+        flush=True,
     )
-    rows = []
-    print(
-        "| size | batch | new | ours+cache tok/s | ours recompute tok/s | speed-up | "
-        "hf gpt-neox tok/s | ours/hf |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    names = ["ours"] + ([] if args.no_compile else ["ours+compile"])
+    names += [] if args.skip_litgpt else ["litgpt"]
+    names += [] if args.skip_hf else ["hf"]
+    names += ["recompute"] if args.recompute else []
+    header = "| size | batch | new | " + " | ".join(f"{n} tok/s" for n in names)
+    header += " | ours/litgpt | ours+compile/litgpt | ours/hf |"
+    print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
+    results = []
     for size in args.sizes:
-        model = ours(size)
-        hf = None if args.skip_hf else neox(size)
+        torch._dynamo.reset()  # compiled graphs of the previous size: keep under the limit
+        models = {"ours": ours(size)}
+        models["ours+compile"] = models["ours"]
+        if not args.skip_litgpt:
+            models["litgpt"] = litgpt(size)
+        if not args.skip_hf:
+            models["hf"] = neox(size)
+        models["recompute"] = models["ours"]
+
+        def run(name: str, prompt: torch.Tensor, new: int, models=models) -> float:
+            model = models[name]
+            if name in ("ours", "ours+compile"):
+                return time_ours(model, prompt, new, compile=name == "ours+compile")
+            if name == "litgpt":
+                return time_litgpt(model, prompt, new)
+            if name == "hf":
+                return time_neox(model, prompt, new)
+            return time_recompute(model, prompt, new, args.recompute_every)
+
         for batch in args.batches:
+            torch.manual_seed(batch)
             prompt = torch.randint(0, SIZES[size]["vocab_size"], (batch, PROMPT))
-            time_cached(model, prompt, 8)  # warm-up: allocator, kernels
-            if hf is not None:
-                time_neox(hf, prompt, 8)
             for new in args.new_tokens:
-                tokens = batch * new
-                cached = tokens / time_cached(model, prompt, new)
-                recompute = tokens / time_recompute(model, prompt, new, args.recompute_every)
-                hf_rate = tokens / time_neox(hf, prompt, new) if hf is not None else float("nan")
-                note = "" if args.recompute_every == 1 else " (est.)"
-                row = {
-                    "size": size,
-                    "batch": batch,
-                    "new_tokens": new,
-                    "cached": cached,
-                    "recompute": recompute,
-                    "hf": hf_rate,
-                    "recompute_estimated": args.recompute_every > 1,
-                }
-                rows.append(row)
+                for name in names:  # warm-up (compilation for this cache shape) untimed
+                    run(name, prompt, 8 if name != "ours+compile" else new)
+                rates: dict[str, list[float]] = {n: [] for n in names}
+                for r in range(args.rounds):
+                    order = names[r % len(names) :] + names[: r % len(names)]
+                    for name in order:
+                        rates[name].append(batch * new / run(name, prompt, new))
+                row = {"size": size, "batch": batch, "new_tokens": new, "tokens_per_s": rates}
+                results.append(row)
+                cells = " | ".join(summary(rates[n]) for n in names)
                 print(
-                    f"| {size} | {batch} | {new} | {cached:,.0f} | {recompute:,.0f}{note} | "
-                    f"{cached / recompute:.1f}x | {hf_rate:,.0f} | {cached / hf_rate:.2f}x |",
+                    f"| {size} | {batch} | {new} | {cells} | {ratio(rates, 'ours', 'litgpt')} | "
+                    f"{ratio(rates, 'ours+compile', 'litgpt')} | {ratio(rates, 'ours', 'hf')} |",
                     flush=True,
                 )
+    peak_after = matmul_peak_flops()
+    print(
+        f"# fp32 matmul peak {peak_after / 1e9:.0f} GFLOP/s (after), "
+        f"best {max(peak_before, peak_after) / 1e9:.0f}"
+    )
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+            meta = {"matmul_peak_flops": max(peak_before, peak_after)}
+            json.dump({"meta": meta, "rows": results}, handle, indent=2)
     return 0
 
 

@@ -16,7 +16,6 @@ Parallelism (DDP/FSDP) is applied from outside; nothing here touches torch.distr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from palm.config import ModelConfig
 from palm.errors import ConfigError
+from palm.kv_cache import KVCache
 from palm.loss import LossOutput, linear_lm_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -96,38 +96,6 @@ def rotary_tables(positions: Tensor, config: ModelConfig, dtype: torch.dtype) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# Key/value cache for incremental decoding
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class KVCache:
-    """Keys and values of the tokens seen so far, preallocated to `max_len`.
-
-    Under multi-query attention each layer stores one head: (B, 1, max_len, head_dim), which is
-    what makes PaLM's decoding cheap (PaLM §2 "Multi-Query Attention").
-    """
-
-    keys: list[Tensor]  # per layer: (B, n_kv_heads, max_len, head_dim)
-    values: list[Tensor]
-    length: int = 0  # tokens already stored
-    # (B, max_len) bool, False at left-padding of batched prompts of different lengths: those
-    # keys are never attended. RoPE is relative, so a row's shifted positions change nothing.
-    key_mask: Tensor | None = None
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
-
-    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's k, v (B, KH, T, Q) after the stored ones; return all of them."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-
-# ---------------------------------------------------------------------------------------------
 # The block
 # ---------------------------------------------------------------------------------------------
 
@@ -177,8 +145,12 @@ class PaLMBlock(nn.Module):
         rope: RotaryTables,
         cache: KVCache | None,
         layer: int,
+        position: Tensor | None = None,
     ) -> Tensor:
-        """Causal multi-query attention on q (B, T, H*Q) and k, v (B, T, KH*Q)."""
+        """Causal multi-query attention on q (B, T, H*Q) and k, v (B, T, KH*Q).
+
+        With `position` (1,), the static-shape decoding step: one token (T = 1) is written there
+        and attends over the whole cache, positions after it masked (gpt-fast's approach)."""
         c = self.config
         B, T, _ = q.shape
         # Head counts read off the rows, not the config: under tensor parallelism (palm.parallel)
@@ -188,6 +160,12 @@ class PaLMBlock(nn.Module):
         v = v.view(B, T, -1, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
         q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.k_cos, rope.k_sin)
         past = 0
+        if position is not None and cache is not None:
+            k, v = cache.store_at(layer, position, k, v)  # (B, KH, max_len, Q)
+            mask = torch.arange(cache.max_len, device=q.device)[None] <= position  # (1, L)
+            if cache.key_mask is not None:
+                mask = cache.key_mask[:, None, None, :] & mask  # (B, 1, 1, max_len)
+            return self.attend(q, k, v, mask, False)
         if cache is not None:
             past = cache.length
             k, v = cache.store(layer, k, v)  # (B, KH, past + T, Q)
@@ -202,6 +180,12 @@ class PaLMBlock(nn.Module):
             mask, causal = key_pos[None, :] <= query_pos[:, None], False
         if cache is not None and cache.key_mask is not None:
             mask, causal = self.padding_mask(cache.key_mask, past, T), False
+        return self.attend(q, k, v, mask, causal)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """Attention of q (B, H, T, Q) over k, v (B, KH, S, Q) -> (B, T, H*Q)."""
+        B, _, T, _ = q.shape
+        c = self.config
         if k.shape[1] != q.shape[1]:
             # Broadcast the shared head: expand() is a view, no copy of the keys/values.
             k = k.expand(B, q.shape[1], k.shape[2], c.head_dim)
@@ -233,7 +217,12 @@ class PaLMBlock(nn.Module):
         return F.dropout(h, self.config.dropout, self.training) if self.config.dropout else h
 
     def forward(
-        self, x: Tensor, rope: RotaryTables, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: Tensor,
+        rope: RotaryTables,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        position: Tensor | None = None,
     ) -> Tensor:
         qkv_rows = self.q_dim + 2 * self.kv_dim
         if self.mlp_norm is None:
@@ -242,13 +231,14 @@ class PaLMBlock(nn.Module):
             # One split() into views, not slices: its backward is one cat of the pieces'
             # gradients, where each slice's would allocate and add a zero-filled (B, T, rows).
             q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
-            attn = self.attention(q, k, v, rope, cache, layer)
+            attn = self.attention(q, k, v, rope, cache, layer, position)
             mlp = self.activation(*mlp_in)
             return x + self.residual_dropout(self.attn_out(attn) + self.mlp_out(mlp))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         weight = self.in_proj.weight
         q, k, v = F.linear(self.norm(x), weight[:qkv_rows]).split(self.row_sizes[:3], dim=-1)
-        x = x + self.residual_dropout(self.attn_out(self.attention(q, k, v, rope, cache, layer)))
+        attn = self.attention(q, k, v, rope, cache, layer, position)
+        x = x + self.residual_dropout(self.attn_out(attn))
         mlp_in = F.linear(self.mlp_norm(x), weight[qkv_rows:]).split(self.row_sizes[3:], dim=-1)
         mlp = self.activation(*mlp_in)
         return x + self.residual_dropout(self.mlp_out(mlp))
@@ -304,7 +294,10 @@ class PaLM(nn.Module):
         dtype = dtype or self.embedding.weight.dtype
         shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
         make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        return KVCache([make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)])
+        positions = torch.arange(max_len, device=device)
+        rope = rotary_tables(positions, c, self.embedding.weight.dtype)  # (max_len, Q) each
+        keys, values = [make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)]
+        return KVCache(keys, values, rope=rope)
 
     def forward(
         self,
@@ -347,13 +340,31 @@ class PaLM(nn.Module):
                 f"sequence of {past + T} tokens exceeds the cache's {cache.max_len}; "
                 "make the cache larger (new_cache(max_len=...))"
             )
-        positions = torch.arange(past, past + T, device=tokens.device)
         x = self.embedding(tokens)  # (B, T, D); PaLM: no scaling, no LayerNorm on embeddings
-        rope = rotary_tables(positions, c, x.dtype)  # shared by all layers
+        if cache is not None and cache.rope is not None:
+            rope = RotaryTables(*(t[past : past + T] for t in cache.rope))  # views
+        else:
+            positions = torch.arange(past, past + T, device=tokens.device)
+            rope = rotary_tables(positions, c, x.dtype)  # shared by all layers
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
         if cache is not None:
             cache.length += T
+        return self.head_input(x)
+
+    def decode_static(self, token: Tensor, position: Tensor, cache: KVCache) -> Tensor:
+        """Logits (B, V) of one token per row (B, 1) at `position` (1,), a tensor, so that every
+        shape is the cache's and one torch.compile graph serves every step (gpt-fast). Leaves
+        `cache.length` to the caller, as no Python number may change inside the graph."""
+        x = self.embedding(token)  # (B, 1, D)
+        rope = RotaryTables(*(t.index_select(0, position) for t in cache.rope))  # (1, Q) each
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, cache, layer, position)
+        return self.output_logits(self.head_input(x)[:, -1])
+
+    def head_input(self, x: Tensor) -> Tensor:
+        """Final LayerNorm and PaLM's logit scaling of the activations (B, T, D)."""
+        c = self.config
         if c.final_norm:
             x = self.final_norm(x)
         if c.scale_logits and c.tie_embeddings:

@@ -7,11 +7,16 @@ forward of a single position against the cached keys/values: cost per token stay
 Prompts of different lengths are left-padded into one batch; the cache's `key_mask` hides the
 padding keys. RoPE only sees relative positions, so a padded row decodes exactly as it would
 alone (up to float rounding of the batched matmuls).
+
+`compile=True` runs each one-token step through torch.compile, as gpt-fast does: the cache is
+preallocated, the step's position is a tensor advanced in place, so every step has the same
+shapes and one graph (no graph breaks, `fullgraph=True`) serves them all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -134,6 +139,42 @@ def decode_step(model: PaLM, token: Tensor, cache: KVCache) -> Tensor:
     return model(token[:, None], cache)[:, -1]
 
 
+@functools.cache
+def _compiled_decode() -> Callable[..., Tensor]:
+    """PaLM.decode_static under torch.compile, made on first use (compilation is lazy)."""
+    return torch.compile(PaLM.decode_static, fullgraph=True, dynamic=False)
+
+
+class CompiledStep:
+    """`decode_step` with the compiled static-shape forward: (B,) tokens -> (B, V) logits.
+
+    The position is a (1,) tensor advanced in place after each call, and `cache.length` a
+    Python number kept outside the graph, so no call changes a shape or a guarded value.
+    """
+
+    def __init__(self, model: PaLM, cache: KVCache) -> None:
+        self.model, self.cache, self.compiled = model, cache, False
+        self.position = torch.tensor([cache.length], device=cache.keys[0].device)
+
+    def __call__(self, token: Tensor) -> Tensor:
+        if self.cache.length >= self.cache.max_len:
+            raise ConfigError(f"the cache's {self.cache.max_len} positions are all used")
+        try:
+            logits = _compiled_decode()(self.model, token[:, None], self.position, self.cache)
+        except Exception as error:  # compilation happens in the first call
+            if self.compiled:
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ConfigError(
+                f"--compile: torch.compile cannot compile the decoding step here "
+                f"({type(error).__name__}: {reason[:200]}); run without --compile"
+            ) from None
+        self.compiled = True
+        self.cache.length += 1
+        self.position += 1
+        return logits
+
+
 @torch.no_grad()
 def stream(
     model: PaLM,
@@ -147,6 +188,8 @@ def stream(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     prompt_mask: Tensor | None = None,
+    compile: bool = False,
+    cache_len: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token (B,) of each row of prompt (B, T), step by step.
 
@@ -154,10 +197,20 @@ def stream(
     produced `eod_id` keep emitting it; the stream ends once every row has, or after
     max_new_tokens. The caller may stop early (stop strings) by leaving the loop.
     Without the cache every step re-runs the whole sequence (for tests and benchmarks).
+    `compile` decodes with the compiled static-shape step (`CompiledStep`); `cache_len` (at
+    least prompt + max_new_tokens, the default) fixes the cache's length, so that requests of
+    other lengths reuse one compiled graph.
     """
     check_sampling(temperature, top_k, top_p)
     batch, length = prompt.shape
     total = length + max_new_tokens
+    if compile and not use_cache:
+        raise ConfigError("compile=True decodes with the cache; it needs use_cache=True")
+    if cache_len is not None and not total <= cache_len <= model.config.max_seq_len:
+        raise ConfigError(
+            f"cache_len {cache_len} must hold prompt + max_new_tokens ({total}) and fit the "
+            f"model's context of {model.config.max_seq_len}"
+        )
     if total > model.config.max_seq_len:
         raise ConfigError(
             f"prompt ({length} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
@@ -171,9 +224,10 @@ def stream(
     was_training = model.training
     model.eval()
     try:
-        sequence, cache = prompt, None
+        sequence, cache, step_fn = prompt, None, None
         if use_cache:
-            cache, logits = prefill(model, prompt, prompt_mask, total)
+            cache, logits = prefill(model, prompt, prompt_mask, cache_len or total)
+            step_fn = CompiledStep(model, cache) if compile else None
         else:
             logits = _full_forward(model, sequence, prompt_mask, None)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
@@ -182,7 +236,9 @@ def stream(
             yield token
             if step == max_new_tokens - 1 or (eod_id is not None and bool(finished.all())):
                 return
-            if use_cache:
+            if step_fn is not None:
+                logits = step_fn(token)
+            elif use_cache:
                 logits = decode_step(model, token, cache)
             else:
                 sequence = torch.cat([sequence, token[:, None]], dim=1)
@@ -213,10 +269,13 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     prompt_mask: Tensor | None = None,
+    compile: bool = False,
+    cache_len: int | None = None,
 ) -> Tensor:
     """Continue prompt (B, T) by up to max_new_tokens tokens; returns only the new ones (B, N).
 
     Rows that produced `eod_id` keep emitting it; decoding stops early once every row has.
+    `compile` and `cache_len` as in `stream`.
     """
     tokens = list(
         stream(
@@ -230,6 +289,8 @@ def generate(
             generator=generator,
             use_cache=use_cache,
             prompt_mask=prompt_mask,
+            compile=compile,
+            cache_len=cache_len,
         )
     )
     return torch.stack(tokens, dim=1) if tokens else prompt[:, :0]

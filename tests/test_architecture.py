@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     # 1 the model and its math
     "palm.flops": 1,
     "palm.loss": 1,
+    "palm.kv_cache": 1,
     "palm.model": 1,
     "palm.parallel": 1,
     "palm.tokenizer": 1,

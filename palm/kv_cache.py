@@ -1,0 +1,49 @@
+"""The key/value cache for incremental decoding, preallocated once to its full length.
+
+Written in place step by step, either at `length` (eager decoding: views of the filled part) or
+at a position given as a tensor (the static-shape step that torch.compile turns into one graph).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, preallocated to `max_len`.
+
+    Under multi-query attention each layer stores one head: (B, 1, max_len, head_dim), which is
+    what makes PaLM's decoding cheap (PaLM §2 "Multi-Query Attention").
+    """
+
+    keys: list[Tensor]  # per layer: (B, n_kv_heads, max_len, head_dim)
+    values: list[Tensor]
+    length: int = 0  # tokens already stored
+    # (B, max_len) bool, False at left-padding of batched prompts of different lengths: those
+    # keys are never attended. RoPE is relative, so a row's shifted positions change nothing.
+    key_mask: Tensor | None = None
+    # RoPE tables for positions 0 .. max_len - 1, made once: each step slices or indexes them
+    # instead of recomputing angles (no per-token cos/sin, no per-token allocation).
+    rope: tuple[Tensor, ...] | None = None  # a palm.model.RotaryTables
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's k, v (B, KH, T, Q) after the stored ones; return all of them."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def store_at(self, layer: int, position: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, KH, 1, Q) at `position` (1,); return the whole (B, KH, max_len, Q)
+        buffers. Shapes never depend on the position: one compiled graph serves every step."""
+        # An indexed write (index_put_), which inductor performs in place in the input buffer.
+        self.keys[layer][:, :, position] = k
+        self.values[layer][:, :, position] = v
+        return self.keys[layer], self.values[layer]
