@@ -1,5 +1,6 @@
-"""Sampling and generate.py: cached == uncached, padded batches == single prompts, filters
-against brute force, seeds, streaming, stop strings, run-folder resolution, clear errors."""
+"""Sampling and generate.py: cached == uncached == compiled, padded batches == single prompts,
+filters against brute force, seeds, streaming (one sequence and batches), stop strings,
+run-folder resolution, clear errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from palm.cli.generate import main
+import palm.sampling
+from palm.cli.generate import WRAP, LabelledLines, main
+from palm.errors import ConfigError
 from palm.model import PaLM
 from palm.runs import load_model, resolve_checkpoint
 from palm.sampling import TextStream, generate, pad_left, top_k_filter, top_p_filter
@@ -44,6 +47,60 @@ def test_greedy_with_cache_equals_greedy_without(overrides, small_model):
     uncached = generate(model, prompt, 40, temperature=0.0, use_cache=False)
     assert cached.shape == (3, 40)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
+def test_static_shape_step_equals_the_cached_forward(overrides, small_model):
+    """decode_static (what --compile compiles): the whole-cache, position-as-tensor step gives
+    the logits of the ordinary cached forward, with and without left padding."""
+    model = small_model(4, **overrides)
+    tokens, mask = pad_left([[5, 6, 7, 8, 9], [3, 4]])
+    caches = []
+    for _ in range(2):
+        cache = model.new_cache(2, 12)
+        cache.key_mask = torch.ones(2, 12, dtype=torch.bool)
+        cache.key_mask[:, :5] = mask
+        model(tokens, cache)
+        caches.append(cache)
+    token = torch.tensor([11, 12])
+    with torch.no_grad():
+        for step in range(4):
+            position = torch.tensor([5 + step])
+            static = model.decode_static(token[:, None], position, caches[0])
+            caches[0].length += 1
+            eager = model(token[:, None], caches[1])[:, -1]
+            torch.testing.assert_close(static, eager, atol=1e-5, rtol=1e-5)
+            token = eager.argmax(-1)
+
+
+@pytest.mark.slow  # torch.compile of even a tiny model takes ~10 s on 2 CPU cores
+def test_compiled_greedy_decoding_equals_eager(small_model):
+    model = small_model(5)
+    prompt = torch.randint(0, 97, (3, 7))
+    eager = generate(model, prompt, 30, temperature=0.0)
+    assert torch.equal(generate(model, prompt, 30, temperature=0.0, compile=True), eager)
+    # A fixed cache length (as the interactive CLI uses): other prompt lengths, same graph.
+    short = prompt[:, 2:]
+    expected = generate(model, short, 30, temperature=0.0)
+    assert torch.equal(generate(model, short, 30, temperature=0.0, compile=True, cache_len=37),
+                       expected)  # fmt: skip
+    tokens, mask = pad_left([[5, 6, 7, 8], [3], [1, 2]])
+    padded = generate(model, tokens, 20, temperature=0.0, prompt_mask=mask)
+    compiled = generate(model, tokens, 20, temperature=0.0, prompt_mask=mask, compile=True)
+    assert torch.equal(compiled, padded)
+
+
+def test_compile_that_cannot_be_honoured_is_a_clear_error(small_model, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler found\nlong traceback")
+
+    monkeypatch.setattr(palm.sampling, "_compiled_decode", lambda: broken)
+    with pytest.raises(ConfigError, match=r"--compile: .*RuntimeError: no C\+\+ compiler found\)"):
+        generate(small_model(), torch.randint(0, 97, (1, 4)), 5, compile=True)
+    with pytest.raises(ConfigError, match="use_cache"):
+        generate(small_model(), torch.randint(0, 97, (1, 4)), 5, compile=True, use_cache=False)
+    with pytest.raises(ConfigError, match="cache_len 6"):
+        generate(small_model(), torch.randint(0, 97, (1, 4)), 5, cache_len=6)
 
 
 def test_decoding_feeds_one_token_per_step(small_model):
@@ -186,7 +243,8 @@ def test_cli_seed_batches_stdin_stop_and_samples(run, capsys, monkeypatch):
     rc, first, _ = cli(capsys, *args)
     rc2, second, _ = cli(capsys, *args)
     assert rc == rc2 == 0 and first == second
-    assert first.count("=== prompt") == 4 and "=== prompt 2, sample 2 ===" in first
+    labels = {line.split(" ", 1)[0] for line in first.splitlines()}
+    assert labels == {"[1.1]", "[1.2]", "[2.1]", "[2.2]"}
     monkeypatch.setattr(sys, "stdin", io.StringIO("the world"))
     rc, piped, _ = cli(capsys, run, "--max_new_tokens", 12, "--temperature", 0)
     rc2, direct, _ = cli(
@@ -224,6 +282,44 @@ def test_cli_streams_a_single_sequence(run):
 
     sample(loaded, ["the"], args, torch.Generator().manual_seed(0), out=Out())
     assert len([w for w in writes if w]) > 3  # pieces appear as they are made
+
+
+def test_labelled_lines_break_at_newlines_and_wrap_at_spaces():
+    out = io.StringIO()
+    lines = LabelledLines("[1.2]", out)
+    for piece in ["Hello", " wor", "ld\nsecond", " line", " " + "x" * (WRAP + 5)]:
+        lines.write(piece)
+    head = ["[1.2] Hello world", "[1.2] second line", "[1.2] " + "x" * WRAP]  # no space: cut
+    assert out.getvalue().splitlines() == head  # only complete lines so far
+    lines.close()
+    assert out.getvalue().splitlines() == [*head, "[1.2] xxxxx"]
+    empty = io.StringIO()
+    LabelledLines("[2.1]", empty).close()
+    assert empty.getvalue() == "[2.1]\n"  # every sample shows up, even an empty one
+
+
+def test_cli_streams_every_sequence_of_a_batch(run, monkeypatch):
+    """Batched samples stream too: each row's lines appear while decoding goes on, labelled,
+    and one sample's lines joined give its text."""
+    import palm.cli.generate as command
+
+    loaded = load_model(run)
+    argv = [str(run), "--max_new_tokens", "60", "--ignore_eod", "--num_samples", "2"]
+    args = command.build_parser().parse_args(argv)
+    out, steps, original = io.StringIO(), [], command.stream
+
+    def counting_stream(*a, **kw):
+        for token in original(*a, **kw):
+            steps.append(len(out.getvalue()))  # what was printed before this token
+            yield token
+
+    monkeypatch.setattr(command, "stream", counting_stream)
+    texts = command.sample(loaded, ["the", "a"], args, torch.Generator().manual_seed(0), out=out)
+    assert steps[-1] > 0  # something was printed before the last token was made
+    for row, label in enumerate(["[1.1]", "[1.2]", "[2.1]", "[2.2]"]):
+        mine = [line[len(label) + 1 :] for line in out.getvalue().splitlines()
+                if line.startswith(label)]  # fmt: skip
+        assert " ".join(mine).split() == texts[row].split()
 
 
 def test_cli_interactive_loop(run, capsys, monkeypatch):

@@ -4,8 +4,17 @@
     echo "def fib(n):" | palm generate runs/code/checkpoints/step_00002000 --temperature 0
 
 Every prompt is conditioned on <eod> first, i.e. read as the start of a document, as in the
-packed training data (PaLM §5). A single sequence is streamed as it is made; several (more
-prompts, or --num_samples > 1) decode as one left-padded batch and print when done.
+packed training data (PaLM §5). A single sequence is streamed as it is made. Several (more
+prompts, or --num_samples > 1) decode as one left-padded batch and stream as labelled lines,
+each printed once complete (at a newline, or wrapped at a space near 80 characters):
+
+    [1.1] The meaning of life is a question that
+    [1.2] The meaning of life, said the
+    [1.1] has been asked by philosophers
+
+`[p.s]` is prompt p, sample s: the lines starting `[1.2]` are that sample, in order.
+`--compile` runs the one-token decoding step through torch.compile (fixed shapes: one graph
+for every step; compilation takes seconds to a minute before the first token).
 Exit status (every command alike): 0 done; 1 a runtime failure (one `error:` line naming the
 file and the fix); 2 a bad command line; 130 interrupted.
 """
@@ -13,6 +22,7 @@ file and the fix); 2 a bad command line; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -82,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep going after the end-of-document token instead of stopping",
     )
     p.add_argument("--echo", action="store_true", help="print each prompt before its sample")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the one-token decoding step (static-shape cache, as gpt-fast); "
+        "an error, not a silent fallback, where it cannot compile",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
         "--dtype", choices=tuple(DTYPE_BYTES), default="float32", help="weights and cache dtype"
@@ -112,6 +128,45 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+WRAP = 80  # batched output: a line longer than this is cut at its last space
+# Every boundary str.splitlines() knows: a stray \r or \x1c inside a sample must not start an
+# unlabelled line.
+LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+class LabelledLines:
+    """One sample's text for interleaved batch output: each complete line (ended by a newline,
+    or reaching WRAP characters, then cut at its last space) is written as `label text`."""
+
+    def __init__(self, label: str, out) -> None:
+        self.label, self.out, self.pending, self.lines = label, out, "", 0
+
+    def write(self, text: str) -> None:
+        self.pending += text
+        while True:
+            newline = LINE_BREAK.search(self.pending)
+            if newline and newline.start() <= WRAP:
+                line, self.pending = self.pending[: newline.start()], self.pending[newline.end() :]
+            elif len(self.pending) > WRAP:
+                space = self.pending.rfind(" ", 1, WRAP + 1)
+                cut = space if space > 0 else WRAP
+                line, self.pending = self.pending[:cut], self.pending[cut:].removeprefix(" ")
+            else:
+                return
+            self.emit(line)
+
+    def emit(self, line: str) -> None:
+        self.out.write(f"{self.label} {line}\n" if line else f"{self.label}\n")
+        self.out.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        """The last, partial line (and at least one line per sample, even an empty one)."""
+        if self.pending or not self.lines:
+            self.emit(self.pending)
+        self.pending = ""
+
+
 def sample(
     loaded: LoadedModel,
     prompts: Sequence[str],
@@ -119,7 +174,8 @@ def sample(
     generator: torch.Generator,
     out=None,
 ) -> list[str]:
-    """Generate for every prompt x num_samples; stream when there is one sequence."""
+    """Generate for every prompt x num_samples, streaming: a single sequence as raw text, a
+    batch as labelled lines (LabelledLines)."""
     out = sys.stdout if out is None else out
     tokenizer, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
@@ -136,8 +192,15 @@ def sample(
     tokens, mask = pad_left(rows, pad_id=max(tokenizer.pad_id, 0))
     streams = [TextStream(tokenizer, args.stop) for _ in rows]
     live = len(rows) == 1
+    labelled = [
+        LabelledLines(f"[{row // args.num_samples + 1}.{row % args.num_samples + 1}]", out)
+        for row in range(len(rows))
+    ]
     if live and args.echo:
         out.write(prompts[0])
+    elif args.echo:
+        for row, lines in enumerate(labelled):
+            lines.write(prompts[row // args.num_samples])
     start, produced = time.perf_counter(), 0
     for token in stream(
         model,
@@ -149,6 +212,9 @@ def sample(
         eod_id=None if args.ignore_eod else tokenizer.eod_id,
         generator=generator,
         prompt_mask=mask.to(device),
+        compile=args.compile,
+        # Interactive prompts differ in length: one full-context cache keeps one graph.
+        cache_len=context if args.compile and args.interactive else None,
     ):
         for row, text_stream in enumerate(streams):
             if not text_stream.done and not args.ignore_eod and token[row] == tokenizer.eod_id:
@@ -157,20 +223,20 @@ def sample(
             if live and piece:
                 out.write(piece)
                 out.flush()
+            elif piece:
+                labelled[row].write(piece)
         produced += len(rows)
         if all(s.done for s in streams):
             break
     texts = []
-    for text_stream in streams:
+    for text_stream, lines in zip(streams, labelled):
         tail = text_stream.flush()
         if live:
             out.write(tail + "\n")
+        else:
+            lines.write(tail)
+            lines.close()
         texts.append(text_stream.text)
-    if not live:
-        for row, text in enumerate(texts):
-            prompt_index, sample_index = divmod(row, args.num_samples)
-            out.write(f"=== prompt {prompt_index + 1}, sample {sample_index + 1} ===\n")
-            out.write((prompts[prompt_index] if args.echo else "") + text + "\n")
     seconds = time.perf_counter() - start
     print(
         f"[{produced} tokens in {seconds:.2f} s, {produced / max(seconds, 1e-9):,.1f} tokens/s]",
