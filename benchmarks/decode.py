@@ -21,7 +21,10 @@ the batch (batch x new_tokens / seconds, prompt processing included). Contenders
 
 Every contender runs `--rounds` times per cell, the order rotated each round (a shared machine
 then slows all alike); the table gives medians with (min-max). The fp32 matmul peak is
-measured in the same run, before and after (benchmarks/common.py), to place the machine.
+measured in the same run, before and after (benchmarks/common.py), to place the machine, and
+so is the memory read bandwidth (a large sum): every decoding step reads all the weights once,
+so tokens/s <= batch / max(weight bytes / bandwidth, batch x 2 x params / matmul peak), the
+"roofline" column (prompt and attention left out: an upper bound for any implementation).
 
 litgpt's package __init__ and its checkpoint-conversion module import `lightning`, which
 nothing here needs (and whose pins conflict with this environment's huggingface-hub), so
@@ -196,6 +199,23 @@ def time_neox(model, prompt: torch.Tensor, new: int) -> float:
     return time.perf_counter() - start
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Best bytes/s of summing a float32 tensor far larger than any cache (a streaming read)."""
+    data = torch.ones(mib * 2**20 // 4)
+    data.sum()  # page in
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def roofline(params: int, batch: int, bandwidth: float, peak: float) -> float:
+    """Decoding tokens/s if each step only streamed the fp32 weights or only ran their GEMMs."""
+    return batch / max(params * 4 / bandwidth, batch * 2 * params / peak)
+
+
 def summary(rates: list[float]) -> str:
     if not rates:
         return "-"
@@ -229,11 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak_before = matmul_peak_flops()
+    peak_before, bandwidth = matmul_peak_flops(), read_bandwidth()
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.processor() or platform.machine()}, float32, CPU; "
-        f"fp32 matmul peak {peak_before / 1e9:.0f} GFLOP/s (before)",
+        f"fp32 matmul peak {peak_before / 1e9:.0f} GFLOP/s (before), "
+        f"read bandwidth {bandwidth / 1e9:.1f} GB/s",
         flush=True,
     )
     names = ["ours"] + ([] if args.no_compile else ["ours+compile"])
@@ -241,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     names += [] if args.skip_hf else ["hf"]
     names += ["recompute"] if args.recompute else []
     header = "| size | batch | new | " + " | ".join(f"{n} tok/s" for n in names)
-    header += " | ours/litgpt | ours+compile/litgpt | ours/hf |"
+    header += " | roofline tok/s | ours/litgpt | ours+compile/litgpt | ours/hf |"
     print(header + "\n" + "|---" * (header.count("|") - 1) + "|", flush=True)
     results = []
     for size in args.sizes:
@@ -278,19 +299,26 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"size": size, "batch": batch, "new_tokens": new, "tokens_per_s": rates}
                 results.append(row)
                 cells = " | ".join(summary(rates[n]) for n in names)
+                bound = roofline(models["ours"].num_parameters(), batch, bandwidth, peak_before)
+                row["roofline"] = bound
                 print(
-                    f"| {size} | {batch} | {new} | {cells} | {ratio(rates, 'ours', 'litgpt')} | "
+                    f"| {size} | {batch} | {new} | {cells} | {bound:,.0f} | "
+                    f"{ratio(rates, 'ours', 'litgpt')} | "
                     f"{ratio(rates, 'ours+compile', 'litgpt')} | {ratio(rates, 'ours', 'hf')} |",
                     flush=True,
                 )
-    peak_after = matmul_peak_flops()
+    peak_after, bandwidth_after = matmul_peak_flops(), read_bandwidth()
     print(
         f"# fp32 matmul peak {peak_after / 1e9:.0f} GFLOP/s (after), "
-        f"best {max(peak_before, peak_after) / 1e9:.0f}"
+        f"best {max(peak_before, peak_after) / 1e9:.0f}; read bandwidth "
+        f"{bandwidth_after / 1e9:.1f} GB/s (after)"
     )
     if args.json:
         with open(args.json, "w") as handle:
-            meta = {"matmul_peak_flops": max(peak_before, peak_after)}
+            meta = {
+                "matmul_peak_flops": [peak_before, peak_after],
+                "read_bandwidth": [bandwidth, bandwidth_after],
+            }
             json.dump({"meta": meta, "rows": results}, handle, indent=2)
     return 0
 
