@@ -75,10 +75,15 @@ def test_static_shape_step_equals_the_cached_forward(overrides, small_model):
 
 @pytest.mark.slow  # torch.compile of even a tiny model takes ~10 s on 2 CPU cores
 def test_compiled_greedy_decoding_equals_eager(small_model):
+    from torch._dynamo.utils import counters
+
     model = small_model(5)
     prompt = torch.randint(0, 97, (3, 7))
     eager = generate(model, prompt, 30, temperature=0.0)
+    torch._dynamo.reset()
+    counters.clear()
     assert torch.equal(generate(model, prompt, 30, temperature=0.0, compile=True), eager)
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for all 29 steps: no recompiles
     # A fixed cache length (as the interactive CLI uses): other prompt lengths, same graph.
     short = prompt[:, 2:]
     expected = generate(model, short, 30, temperature=0.0)
@@ -266,6 +271,14 @@ def test_cli_seed_batches_stdin_stop_and_samples(run, capsys, monkeypatch):
             stop,
         )
         assert cut == direct[: direct.index(stop)] + "\n"
+
+
+@pytest.mark.slow  # compiles the decoding step of the run's model
+def test_cli_compile_gives_the_same_greedy_text(run, capsys):
+    argv = (run, "--prompt", "the world", "--prompt", "a", "--max_new_tokens", 12)
+    rc, eager, _ = cli(capsys, *argv, "--temperature", 0)
+    rc2, compiled, _ = cli(capsys, *argv, "--temperature", 0, "--compile")
+    assert rc == rc2 == 0 and compiled == eager and "[2.1]" in eager
 
 
 def test_cli_streams_a_single_sequence(run):
