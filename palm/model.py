@@ -184,9 +184,16 @@ class PaLMBlock(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """Attention of q (B, H, T, Q) over k, v (B, KH, S, Q) -> (B, T, H*Q)."""
-        B, _, T, _ = q.shape
+        B, H, T, _ = q.shape
         c = self.config
-        if k.shape[1] != q.shape[1]:
+        KH = k.shape[1]
+        if T == 1 and KH != H and not causal:
+            # One new token: its H query heads act as H query rows against the shared head, so
+            # the cache is read once and never broadcast (under torch.compile an expand() of it
+            # would be materialised, H copies of the whole cache per step).
+            out = F.scaled_dot_product_attention(q.view(B, KH, H // KH, -1), k, v, attn_mask=mask)
+            return out.reshape(B, 1, self.q_dim)  # heads in order: (B, 1, H*Q)
+        if KH != H:
             # Broadcast the shared head: expand() is a view, no copy of the keys/values.
             k = k.expand(B, q.shape[1], k.shape[2], c.head_dim)
             v = v.expand(B, q.shape[1], v.shape[2], c.head_dim)
