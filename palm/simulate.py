@@ -123,10 +123,13 @@ def simulate(
             if not fsdp:
                 tracker.track_external(model, optimizer)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-            with tracker:
-                for step in range(steps):
+            # The peak of the last step only: entering the tracker resets it, so the first
+            # step's one-off work (FSDP2's lazy initialisation, the optimizer creating its
+            # state) does not count; the state it created does.
+            for step in range(steps):
+                with tracker:
                     if step:
-                        tracker.reset_mod_stats()  # per-module stats; the peak stays
+                        tracker.reset_mod_stats()
                     with autocast:
                         out = model(tokens, targets=tokens)
                     out.loss.backward()
