@@ -46,6 +46,8 @@ CATEGORIES = {
     "Gradient": "gradients",
     "Reduce Scatter": "gradients",
     "OptState": "optimizer",
+    "Optstate": "optimizer",
+    "Other": "temporaries",
     "Activation": "activations",
     "Inputs": "activations",
     "Temp": "temporaries",
@@ -119,9 +121,10 @@ def simulate(
             optimizer = build_optimizer("adafactor", model.parameters())
             tracker = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
             tokens = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
-            tracker.track_inputs((tokens,))
-            if not fsdp:
-                tracker.track_external(model, optimizer)
+            if fsdp:
+                tracker.track_inputs((tokens,))
+            else:
+                tracker.track_external(model, optimizer, tokens)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
             # The peak of the last step only: entering the tracker resets it, so the first
             # step's one-off work (FSDP2's lazy initialisation, the optimizer creating its
