@@ -292,15 +292,12 @@ class PaLMAdafactor(torch.optim.Optimizer):
         beta2 = 1.0 - k ** -group["decay_exponent"]  # 0 at k = 1: v starts at g^2 (no bias fix)
         scaled = group["multiply_by_parameter_scale"]
 
-        # v = beta2 v + (1 - beta2)(g^2 + eps1)
-        g2 = torch._foreach_mul(g32, g32)
-        torch._foreach_add_(g2, group["eps1"])
+        # v = beta2 v + (1 - beta2)(g^2 + eps1): in place, no g^2 temporaries.
         torch._foreach_mul_(v, beta2)
-        torch._foreach_add_(v, g2, alpha=1.0 - beta2)
-        # u = g / sqrt(v), reusing g2's memory.
-        u = g2
-        torch._foreach_copy_(u, v)
-        torch._foreach_rsqrt_(u)
+        torch._foreach_addcmul_(v, g32, g32, value=1.0 - beta2)
+        torch._foreach_add_(v, (1.0 - beta2) * group["eps1"])
+        # u = g / sqrt(v): the one new buffer per tensor.
+        u = torch._foreach_rsqrt(v)
         torch._foreach_mul_(u, g32)
 
         # Per-tensor norms as 0-D tensors on their device (no host sync); p is still the old p.
@@ -325,9 +322,8 @@ class PaLMAdafactor(torch.optim.Optimizer):
             torch._foreach_div_(scale, denom)
         torch._foreach_mul_(u, scale)  # u is now the scaled update s
 
-        if m is not None:
-            torch._foreach_mul_(m, beta1)
-            torch._foreach_add_(m, u, alpha=1.0 - beta1)
+        if m is not None:  # m = beta1 m + (1 - beta1) u, one pass
+            torch._foreach_lerp_(m, u, 1.0 - beta1)
             u = m
         wd = self.decay_rate(group)
         if wd != 0.0:

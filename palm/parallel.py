@@ -98,7 +98,9 @@ def parallelize(
     if ctx.parallel == "fsdp":
         shard_blocks(model, mesh["dp"] if tp > 1 else mesh)
     if meta_init:
-        model.to_empty(device=device)
+        tags = _tags(model)
+        model.to_empty(device=device)  # new parameters: the optimizer's tags are put back
+        _retag(model, tags)
         model.reset_parameters()
         if tp > 1:
             _broadcast_copies(model)
@@ -232,10 +234,19 @@ def shard_blocks(model: nn.Module, mesh: Any) -> None:
     over to the sharded parameters, which FSDP2 creates anew."""
     from torch.distributed.fsdp import fully_shard
 
-    tags = {name: vars(p).copy() for name, p in model.named_parameters() if vars(p)}
+    tags = _tags(model)
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    _retag(model, tags)
+
+
+def _tags(model: nn.Module) -> dict[str, dict]:
+    """The attributes set on parameters (ROW_BLOCKS, ROW_GROUPS), by parameter name."""
+    return {name: vars(p).copy() for name, p in model.named_parameters() if vars(p)}
+
+
+def _retag(model: nn.Module, tags: dict[str, dict]) -> None:
     for name, attributes in tags.items():
         vars(model.get_parameter(name)).update(attributes)
 

@@ -313,6 +313,9 @@ class Checkpointer:
             set_optimizer_state_dict,
         )
 
+        # DCP's .metadata is a pickle: verified before anything reads it; the shards are hashed
+        # while they load.
+        checkpoint.verify_checkpoint(path, (f"{STATE}/.metadata",))
         with checkpoint.verifying(path, sharded_files(path)) as meta:
             model_state, optimizer_state = _sharded_states(model, optimizer)
             groups = optimizer_state.pop("param_groups")

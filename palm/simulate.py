@@ -46,6 +46,8 @@ CATEGORIES = {
     "Gradient": "gradients",
     "Reduce Scatter": "gradients",
     "OptState": "optimizer",
+    "Optstate": "optimizer",
+    "Other": "temporaries",
     "Activation": "activations",
     "Inputs": "activations",
     "Temp": "temporaries",
@@ -119,14 +121,18 @@ def simulate(
             optimizer = build_optimizer("adafactor", model.parameters())
             tracker = FSDPMemTracker(model, optimizer) if fsdp else MemTracker()
             tokens = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
-            tracker.track_inputs((tokens,))
-            if not fsdp:
-                tracker.track_external(model, optimizer)
+            if fsdp:
+                tracker.track_inputs((tokens,))
+            else:
+                tracker.track_external(model, optimizer, tokens)
             autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-            with tracker:
-                for step in range(steps):
+            # The peak of the last step only: entering the tracker resets it, so the first
+            # step's one-off work (FSDP2's lazy initialisation, the optimizer creating its
+            # state) does not count; the state it created does.
+            for step in range(steps):
+                with tracker:
                     if step:
-                        tracker.reset_mod_stats()  # per-module stats; the peak stays
+                        tracker.reset_mod_stats()
                     with autocast:
                         out = model(tokens, targets=tokens)
                     out.loss.backward()

@@ -4,6 +4,7 @@ and FSDP2 x tensor parallel against one process, and resuming under another mesh
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,6 +150,15 @@ def test_tensor_parallel_gives_the_same_losses_and_weights_as_one_process(setup,
     torch.testing.assert_close(losses(runs / mesh), losses(one), rtol=1e-5, atol=1e-6)
     assert_same_weights(runs / mesh, one)
     assert tokens_seen(runs / mesh) == tokens_seen(one)  # tp ranks share their replica's batch
+
+
+def test_tensor_parallel_builds_on_the_meta_device(setup):
+    dataset, runs, _ = setup
+    extra = ("train.tensor_parallel=2", "train.parallel=fsdp", "train.meta_init=true")
+    output = torchrun(*args(dataset, runs, "meta-tp", 5, *extra), nproc=4).stdout
+    assert "finished at step 5" in output
+    run_losses = losses(runs / "meta-tp")
+    assert all(math.isfinite(x) for x in run_losses) and run_losses[-1] < run_losses[0]
 
 
 @pytest.mark.parametrize(

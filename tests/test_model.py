@@ -303,3 +303,17 @@ def test_only_the_shared_embedding_scales_the_logits():
     for tied in (True, False):
         logits = PaLM(dataclasses.replace(config, tie_embeddings=tied))(tokens)
         assert 0.5 < float(logits.std()) < 2.0, (tied, float(logits.std()))
+
+
+def test_the_block_compiles_without_graph_breaks():
+    """torch.compile sees the whole block as one graph (issue 16); the model has exactly one
+    break, the fused output projection + loss that runs eagerly on purpose (palm.loss)."""
+    from palm.model import rotary_tables
+
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16)
+    model = PaLM(config)
+    x = torch.randn(2, 8, 32)
+    rope = rotary_tables(torch.arange(8), config, x.dtype)
+    assert torch._dynamo.explain(model.blocks[0])(x, rope).graph_break_count == 0
+    tokens = torch.randint(0, 64, (2, 8))
+    assert torch._dynamo.explain(model)(tokens, targets=tokens).graph_break_count == 1

@@ -70,3 +70,11 @@ def test_palm_62b_on_64_fake_gpus_fits_and_agrees_with_the_plan():
     analytic = info["per_gpu"]["bytes"]["total"]
     assert simulated < 80 * 2**30
     assert abs(simulated - analytic) <= 0.15 * analytic, (simulated, analytic)
+
+
+@pytest.mark.parametrize("parallel,tp", [("none", 2), ("ddp", 1)])
+def test_layouts_without_fsdp_are_measured_too(parallel, tp):
+    peak = simulate(ModelConfig(**SMALL), 2, parallel, tp).peak_bytes
+    parameters = 4 * (4096 * 256 + 4 * (256 * (256 + 64 + 2 * 1024) + 256 * 256 + 1024 * 256))
+    assert peak["parameters"] >= parameters // tp * 0.9  # replicated (ddp) or split (tp)
+    assert peak["optimizer"] >= 2 * peak["parameters"] * 0.9  # Adafactor's two moments
