@@ -306,20 +306,17 @@ class PaLMAdafactor(torch.optim.Optimizer):
         if global_norms is not None:
             p_norm, u_norm = global_norms(p_norm, u_norm)
 
-        # Step size per tensor: lr * max(RMS(p), eps2).
+        # Step size per tensor, lr * max(RMS(p), eps2) / max(1, RMS(u) / d): computed on one
+        # stacked vector (a few kernels, not several per tensor), then one factor per tensor.
+        device = p32[0].device
+        sizes = torch.tensor(numel_sqrt, dtype=torch.float32).to(device, non_blocking=True)
         if scaled:
-            scale = p_norm
-            torch._foreach_div_(scale, numel_sqrt)
-            torch._foreach_clamp_min_(scale, eps2)
-            torch._foreach_mul_(scale, lr)
+            scale = (torch.stack(p_norm).float() / sizes).clamp_(min=eps2).mul_(lr)
         else:
-            scale = [torch.full((), lr, dtype=torch.float32, device=p.device) for p in p32]
-        # Adafactor update clipping: u / max(1, RMS(u) / d), one factor per tensor.
-        if d is not None:
-            denom = u_norm
-            torch._foreach_div_(denom, [n * d for n in numel_sqrt])
-            torch._foreach_clamp_min_(denom, 1.0)
-            torch._foreach_div_(scale, denom)
+            scale = torch.full((len(p32),), lr, dtype=torch.float32, device=device)
+        if d is not None:  # Adafactor update clipping
+            scale /= (torch.stack(u_norm).float() / (sizes * d)).clamp_(min=1.0)
+        scale = list(scale.unbind())
         torch._foreach_mul_(u, scale)  # u is now the scaled update s
 
         if m is not None:  # m = beta1 m + (1 - beta1) u, one pass
