@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
+import sys
 import time
+import types
 
 import torch
 
@@ -97,3 +100,27 @@ def write_token_dataset(
     )
     (folder / "meta.json").write_text(manifest.to_json())
     return folder
+
+
+def import_litgpt():
+    """litgpt's Config and GPT; without `lightning`, loaded past the package's __init__."""
+    try:
+        from litgpt.config import Config
+        from litgpt.model import GPT
+
+        return Config, GPT
+    except ModuleNotFoundError as error:
+        if error.name != "lightning" or importlib.util.find_spec("litgpt") is None:
+            raise
+    for name in [m for m in sys.modules if m == "litgpt" or m.startswith("litgpt.")]:
+        del sys.modules[name]
+    package = types.ModuleType("litgpt")
+    package.__path__ = list(importlib.util.find_spec("litgpt").submodule_search_locations)
+    scripts = types.ModuleType("litgpt.scripts")
+    convert = types.ModuleType("litgpt.scripts.convert_hf_checkpoint")
+    convert.qkv_reassemble = None  # only used to load legacy checkpoints
+    sys.modules.update({"litgpt": package, "litgpt.scripts": scripts, convert.__name__: convert})
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    return Config, GPT

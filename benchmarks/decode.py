@@ -36,13 +36,11 @@ its KV cache exactly as published, with the unused conversion helper stubbed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -51,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout, like train_step.py
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import matmul_peak_flops
+from benchmarks.common import import_litgpt, matmul_peak_flops
 from palm.config import ModelConfig
 from palm.model import PaLM
 from palm.sampling import generate
@@ -86,30 +84,6 @@ def neox(size: str):
     )
     torch.manual_seed(0)
     return GPTNeoXForCausalLM(config).eval()
-
-
-def import_litgpt():
-    """litgpt's Config and GPT; without `lightning`, loaded past the package's __init__."""
-    try:
-        from litgpt.config import Config
-        from litgpt.model import GPT
-
-        return Config, GPT
-    except ModuleNotFoundError as error:
-        if error.name != "lightning" or importlib.util.find_spec("litgpt") is None:
-            raise
-    for name in [m for m in sys.modules if m == "litgpt" or m.startswith("litgpt.")]:
-        del sys.modules[name]
-    package = types.ModuleType("litgpt")
-    package.__path__ = list(importlib.util.find_spec("litgpt").submodule_search_locations)
-    scripts = types.ModuleType("litgpt.scripts")
-    convert = types.ModuleType("litgpt.scripts.convert_hf_checkpoint")
-    convert.qkv_reassemble = None  # only used to load legacy checkpoints
-    sys.modules.update({"litgpt": package, "litgpt.scripts": scripts, convert.__name__: convert})
-    from litgpt.config import Config
-    from litgpt.model import GPT
-
-    return Config, GPT
 
 
 def litgpt(size: str):

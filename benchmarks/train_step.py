@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import (
+    import_litgpt,
     matmul_peak_flops,
     median,
     peak_rss_bytes,
@@ -130,8 +131,7 @@ def build(name: str, size: dict) -> tuple[nn.Module, LossFn]:
         )
         return model, logits_cross_entropy
     if name == "litgpt":
-        from litgpt.config import Config
-        from litgpt.model import GPT
+        Config, GPT = import_litgpt()  # also without lightning (see benchmarks/common.py)
 
         config = Config(
             name="palm-like",
@@ -237,7 +237,10 @@ def memory_worker(label: str, size_name: str, warmup: int, steps: int) -> dict:
     # Import the model's modules (litgpt's alone add ~250 MiB) before taking the baseline, but
     # build nothing: the freed memory of a throwaway model would be reused by the measured one
     # and hide that much of its peak.
-    importlib.import_module(MODULES[name])
+    if name == "litgpt":
+        import_litgpt()
+    else:
+        importlib.import_module(MODULES[name])
     baseline = rss_bytes()
     torch.manual_seed(0)
     model, loss_fn = build(name, size)
