@@ -124,3 +124,31 @@ def import_litgpt():
     from litgpt.model import GPT
 
     return Config, GPT
+
+
+def litgpt_palm_like(size: dict, block_size: int):
+    """litgpt's GPT configured as PaLM (parallel residual with one shared LayerNorm, SwiGLU,
+    multi-query attention, full RoPE, no biases, tied embeddings) at a benchmark size (keys
+    vocab_size, d_model, n_layers, n_heads, head_dim; ffn 4x)."""
+    Config, GPT = import_litgpt()
+    config = Config(
+        name="palm-like",
+        block_size=block_size,
+        vocab_size=size["vocab_size"],
+        padded_vocab_size=size["vocab_size"],
+        n_layer=size["n_layers"],
+        n_head=size["n_heads"],
+        n_embd=size["d_model"],
+        head_size=size["head_dim"],
+        n_query_groups=1,
+        rotary_percentage=1.0,
+        parallel_residual=True,
+        shared_attention_norm=True,
+        bias=False,
+        norm_class_name="LayerNorm",
+        mlp_class_name="LLaMAMLP",
+        intermediate_size=4 * size["d_model"],
+    )
+    model = GPT(config)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as PaLM (same parameters)
+    return model

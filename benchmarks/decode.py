@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout, like train_step.py
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import import_litgpt, matmul_peak_flops
+from benchmarks.common import litgpt_palm_like, matmul_peak_flops
 from palm.config import ModelConfig
 from palm.model import PaLM
 from palm.sampling import generate
@@ -87,30 +87,8 @@ def neox(size: str):
 
 
 def litgpt(size: str):
-    Config, GPT = import_litgpt()
-    s = SIZES[size]
-    config = Config(
-        name="palm-like",
-        block_size=1024,
-        vocab_size=s["vocab_size"],
-        padded_vocab_size=s["vocab_size"],
-        n_layer=s["n_layers"],
-        n_head=s["n_heads"],
-        n_embd=s["d_model"],
-        head_size=s["head_dim"],
-        n_query_groups=1,
-        rotary_percentage=1.0,
-        parallel_residual=True,
-        shared_attention_norm=True,
-        bias=False,
-        norm_class_name="LayerNorm",
-        mlp_class_name="LLaMAMLP",
-        intermediate_size=4 * s["d_model"],
-    )
     torch.manual_seed(0)
-    model = GPT(config).eval()
-    model.lm_head.weight = model.transformer.wte.weight  # tied, as PaLM (same parameters)
-    return model
+    return litgpt_palm_like(SIZES[size], block_size=1024).eval()
 
 
 @torch.inference_mode()

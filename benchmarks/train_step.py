@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from benchmarks.common import (
     import_litgpt,
+    litgpt_palm_like,
     matmul_peak_flops,
     median,
     peak_rss_bytes,
@@ -130,30 +131,8 @@ def build(name: str, size: dict) -> tuple[nn.Module, LossFn]:
             ff_mult=4,
         )
         return model, logits_cross_entropy
-    if name == "litgpt":
-        Config, GPT = import_litgpt()  # also without lightning (see benchmarks/common.py)
-
-        config = Config(
-            name="palm-like",
-            block_size=s["seq_len"],
-            vocab_size=s["vocab_size"],
-            padded_vocab_size=s["vocab_size"],
-            n_layer=s["n_layers"],
-            n_head=s["n_heads"],
-            n_embd=s["d_model"],
-            head_size=s["head_dim"],
-            n_query_groups=1,
-            rotary_percentage=1.0,
-            parallel_residual=True,
-            shared_attention_norm=True,
-            bias=False,
-            norm_class_name="LayerNorm",
-            mlp_class_name="LLaMAMLP",
-            intermediate_size=4 * s["d_model"],
-        )
-        model = GPT(config)
-        model.lm_head.weight = model.transformer.wte.weight  # tied, as PaLM (same parameters)
-        return model, logits_cross_entropy
+    if name == "litgpt":  # imported also without lightning (benchmarks/common.py)
+        return litgpt_palm_like(s, block_size=s["seq_len"]), logits_cross_entropy
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
