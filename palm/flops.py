@@ -73,10 +73,11 @@ def training_memory_bytes(
 
 # Logits per chunk of the fused output projection + loss: a (tokens, V) float32 block of about
 # CHUNK_BYTES on the device, but at least MIN_CHUNK_TOKENS rows so the chunk's matmuls stay
-# efficient at large vocabularies. The budget is a CPU cache-sized block there (measured:
-# benchmarks/RESULTS.md, "Fused loss") and larger on GPUs, where fewer, bigger matmuls win and
+# efficient at large vocabularies. The budget is a cache-sized block on a CPU (measured:
+# benchmarks/RESULTS.md, "Fused loss"; 16 MiB, 512 rows at vocab 8192, beat 8 MiB by 8% of the
+# loss's time in issue 16's sweep) and larger on GPUs, where fewer, bigger matmuls win and
 # memory is plentiful next to PaLM's weights (benchmarks/gpu_check.sh sweeps it).
-CHUNK_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
+CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
 MIN_CHUNK_TOKENS = 256
 
 
