@@ -1,5 +1,6 @@
-"""The optimizer step alone (issue 16): PaLM Adafactor against torch's AdamW (foreach) on the
-parameters of the S and M models of benchmarks/train_step.py, with the same random gradients.
+"""The optimizer step alone (issue 16): PaLM Adafactor, eager (foreach) and compiled (what
+train.compile runs), against torch's AdamW (foreach) on the parameters of the S and M models of
+benchmarks/train_step.py, with the same random gradients.
 
 Each round times `--steps` optimizer steps after a warm-up and keeps their median; the table
 gives the median (min-max) over `--rounds` rounds, and the fp32 matmul peak measured in the same
@@ -27,6 +28,8 @@ from palm.optim import build_optimizer
 
 OPTIMIZERS = {
     "PaLM Adafactor": lambda params: build_optimizer("adafactor", params),
+    # train.compile's update: one torch.compile'd function (compiled in the untimed warm-up)
+    "PaLM Adafactor (compiled)": lambda params: build_optimizer("adafactor", params, compiled=True),
     "AdamW (foreach)": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
 }
 

@@ -212,7 +212,7 @@ class TrainConfig:
     z_loss: float = 1e-4  # z-loss coefficient (PaLM §5)
     device: str = "auto"  # "auto" = cuda if available, else cpu
     precision: str = "auto"  # "auto" = bfloat16 autocast on GPU, float32 on CPU
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model and PaLM Adafactor's update
     activation_checkpointing: bool = False  # recompute block activations in backward (PaLM §4)
     parallel: str = "none"  # data parallelism under torchrun: "ddp" or "fsdp"
     meta_init: bool = False  # fsdp: build on the meta device, initialise each rank's shard only

@@ -76,6 +76,10 @@ class PaLMAdafactor(torch.optim.Optimizer):
         weight_decay: "lr^2" (PaLM: decay rate lr^2 at every step), a constant rate per step
             (T5X `weight_decay_rate`, not multiplied by lr), or 0.
         multiply_by_parameter_scale: scale the step by max(RMS(p), eps2) (PaLM: yes).
+        compiled: run the update of plain (non-DTensor) parameters as one torch.compile'd
+            function: two fused passes over p, g, v and m instead of about eleven foreach
+            passes (the same math; float rounding may differ in the last bit). The first step
+            compiles (seconds, a C++ compiler on a CPU); train.compile turns it on.
 
     State per parameter (tensors only, safe for `torch.load(weights_only=True)`): `step` (int64,
     on CPU), `exp_avg_sq` (v) and, with momentum, `exp_avg` (m), both float32 whatever the
@@ -93,6 +97,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
         clip_threshold: float | None = 1.0,
         weight_decay: float | str = "lr^2",
         multiply_by_parameter_scale: bool = True,
+        compiled: bool = False,
     ) -> None:
         if lr < 0.0:
             raise ConfigError(f"lr must be >= 0, got {lr}")
@@ -118,6 +123,10 @@ class PaLMAdafactor(torch.optim.Optimizer):
             "multiply_by_parameter_scale": multiply_by_parameter_scale,
         }
         super().__init__(params, defaults)
+        # The fused update (torch.compile of `fused_adafactor_update_`), made on first use; an
+        # attribute of this optimizer, not of the module, so nothing is shared between runs.
+        self.compiled = compiled
+        self._fused_update: Callable[..., None] | None = None
 
     @staticmethod
     def decay_rate(group: dict[str, Any]) -> float:
@@ -200,7 +209,14 @@ class PaLMAdafactor(torch.optim.Optimizer):
 
         cols = [math.prod(p.shape[1:]) for p in params]
         numel_sqrt = [math.sqrt(max(r * c, 1)) for rows, c in zip(blocks, cols) for r in rows]
-        self._apply(group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt)
+        if self.compiled:
+            self._apply_fused(
+                group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt
+            )
+        else:
+            self._apply(
+                group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt
+            )
         for p, q in zip(params, p32):
             if q is not p:  # low-precision parameter: round once, at the end, as T5X does
                 p.copy_(q)
@@ -273,6 +289,40 @@ class PaLMAdafactor(torch.optim.Optimizer):
 
         local = value.to(p.to_local().device, torch.float32)
         return distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None)
+
+    def _apply_fused(
+        self,
+        group: dict[str, Any],
+        k: int,
+        p32: list[Tensor],
+        g32: list[Tensor],
+        v: list[Tensor],
+        m: list[Tensor] | None,
+        numel_sqrt: list[float],
+    ) -> None:
+        """`_apply`'s update as one compiled function. What changes every step (beta2_k, lr,
+        the decay rate) goes in as 0-d tensors, so one graph serves every step: torch.compile
+        would make a new graph for each new Python float."""
+        if self._fused_update is None:
+            self._fused_update = torch.compile(fused_adafactor_update_, dynamic=False)
+        device = p32[0].device
+        beta2 = 1.0 - k ** -group["decay_exponent"]
+        scalars = torch.tensor(
+            [beta2, float(group["lr"]), self.decay_rate(group)], dtype=torch.float32
+        ).to(device, non_blocking=True)
+        self._fused_update(
+            p32,
+            g32,
+            v,
+            m or [],
+            scalars,
+            numel_sqrt,
+            eps1=group["eps1"],
+            eps2=group["eps2"],
+            beta1=group["beta1"],
+            clip_threshold=group["clip_threshold"],
+            scaled=group["multiply_by_parameter_scale"],
+        )
 
     def _apply(
         self,
@@ -350,6 +400,43 @@ class PaLMAdafactor(torch.optim.Optimizer):
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
 
 
+def fused_adafactor_update_(
+    p: list[Tensor],
+    g: list[Tensor],
+    v: list[Tensor],
+    m: list[Tensor],
+    scalars: Tensor,
+    numel_sqrt: list[float],
+    *,
+    eps1: float,
+    eps2: float,
+    beta1: float,
+    clip_threshold: float | None,
+    scaled: bool,
+) -> None:
+    """The T5X update of the module docstring, tensor by tensor, p, v and m in place; written
+    for torch.compile, which fuses each tensor's update into two passes (v, u and the two RMS
+    reductions; then m and p). `scalars` holds (beta2_k, lr, decay rate); m is [] without
+    momentum. Eagerly it is correct but slow (it makes temporaries): PaLMAdafactor runs it
+    compiled only."""
+    beta2, lr, decay = scalars[0], scalars[1], scalars[2]
+    for i in range(len(p)):
+        v_new = beta2 * v[i] + (1.0 - beta2) * (g[i] * g[i] + eps1)
+        v[i].copy_(v_new)
+        u = g[i] * torch.rsqrt(v_new)
+        step = lr
+        if scaled:  # lr * max(RMS(p), eps2), from the old p
+            step = step * torch.clamp(torch.linalg.vector_norm(p[i]) / numel_sqrt[i], min=eps2)
+        if clip_threshold is not None:  # Adafactor update clipping
+            rms_u = torch.linalg.vector_norm(u) / numel_sqrt[i]
+            step = step / torch.clamp(rms_u / clip_threshold, min=1.0)
+        update = u * step
+        if m:  # m = beta1 m + (1 - beta1) s
+            update = m[i] * beta1 + update * (1.0 - beta1)
+            m[i].copy_(update)
+        p[i].copy_(p[i] * (1.0 - decay) - update)
+
+
 def build_optimizer(name: str, params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
     """The optimizer named `name` over the trainable `params`.
 
@@ -372,11 +459,19 @@ def build_optimizer(name: str, params: Iterable[Tensor], **kwargs: Any) -> torch
     raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def optimizer_for(optim: OptimConfig, params: Iterable[Tensor]) -> torch.optim.Optimizer:
-    """The optimizer a run's `optim` config section asks for (PaLM §5 by default)."""
+def optimizer_for(
+    optim: OptimConfig, params: Iterable[Tensor], compiled: bool = False
+) -> torch.optim.Optimizer:
+    """The optimizer a run's `optim` config section asks for (PaLM §5 by default); `compiled`
+    (train.compile) runs PaLM Adafactor's update compiled (AdamW stays torch's own)."""
     if optim.name == "adafactor":
         return build_optimizer(
-            "adafactor", params, lr=optim.lr, beta1=optim.beta1, weight_decay=optim.weight_decay
+            "adafactor",
+            params,
+            lr=optim.lr,
+            beta1=optim.beta1,
+            weight_decay=optim.weight_decay,
+            compiled=compiled,
         )
     return build_optimizer(
         "adamw",

@@ -90,7 +90,7 @@ class Trainer:
             activation_checkpointing=c.train.activation_checkpointing,
             compile=c.train.compile,
         )
-        self.optimizer = optimizer_for(c.optim, self.model.parameters())
+        self.optimizer = optimizer_for(c.optim, self.model.parameters(), compiled=c.train.compile)
         self.schedule = LRSchedule.from_config(c)
         self.ramp = self.checked_ramp(BatchRamp.from_config(c))
         bf16 = self.precision == "bfloat16"

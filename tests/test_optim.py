@@ -114,6 +114,32 @@ def test_matches_float64_reference(kwargs, ref_kwargs):
             assert "exp_avg" not in state
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kwargs, ref_kwargs",
+    [
+        ({}, {}),  # PaLM's settings
+        (
+            {"beta1": None, "clip_threshold": None, "multiply_by_parameter_scale": False},
+            {"beta1": None, "clip_threshold": None, "scale": False},
+        ),
+    ],
+)
+def test_compiled_update_matches_float64_reference_with_one_graph(kwargs, ref_kwargs):
+    """The torch.compile'd update (train.compile) is the same T5X math, and the lr and beta2_k
+    that change every step are graph inputs: one compilation serves all eight steps."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    params, grads = make_problem(1, zero=(2,))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        ours, opt = run_ours(params, grads, LRS, compiled=True, **kwargs)
+    ref_p, ref_m, ref_v = reference_adafactor(params, grads, LRS, **ref_kwargs)
+    for t, p, v in zip(ours, ref_p, ref_v):
+        np.testing.assert_allclose(t.detach().double().numpy(), p, rtol=2e-6, atol=1e-9)
+        np.testing.assert_allclose(opt.state[t]["exp_avg_sq"].double().numpy(), v, rtol=2e-6)
+
+
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, "lr^2"])
 def test_matches_torch_adafactor(foreach, weight_decay):
