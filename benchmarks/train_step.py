@@ -287,12 +287,25 @@ def measure_memory(label: str, size_name: str, warmup: int, steps: int) -> dict:
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_")
 
 
-def breakdown(label: str, size: dict, warmup: int) -> dict:
-    """Where one step's time goes (profiler, self time): GEMMs, attention kernels, the rest.
+def gemm_flops(op: str, shapes: list) -> float:
+    """2 M K N (times the batch) of one GEMM call from the profiler's input shapes."""
+    if op in ("aten::addmm", "aten::addmm_", "aten::baddbmm"):
+        shapes = shapes[1:]  # (input to add, a, b)
+    a, b = shapes[0], shapes[1]
+    if len(a) == 3:  # bmm / baddbmm: (batch, M, K) @ (batch, K, N)
+        return 2.0 * a[0] * a[1] * a[2] * b[2]
+    return 2.0 * a[0] * a[1] * b[1]
 
-    GEMMs are the same matmuls in all three models (same shapes, same BLAS), and attention is
-    one fused kernel or a few batched matmuls, so GEMM + attention is a floor that no eager
-    rewrite of the rest of the model can go below.
+
+def breakdown(label: str, size: dict, warmup: int, steps: int = 3) -> dict:
+    """Where the time of a step goes (profiler, self CPU time, mean of `steps` profiled steps):
+    GEMMs of the output projection (those with a vocabulary-sized dimension) and of the rest,
+    each with its FLOPs and so its GFLOP/s, attention kernels, and everything else.
+
+    The GEMMs are the same FLOPs in all three models, and attention is one fused kernel or a
+    few batched matmuls, so GEMM + attention is a floor that no eager rewrite of the rest of
+    the model can go below; the GFLOP/s say whether a model's GEMMs are slower (shapes,
+    layouts, fresh memory) or merely more.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -303,40 +316,52 @@ def breakdown(label: str, size: dict, warmup: int) -> dict:
     tokens, targets = batch(size)
     for _ in range(warmup + (1 if compiled else 0)):
         step(tokens, targets)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step(tokens, targets)
-    gemm = attention = total = 0.0
-    for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6
-        total += seconds
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step(tokens, targets)
+    out = dict.fromkeys(
+        ("gemm_s", "gemm_flops", "head_gemm_s", "head_gemm_flops", "attention_s", "total_s"), 0.0
+    )
+    for event in prof.key_averages(group_by_input_shape=True):
+        seconds = event.self_cpu_time_total / 1e6 / steps
+        out["total_s"] += seconds
         if event.key in GEMM_OPS:
-            gemm += seconds
+            flops = gemm_flops(event.key, event.input_shapes) * event.count / steps
+            dims = {d for shape in event.input_shapes for d in shape}
+            part = "head_gemm" if size["vocab_size"] in dims else "gemm"
+            out[f"{part}_s"] += seconds
+            out[f"{part}_flops"] += flops
         elif "scaled_dot_product" in event.key:
-            attention += seconds
-    return {"gemm_s": gemm, "attention_s": attention, "total_s": total}
+            out["attention_s"] += seconds
+    return out
 
 
 def breakdown_report(size_name: str, results: dict) -> str:
     lines = [
-        f"**{size_name}**, one profiled step per model (self CPU time, s):",
+        f"**{size_name}**, profiled steps per model (self CPU time per step, s; GEMM GFLOP/s):",
         "",
-        "| model | total | GEMMs | attention | rest | GEMM + attention share |",
-        "|---|---|---|---|---|---|",
+        "| model | total | GEMMs | of which output projection | GEMM GFLOP/s (block, output "
+        "projection) | attention | rest | GEMM + attention share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, res in results.items():
         b = res.get("breakdown")
         if b is None:
             continue
-        rest = b["total_s"] - b["gemm_s"] - b["attention_s"]
+        gemm = b["gemm_s"] + b["head_gemm_s"]
+        rest = b["total_s"] - gemm - b["attention_s"]
+        share = (gemm + b["attention_s"]) / b["total_s"]
+        rate = lambda f, t: f"{f / t / 1e9:.0f}" if t else "-"
         lines.append(
-            f"| {label} | {b['total_s']:.3f} | {b['gemm_s']:.3f} | {b['attention_s']:.3f} | "
-            f"{rest:.3f} | {(b['gemm_s'] + b['attention_s']) / b['total_s']:.0%} |"
+            f"| {label} | {b['total_s']:.3f} | {gemm:.3f} | {b['head_gemm_s']:.3f} | "
+            f"{rate(b['gemm_flops'], b['gemm_s'])}, {rate(b['head_gemm_flops'], b['head_gemm_s'])}"
+            f" | {b['attention_s']:.3f} | {rest:.3f} | {share:.0%} |"
         )
     ours = results.get("ours", {}).get("breakdown")
     if ours:
         # The profiler slows every op a little; scale the floor to the timed step.
-        share = (ours["gemm_s"] + ours["attention_s"]) / ours["total_s"]
-        floor = results["ours"]["step_s"] * share
+        floor_s = ours["gemm_s"] + ours["head_gemm_s"] + ours["attention_s"]
+        floor = results["ours"]["step_s"] * floor_s / ours["total_s"]
         lines.append("")
         for peer in ("palm-pytorch", "litgpt"):
             if peer in results:
@@ -398,7 +423,7 @@ def main() -> None:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also profile one step per eager model: GEMM, attention and other time",
+        help="also profile 3 steps per model (compiled ones too): GEMM, attention, other time",
     )
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument(
@@ -451,8 +476,7 @@ def main() -> None:
     if args.breakdown:
         for size_name, results in all_results.items():
             for label in results:
-                if not split_label(label)[1]:
-                    results[label]["breakdown"] = breakdown(label, SIZES[size_name], args.warmup)
+                results[label]["breakdown"] = breakdown(label, SIZES[size_name], args.warmup)
     for size_name, results in all_results.items():
         tables.append(report(size_name, SIZES[size_name], results, peak, "litgpt"))
         if args.breakdown:

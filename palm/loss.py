@@ -134,11 +134,7 @@ class _LinearLMLoss(torch.autograd.Function):
         # Softmax and accumulations in float32 at least (float64 stays float64, for checks).
         exact = torch.promote_types(compute_dtype, torch.float32)
         grad_h = torch.empty(h.shape, dtype=h.dtype, device=h.device) if want_grad_hidden else None
-        grad_w = (
-            torch.zeros(weight.shape, dtype=exact, device=weight.device)
-            if want_grad_weight
-            else None
-        )
+        grad_w = None  # (V, D): the first chunk's product, then accumulated (no zero fill)
         nll = torch.empty(n, dtype=exact, device=hidden.device)
         log_z = torch.empty_like(nll)
         ce_weight = ce_weight.to(exact)
@@ -171,7 +167,9 @@ class _LinearLMLoss(torch.autograd.Function):
                 if want_grad_hidden:
                     torch.mm(grad_logits, w, out=grad_h[start:end])
                 if want_grad_weight:
-                    if compute_dtype == exact:
+                    if grad_w is None:
+                        grad_w = torch.mm(grad_logits.t(), h_c).to(exact)
+                    elif compute_dtype == exact:
                         grad_w.addmm_(grad_logits.t(), h_c)
                     else:
                         grad_w.add_(torch.mm(grad_logits.t(), h_c))
