@@ -297,10 +297,11 @@ def gemm_flops(op: str, shapes: list) -> float:
     return 2.0 * a[0] * a[1] * b[1]
 
 
-def breakdown(label: str, size: dict, warmup: int, steps: int = 3) -> dict:
-    """Where the time of a step goes (profiler, self CPU time, mean of `steps` profiled steps):
-    GEMMs of the output projection (those with a vocabulary-sized dimension) and of the rest,
-    each with its FLOPs and so its GFLOP/s, attention kernels, and everything else.
+def breakdown(labels: list[str], size: dict, warmup: int, steps: int = 3) -> dict[str, dict]:
+    """Where the time of a step goes (profiler, self CPU time, mean of `steps` profiled steps
+    per model, the models alternated step by step so that a slow spell of a shared machine hits
+    all of them): GEMMs of the output projection (those with a vocabulary-sized dimension) and
+    of the rest, each with its FLOPs and so its GFLOP/s, attention kernels, everything else.
 
     The GEMMs are the same FLOPs in all three models, and attention is one fused kernel or a
     few batched matmuls, so GEMM + attention is a floor that no eager rewrite of the rest of
@@ -309,30 +310,33 @@ def breakdown(label: str, size: dict, warmup: int, steps: int = 3) -> dict:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    name, compiled = split_label(label)
-    torch.manual_seed(0)
-    model, loss_fn = build(name, size)
-    step = make_step(model, loss_fn, compiled)
     tokens, targets = batch(size)
-    for _ in range(warmup + (1 if compiled else 0)):
-        step(tokens, targets)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(steps):
-            step(tokens, targets)
-    out = dict.fromkeys(
-        ("gemm_s", "gemm_flops", "head_gemm_s", "head_gemm_flops", "attention_s", "total_s"), 0.0
-    )
-    for event in prof.key_averages(group_by_input_shape=True):
-        seconds = event.self_cpu_time_total / 1e6 / steps
-        out["total_s"] += seconds
-        if event.key in GEMM_OPS:
-            flops = gemm_flops(event.key, event.input_shapes) * event.count / steps
-            dims = {d for shape in event.input_shapes for d in shape}
-            part = "head_gemm" if size["vocab_size"] in dims else "gemm"
-            out[f"{part}_s"] += seconds
-            out[f"{part}_flops"] += flops
-        elif "scaled_dot_product" in event.key:
-            out["attention_s"] += seconds
+    steps_of, out = {}, {}
+    for label in labels:
+        name, compiled = split_label(label)
+        torch.manual_seed(0)
+        model, loss_fn = build(name, size)
+        steps_of[label] = make_step(model, loss_fn, compiled)
+        for _ in range(warmup + (1 if compiled else 0)):
+            steps_of[label](tokens, targets)
+        keys = ("gemm_s", "gemm_flops", "head_gemm_s", "head_gemm_flops", "attention_s", "total_s")
+        out[label] = dict.fromkeys(keys, 0.0)
+    for _ in range(steps):
+        for label in labels:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+                steps_of[label](tokens, targets)
+            totals = out[label]
+            for event in prof.key_averages(group_by_input_shape=True):
+                seconds = event.self_cpu_time_total / 1e6 / steps
+                totals["total_s"] += seconds
+                if event.key in GEMM_OPS:
+                    flops = gemm_flops(event.key, event.input_shapes) * event.count / steps
+                    dims = {d for shape in event.input_shapes for d in shape}
+                    part = "head_gemm" if size["vocab_size"] in dims else "gemm"
+                    totals[f"{part}_s"] += seconds
+                    totals[f"{part}_flops"] += flops
+                elif "scaled_dot_product" in event.key:
+                    totals["attention_s"] += seconds
     return out
 
 
@@ -475,8 +479,9 @@ def main() -> None:
                 )
     if args.breakdown:
         for size_name, results in all_results.items():
-            for label in results:
-                results[label]["breakdown"] = breakdown(label, SIZES[size_name], args.warmup)
+            parts = breakdown(list(results), SIZES[size_name], args.warmup)
+            for label, part in parts.items():
+                results[label]["breakdown"] = part
     for size_name, results in all_results.items():
         tables.append(report(size_name, SIZES[size_name], results, peak, "litgpt"))
         if args.breakdown:
