@@ -104,6 +104,12 @@ def write_token_dataset(
 
 def import_litgpt():
     """litgpt's Config and GPT; without `lightning`, loaded past the package's __init__."""
+    if importlib.util.find_spec("litgpt") is None:
+        raise SystemExit(
+            "error: litgpt is not installed; install the peer with "
+            "`pip install litgpt==0.5.13 --no-deps` (README, Dependencies), or leave it out: "
+            "train_step.py --models ours,palm-pytorch, decode.py --skip_litgpt"
+        )
     try:
         from litgpt.config import Config
         from litgpt.model import GPT
