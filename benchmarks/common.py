@@ -104,7 +104,7 @@ def write_token_dataset(
 
 def import_litgpt():
     """litgpt's Config and GPT; without `lightning`, loaded past the package's __init__."""
-    if importlib.util.find_spec("litgpt") is None:
+    if "litgpt" not in sys.modules and importlib.util.find_spec("litgpt") is None:
         raise SystemExit(
             "error: litgpt is not installed; install the peer with "
             "`pip install litgpt==0.5.13 --no-deps` (README, Dependencies), or leave it out: "
