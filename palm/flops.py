@@ -76,15 +76,19 @@ def training_memory_bytes(
 # efficient at large vocabularies. The budget is a cache-sized block on a CPU (measured:
 # benchmarks/RESULTS.md, "Fused loss"; 16 MiB, 512 rows at vocab 8192, beat 8 MiB by 8% of the
 # loss's time in issue 16's sweep) and larger on GPUs, where fewer, bigger matmuls win and
-# memory is plentiful next to PaLM's weights (benchmarks/gpu_check.sh sweeps it).
+# memory is plentiful next to PaLM's weights (benchmarks/gpu_check.sh sweeps it). On a CPU the
+# floor is 512 rows: at vocab 32000 the 256-row chunks' matmuls ran at 93-95 GFLOP/s where the
+# whole-batch ones of litgpt ran at 104-107 (issue 16's --breakdown), and 512 rows made the
+# loss 5% faster (each chunk adds its (V, D) product into the weight's gradient: half the passes).
 CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
-MIN_CHUNK_TOKENS = 256
+MIN_CHUNK_TOKENS = {"cpu": 512, "cuda": 256}
 
 
 def chunk_tokens_for(vocab_size: int, device_type: str = "cpu") -> int:
     """Tokens per chunk of the fused output projection + loss (palm.loss.linear_lm_loss)."""
     budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"])
-    return max(MIN_CHUNK_TOKENS, budget // (4 * vocab_size))
+    floor = MIN_CHUNK_TOKENS.get(device_type, MIN_CHUNK_TOKENS["cpu"])
+    return max(floor, budget // (4 * vocab_size))
 
 
 def activation_bytes(
