@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from palm.adafactor_update import foreach_update_, fused_update_
 from palm.config import OPTIMIZERS, OptimConfig, parse_weight_decay
 from palm.dtensor import (
     ROW_BLOCKS,
@@ -209,14 +210,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
 
         cols = [math.prod(p.shape[1:]) for p in params]
         numel_sqrt = [math.sqrt(max(r * c, 1)) for rows, c in zip(blocks, cols) for r in rows]
-        if self.compiled:
-            self._apply_fused(
-                group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt
-            )
-        else:
-            self._apply(
-                group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt
-            )
+        self._apply(group, k, split(p32), split(g32), split(v), split(m) if m else None, numel_sqrt)
         for p, q in zip(params, p32):
             if q is not p:  # low-precision parameter: round once, at the end, as T5X does
                 p.copy_(q)
@@ -290,40 +284,6 @@ class PaLMAdafactor(torch.optim.Optimizer):
         local = value.to(p.to_local().device, torch.float32)
         return distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None)
 
-    def _apply_fused(
-        self,
-        group: dict[str, Any],
-        k: int,
-        p32: list[Tensor],
-        g32: list[Tensor],
-        v: list[Tensor],
-        m: list[Tensor] | None,
-        numel_sqrt: list[float],
-    ) -> None:
-        """`_apply`'s update as one compiled function. What changes every step (beta2_k, lr,
-        the decay rate) goes in as 0-d tensors, so one graph serves every step: torch.compile
-        would make a new graph for each new Python float."""
-        if self._fused_update is None:
-            self._fused_update = torch.compile(fused_adafactor_update_, dynamic=False)
-        device = p32[0].device
-        beta2 = 1.0 - k ** -group["decay_exponent"]
-        scalars = torch.tensor(
-            [beta2, float(group["lr"]), self.decay_rate(group)], dtype=torch.float32
-        ).to(device, non_blocking=True)
-        self._fused_update(
-            p32,
-            g32,
-            v,
-            m or [],
-            scalars,
-            numel_sqrt,
-            eps1=group["eps1"],
-            eps2=group["eps2"],
-            beta1=group["beta1"],
-            clip_threshold=group["clip_threshold"],
-            scaled=group["multiply_by_parameter_scale"],
-        )
-
     def _apply(
         self,
         group: dict[str, Any],
@@ -337,45 +297,29 @@ class PaLMAdafactor(torch.optim.Optimizer):
     ) -> None:
         """The T5X update on float32 tensors (whole tensors, or local shards with
         `global_norms` turning shard norms into whole-tensor norms); p32, v and m in place."""
-        lr = float(group["lr"])
-        beta1, eps2, d = group["beta1"], group["eps2"], group["clip_threshold"]
         beta2 = 1.0 - k ** -group["decay_exponent"]  # 0 at k = 1: v starts at g^2 (no bias fix)
-        scaled = group["multiply_by_parameter_scale"]
-
-        # v = beta2 v + (1 - beta2)(g^2 + eps1): in place, no g^2 temporaries.
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, g32, g32, value=1.0 - beta2)
-        torch._foreach_add_(v, (1.0 - beta2) * group["eps1"])
-        # u = g / sqrt(v): the one new buffer per tensor.
-        u = torch._foreach_rsqrt(v)
-        torch._foreach_mul_(u, g32)
-
-        # Per-tensor norms as 0-D tensors on their device (no host sync); p is still the old p.
-        p_norm = torch._foreach_norm(p32) if scaled else None
-        u_norm = torch._foreach_norm(u) if d is not None else None
-        if global_norms is not None:
-            p_norm, u_norm = global_norms(p_norm, u_norm)
-
-        # Step size per tensor, lr * max(RMS(p), eps2) / max(1, RMS(u) / d): computed on one
-        # stacked vector (a few kernels, not several per tensor), then one factor per tensor.
-        device = p32[0].device
-        sizes = torch.tensor(numel_sqrt, dtype=torch.float32).to(device, non_blocking=True)
-        if scaled:
-            scale = (torch.stack(p_norm).float() / sizes).clamp_(min=eps2).mul_(lr)
-        else:
-            scale = torch.full((len(p32),), lr, dtype=torch.float32, device=device)
-        if d is not None:  # Adafactor update clipping
-            scale /= (torch.stack(u_norm).float() / (sizes * d)).clamp_(min=1.0)
-        scale = list(scale.unbind())
-        torch._foreach_mul_(u, scale)  # u is now the scaled update s
-
-        if m is not None:  # m = beta1 m + (1 - beta1) u, one pass
-            torch._foreach_lerp_(m, u, 1.0 - beta1)
-            u = m
-        wd = self.decay_rate(group)
-        if wd != 0.0:
-            torch._foreach_mul_(p32, 1.0 - wd)  # decoupled: (1 - wd) p, from the old p as in T5X
-        torch._foreach_sub_(p32, u)
+        decay = self.decay_rate(group)
+        if not self.compiled or global_norms is not None:
+            foreach_update_(group, beta2, decay, p32, g32, v, m, numel_sqrt, global_norms)
+            return
+        if self._fused_update is None:
+            self._fused_update = torch.compile(fused_update_, dynamic=False)
+        # What changes every step goes in as 0-d tensors, so that one graph serves every step
+        # (torch.compile would make a new graph for each new Python float).
+        scalars = torch.tensor([beta2, float(group["lr"]), decay], dtype=torch.float32)
+        self._fused_update(
+            p32,
+            g32,
+            v,
+            m or [],
+            scalars.to(p32[0].device, non_blocking=True),
+            numel_sqrt,
+            eps1=group["eps1"],
+            eps2=group["eps2"],
+            beta1=group["beta1"],
+            clip_threshold=group["clip_threshold"],
+            scaled=group["multiply_by_parameter_scale"],
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like torch (PaLM §5 bitwise resume), but keep float32 moments and copy them.
@@ -398,43 +342,6 @@ class PaLMAdafactor(torch.optim.Optimizer):
                     self.state[p][key] = placed.to(torch.float32, copy=True)
                 else:
                     self.state[p][key] = value.detach().to(p.device, torch.float32, copy=True)
-
-
-def fused_adafactor_update_(
-    p: list[Tensor],
-    g: list[Tensor],
-    v: list[Tensor],
-    m: list[Tensor],
-    scalars: Tensor,
-    numel_sqrt: list[float],
-    *,
-    eps1: float,
-    eps2: float,
-    beta1: float,
-    clip_threshold: float | None,
-    scaled: bool,
-) -> None:
-    """The T5X update of the module docstring, tensor by tensor, p, v and m in place; written
-    for torch.compile, which fuses each tensor's update into two passes (v, u and the two RMS
-    reductions; then m and p). `scalars` holds (beta2_k, lr, decay rate); m is [] without
-    momentum. Eagerly it is correct but slow (it makes temporaries): PaLMAdafactor runs it
-    compiled only."""
-    beta2, lr, decay = scalars[0], scalars[1], scalars[2]
-    for i in range(len(p)):
-        v_new = beta2 * v[i] + (1.0 - beta2) * (g[i] * g[i] + eps1)
-        v[i].copy_(v_new)
-        u = g[i] * torch.rsqrt(v_new)
-        step = lr
-        if scaled:  # lr * max(RMS(p), eps2), from the old p
-            step = step * torch.clamp(torch.linalg.vector_norm(p[i]) / numel_sqrt[i], min=eps2)
-        if clip_threshold is not None:  # Adafactor update clipping
-            rms_u = torch.linalg.vector_norm(u) / numel_sqrt[i]
-            step = step / torch.clamp(rms_u / clip_threshold, min=1.0)
-        update = u * step
-        if m:  # m = beta1 m + (1 - beta1) s
-            update = m[i] * beta1 + update * (1.0 - beta1)
-            m[i].copy_(update)
-        p[i].copy_(p[i] * (1.0 - decay) - update)
 
 
 def build_optimizer(name: str, params: Iterable[Tensor], **kwargs: Any) -> torch.optim.Optimizer:

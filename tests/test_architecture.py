@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "palm.sampling": 1,
     # 2 the recipe
     "palm.schedules": 2,
+    "palm.adafactor_update": 2,
     "palm.optim": 2,
     "palm.guards": 2,
     # 3 data
