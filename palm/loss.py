@@ -140,7 +140,7 @@ class _LinearLMLoss(torch.autograd.Function):
         ce_weight = ce_weight.to(exact)
         # Two (chunk, V) buffers made once and reused by every chunk: a fresh block per chunk
         # is, past glibc's 32 MiB mmap threshold, new pages that the kernel faults in and zeroes
-        # each time (measured at M: 15-25% of the loss's GEMM time).
+        # each time (measured, issue 16: the loss alone 7% faster at vocab 8192, 1.5% at 32000).
         rows = min(chunk, n)
         logits_buffer = torch.empty(rows, weight.shape[0], dtype=exact, device=hidden.device)
         log_probs_buffer = torch.empty_like(logits_buffer)

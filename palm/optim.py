@@ -124,7 +124,7 @@ class PaLMAdafactor(torch.optim.Optimizer):
             "multiply_by_parameter_scale": multiply_by_parameter_scale,
         }
         super().__init__(params, defaults)
-        # The fused update (torch.compile of `fused_adafactor_update_`), made on first use; an
+        # The fused update (torch.compile of adafactor_update.fused_update_), made on first use; an
         # attribute of this optimizer, not of the module, so nothing is shared between runs.
         self.compiled = compiled
         self._fused_update: Callable[..., None] | None = None
