@@ -176,6 +176,18 @@ def batch(size: dict) -> tuple[Tensor, Tensor]:
     return data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
 
+def warmed_step(label: str, size: dict, tokens: Tensor, targets: Tensor, warmup: int):
+    """(model, its training step, the warm-up losses, the warm-up seconds) for `label`, built
+    from seed 0 and stepped `warmup` times (compiled: once more, for compilation)."""
+    name, compiled = split_label(label)
+    torch.manual_seed(0)
+    model, loss_fn = build(name, size)
+    step = make_step(model, loss_fn, compiled)
+    start = time.perf_counter()
+    losses = [step(tokens, targets) for _ in range(warmup + (1 if compiled else 0))]
+    return model, step, losses, time.perf_counter() - start
+
+
 def time_models(
     labels: list[str], size: dict, rounds: int, steps_per_round: int, warmup: int
 ) -> dict[str, dict]:
@@ -183,15 +195,9 @@ def time_models(
     tokens, targets = batch(size)
     steps, results = {}, {}
     for label in labels:
-        name, compiled = split_label(label)
-        torch.manual_seed(0)
-        model, loss_fn = build(name, size)
-        steps[label] = make_step(model, loss_fn, compiled)
-        results[label] = {"params": parameter_count(model), "times": [], "losses": []}
-        start = time.perf_counter()
-        for _ in range(warmup + (1 if compiled else 0)):  # compiled: one more, for compilation
-            results[label]["losses"].append(steps[label](tokens, targets))
-        results[label]["warmup_s"] = time.perf_counter() - start
+        model, steps[label], losses, seconds = warmed_step(label, size, tokens, targets, warmup)
+        results[label] = {"params": parameter_count(model), "times": [], "losses": losses}
+        results[label]["warmup_s"] = seconds
     for r in range(rounds):
         order = labels[r % len(labels) :] + labels[: r % len(labels)]  # rotate the order
         for label in order:
@@ -313,12 +319,7 @@ def breakdown(labels: list[str], size: dict, warmup: int, steps: int = 3) -> dic
     tokens, targets = batch(size)
     steps_of, out = {}, {}
     for label in labels:
-        name, compiled = split_label(label)
-        torch.manual_seed(0)
-        model, loss_fn = build(name, size)
-        steps_of[label] = make_step(model, loss_fn, compiled)
-        for _ in range(warmup + (1 if compiled else 0)):
-            steps_of[label](tokens, targets)
+        steps_of[label] = warmed_step(label, size, tokens, targets, warmup)[1]
         keys = ("gemm_s", "gemm_flops", "head_gemm_s", "head_gemm_flops", "attention_s", "total_s")
         out[label] = dict.fromkeys(keys, 0.0)
     for _ in range(steps):
