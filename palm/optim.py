@@ -129,6 +129,15 @@ class PaLMAdafactor(torch.optim.Optimizer):
         self.compiled = compiled
         self._fused_update: Callable[..., None] | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's (defaults, state, groups) and `compiled`; the compiled function is remade."""
+        return {**super().__getstate__(), "compiled": self.compiled}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("compiled", False)
+        self.__dict__.setdefault("_fused_update", None)
+
     @staticmethod
     def decay_rate(group: dict[str, Any]) -> float:
         """Fraction of every parameter removed this step: weight_decay * lr^power (PaLM §5)."""

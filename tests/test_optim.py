@@ -555,3 +555,12 @@ def test_fused_weights_take_the_steps_of_separate_matrices():
     together = torch.cat([p.detach() for p in separate])
     torch.testing.assert_close(fused.detach(), together, rtol=0, atol=1e-6)
     assert (untagged.detach() - together).abs().max() > 1e-3  # shared statistics do differ
+
+
+def test_a_pickled_optimizer_keeps_compiled_and_remakes_the_function():
+    import pickle
+
+    params = [torch.nn.Parameter(torch.randn(3, 4))]
+    for compiled in (False, True):
+        copy = pickle.loads(pickle.dumps(PaLMAdafactor(params, compiled=compiled)))
+        assert copy.compiled is compiled and copy._fused_update is None
