@@ -5,8 +5,11 @@
 Greedy decoding of `new_tokens` tokens after a 32-token prompt; tokens/s counts every row of
 the batch (batch x new_tokens / seconds, prompt processing included). Contenders:
 - ours: palm.sampling.generate, one position per step against the one-head-wide
-  multi-query cache (PaLM §2), eager;
-- ours+compile: the same with compile=True, the one-token step under torch.compile with a
+  multi-query cache (PaLM §2), eager. It multiplies by (in, out) copies of in_proj and the
+  output projection, made per cache (`transposed_weights`, on by default for CPU float32),
+  and the copying is timed too;
+- ours native (--native): the same without those copies (`transposed_weights=False`);
+- ours+compile: the same as ours with compile=True, the one-token step under torch.compile with a
   static-shape cache (gpt-fast's approach); compilation happens in an untimed warm-up;
 - litgpt: `litgpt.model.GPT` configured PaLM-like as in benchmarks/train_step.py (parallel
   residual, shared LayerNorm, one key/value head, SwiGLU, no biases, tied head), its own
@@ -24,8 +27,9 @@ then slows all alike); the table gives medians with (min-max). The fp32 matmul p
 measured in the same run, before and after (benchmarks/common.py), to place the machine, and
 so is the memory read bandwidth (a large sum). Every decoding step multiplies a (batch, d) row
 block by every weight matrix once, so the "matmuls only" column times exactly those F.linear
-calls, bare (best of 5 steps' worth): the tokens/s no implementation built on torch's GEMM can
-pass at that size and batch (prompt, attention and everything else left out).
+calls, bare (best of 5 steps' worth, each weight in the faster of its two layouts): the tokens/s
+no implementation built on torch's GEMM can pass at that size and batch (prompt, attention and
+everything else left out).
 
 litgpt's package __init__ and its checkpoint-conversion module import `lightning`, which
 nothing here needs (and whose pins conflict with this environment's huggingface-hub), so
@@ -114,9 +118,19 @@ def time_litgpt(model, prompt: torch.Tensor, new: int) -> float:
 
 
 @torch.no_grad()
-def time_ours(model: PaLM, prompt: torch.Tensor, new: int, compile: bool = False) -> float:
+def time_ours(
+    model: PaLM, prompt: torch.Tensor, new: int, compile: bool = False, native: bool = False
+) -> float:
     start = time.perf_counter()
-    out = generate(model, prompt, new, temperature=0.0, compile=compile, cache_len=PROMPT + new)
+    out = generate(
+        model,
+        prompt,
+        new,
+        temperature=0.0,
+        compile=compile,
+        cache_len=PROMPT + new,
+        transposed_weights=False if native else None,
+    )
     assert out.shape[1] == new
     return time.perf_counter() - start
 
@@ -166,17 +180,20 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 @torch.no_grad()
 def matmuls_only(model: PaLM, batch: int, repeats: int = 5) -> float:
-    """Tokens/s of a decoding step that did nothing but its weight matmuls (best of repeats)."""
+    """Tokens/s of a decoding step that did nothing but its weight matmuls, each weight in the
+    faster of its two layouts (nn.Linear's (out, in), or an (in, out) copy): best of repeats."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights.append(model.output_weight)  # the tied output projection
     inputs = [torch.randn(batch, w.shape[1]) for w in weights]
-    best = float("inf")
+    copies = [w.t().contiguous() for w in weights]
+    best = [[float("inf")] * len(weights) for _ in range(2)]
     for _ in range(repeats + 1):  # the first pass warms up
-        start = time.perf_counter()
-        for x, w in zip(inputs, weights):
-            torch.nn.functional.linear(x, w)
-        best = min(best, time.perf_counter() - start)
-    return batch / best
+        for layout in range(2):  # one whole step per layout, as decoding streams them
+            for i, (x, w, w_t) in enumerate(zip(inputs, weights, copies)):
+                start = time.perf_counter()
+                torch.nn.functional.linear(x, w) if layout == 0 else x @ w_t
+                best[layout][i] = min(best[layout][i], time.perf_counter() - start)
+    return batch / sum(min(native, copy) for native, copy in zip(*best))
 
 
 def summary(rates: list[float]) -> str:
@@ -202,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip_litgpt", action="store_true", help="no litgpt baseline")
     p.add_argument("--recompute", action="store_true", help="also time ours without cache")
     p.add_argument(
+        "--native", action="store_true", help="also time ours with nn.Linear's layout only"
+    )
+    p.add_argument(
         "--recompute_every",
         type=int,
         default=1,
@@ -220,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         f"read bandwidth {bandwidth / 1e9:.1f} GB/s",
         flush=True,
     )
-    names = ["ours"] + ([] if args.no_compile else ["ours+compile"])
+    names = ["ours"] + (["ours native"] if args.native else [])
+    names += [] if args.no_compile else ["ours+compile"]
     names += [] if args.skip_litgpt else ["litgpt"]
     names += [] if args.skip_hf else ["hf"]
     names += ["recompute"] if args.recompute else []
@@ -231,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         torch._dynamo.reset()  # compiled graphs of the previous size: keep under the limit
         models = {"ours": ours(size)}
-        models["ours+compile"] = models["ours"]
+        models["ours+compile"] = models["ours native"] = models["ours"]
         if not args.skip_litgpt:
             models["litgpt"] = litgpt(size)
         if not args.skip_hf:
@@ -240,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def run(name: str, prompt: torch.Tensor, new: int, models=models) -> float:
             model = models[name]
-            if name in ("ours", "ours+compile"):
-                return time_ours(model, prompt, new, compile=name == "ours+compile")
+            if name in ("ours", "ours+compile", "ours native"):
+                native = name == "ours native"
+                return time_ours(model, prompt, new, name == "ours+compile", native)
             if name == "litgpt":
                 return time_litgpt(model, prompt, new)
             if name == "hf":

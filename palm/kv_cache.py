@@ -27,7 +27,13 @@ class KVCache:
     key_mask: Tensor | None = None
     # RoPE tables for positions 0 .. max_len - 1, made once: each step slices or indexes them
     # instead of recomputing angles (no per-token cos/sin, no per-token allocation).
-    rope: tuple[Tensor, ...] | None = None  # a palm.model.RotaryTables
+    rope: tuple[Tensor, ...] | None = None  # a palm.rope.RotaryTables
+    # Copies of the two wide weights laid out (in, out), made once per cache where they pay
+    # (palm.model.transposed_weights_pay): a one-row matmul against (in, out) streams the
+    # weight ~2x faster on CPU than against nn.Linear's (out, in) when in < out (short dot
+    # products), and decoding is those matmuls (benchmarks/RESULTS.md, "transposed weights").
+    in_proj_t: list[Tensor] | None = None  # per layer (d_model, in_proj rows)
+    output_t: Tensor | None = None  # (d_model, vocab): the (tied) output projection
 
     @property
     def max_len(self) -> int:

@@ -5,7 +5,7 @@ A decoder-only Transformer with, per the paper:
 - the parallel block y = x + MLP(LN(x)) + Attention(LN(x)), one LayerNorm shared by both
   branches, so the input matmuls of both branches fuse into one;
 - multi-query attention: n_heads query heads, one shared key head and one shared value head;
-- RoPE on queries and keys;
+- RoPE on queries and keys (palm.rope);
 - shared input/output embedding, logits scaled by 1/sqrt(d_model);
 - no biases anywhere, LayerNorm with a scale only;
 - initialisation from §5: kernels N(0, 1/fan_in), embeddings N(0, 1).
@@ -16,7 +16,6 @@ Parallelism (DDP/FSDP) is applied from outside; nothing here touches torch.distr
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,74 +25,7 @@ from palm.config import ModelConfig
 from palm.errors import ConfigError
 from palm.kv_cache import KVCache
 from palm.loss import LossOutput, linear_lm_loss
-
-# ---------------------------------------------------------------------------------------------
-# Pure functions: rotary position embedding (Su et al. 2021; PaLM §2 "RoPE embeddings")
-# ---------------------------------------------------------------------------------------------
-
-
-def rope_angles(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin tables (T, head_dim) for integer positions (T,), in float32.
-
-    Frequencies are laid out in two halves ("rotate half", as GPT-NeoX and PaLM-pytorch do):
-    dimension i pairs with dimension i + head_dim/2.
-    """
-    inv_freq = 1.0 / base ** (
-        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    )
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, head_dim/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (T, head_dim)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (..., T, head_dim) by the position angles; cos/sin are (T, head_dim).
-
-    Computed in the tables' precision (float32) and returned in x's dtype: under bf16 autocast
-    q and k stay bf16, so attention gets q, k, v of one dtype and never copies the one shared
-    key/value head to cast it (which would undo multi-query attention's saving)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = x * cos + rotated * sin
-    return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def xpos_scales(positions: Tensor, head_dim: int, scale_base: float, center: int) -> Tensor:
-    """xPos factors (T, head_dim) (Sun et al. 2022): zeta_i ** ((n - center) / scale_base).
-
-    zeta_i = (2i + 0.4 d) / 1.4 d per frequency pair, laid out in halves like `rope_angles`.
-    Queries are multiplied by these, keys divided, so q.k decays with the distance n - m only;
-    `center` cancels and just keeps the factors near 1 (float range), as palm-rlhf-pytorch does
-    with seq_len // 2.
-    """
-    zeta = (
-        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) + 0.4 * head_dim
-    ) / (1.4 * head_dim)
-    power = (positions.to(torch.float32) - center) / scale_base  # (T,)
-    scale = zeta[None, :] ** power[:, None]  # (T, head_dim/2)
-    return torch.cat((scale, scale), dim=-1)
-
-
-class RotaryTables(NamedTuple):
-    """cos/sin tables (T, head_dim) for queries and for keys. Plain RoPE (PaLM) uses the same
-    two for both; xPos scales the queries' by s and divides the keys' by s."""
-
-    q_cos: Tensor
-    q_sin: Tensor
-    k_cos: Tensor
-    k_sin: Tensor
-
-
-def rotary_tables(positions: Tensor, config: ModelConfig, dtype: torch.dtype) -> RotaryTables:
-    """The tables every layer shares for these positions (computed in float32, then cast)."""
-    cos, sin = rope_angles(positions, config.head_dim, config.rope_base)
-    if not config.xpos_scale_base:
-        cos, sin = cos.to(dtype), sin.to(dtype)
-        return RotaryTables(cos, sin, cos, sin)
-    s = xpos_scales(positions, config.head_dim, config.xpos_scale_base, config.max_seq_len // 2)
-    tables = (cos * s, sin * s, cos / s, sin / s)
-    return RotaryTables(*(t.to(dtype) for t in tables))
-
+from palm.rope import RotaryTables, apply_rope, rotary_tables
 
 # ---------------------------------------------------------------------------------------------
 # The block
@@ -223,6 +155,17 @@ class PaLMBlock(nn.Module):
     def residual_dropout(self, h: Tensor) -> Tensor:
         return F.dropout(h, self.config.dropout, self.training) if self.config.dropout else h
 
+    def project_in(
+        self, h: Tensor, cache: KVCache | None, layer: int, rows: slice | None = None
+    ) -> Tensor:
+        """h @ in_proj's rows (all by default), through the cache's (in, out) copy if it has one."""
+        if cache is not None and cache.in_proj_t is not None:
+            weight_t = cache.in_proj_t[layer]
+            return h @ (weight_t if rows is None else weight_t[:, rows])
+        if rows is None:
+            return self.in_proj(h)  # the module call: tensor parallelism hooks into it
+        return F.linear(h, self.in_proj.weight[rows])
+
     def forward(
         self,
         x: Tensor,
@@ -231,10 +174,9 @@ class PaLMBlock(nn.Module):
         layer: int = 0,
         position: Tensor | None = None,
     ) -> Tensor:
-        qkv_rows = self.q_dim + 2 * self.kv_dim
         if self.mlp_norm is None:
             # Parallel block: one LayerNorm, one fused input matmul for both branches.
-            fused = self.in_proj(self.norm(x))  # (B, T, q + 2kv + mlp_in)
+            fused = self.project_in(self.norm(x), cache, layer)  # (B, T, q + 2kv + mlp_in)
             # One split() into views, not slices: its backward is one cat of the pieces'
             # gradients, where each slice's would allocate and add a zero-filled (B, T, rows).
             q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
@@ -242,11 +184,15 @@ class PaLMBlock(nn.Module):
             mlp = self.activation(*mlp_in)
             return x + self.residual_dropout(self.attn_out(attn) + self.mlp_out(mlp))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
-        weight = self.in_proj.weight
-        q, k, v = F.linear(self.norm(x), weight[:qkv_rows]).split(self.row_sizes[:3], dim=-1)
+        split = self.q_dim + 2 * self.kv_dim  # in_proj's rows: [q | k | v] then the MLP's
+        qkv_rows, mlp_rows = slice(0, split), slice(split, None)
+        q, k, v = self.project_in(self.norm(x), cache, layer, qkv_rows).split(
+            self.row_sizes[:3], dim=-1
+        )
         attn = self.attention(q, k, v, rope, cache, layer, position)
         x = x + self.residual_dropout(self.attn_out(attn))
-        mlp_in = F.linear(self.mlp_norm(x), weight[qkv_rows:]).split(self.row_sizes[3:], dim=-1)
+        mlp_in = self.project_in(self.mlp_norm(x), cache, layer, mlp_rows)
+        mlp_in = mlp_in.split(self.row_sizes[3:], dim=-1)
         mlp = self.activation(*mlp_in)
         return x + self.residual_dropout(self.mlp_out(mlp))
 
@@ -292,9 +238,18 @@ class PaLM(nn.Module):
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(
-        self, batch_size: int, max_len: int | None = None, device=None, dtype=None
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        device=None,
+        dtype=None,
+        transposed_weights: bool | None = None,
     ) -> KVCache:
-        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens."""
+        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens.
+
+        `transposed_weights` gives the cache (in, out) copies of in_proj and the output
+        projection, which decoding then multiplies by; None: where they are measured to pay
+        (`transposed_weights_pay`). They cost that much memory while the cache lives."""
         c = self.config
         max_len = max_len or c.max_seq_len
         device = device or self.embedding.weight.device
@@ -304,7 +259,14 @@ class PaLM(nn.Module):
         positions = torch.arange(max_len, device=device)
         rope = rotary_tables(positions, c, self.embedding.weight.dtype)  # (max_len, Q) each
         keys, values = [make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)]
-        return KVCache(keys, values, rope=rope)
+        cache = KVCache(keys, values, rope=rope)
+        if transposed_weights is None:
+            transposed_weights = transposed_weights_pay(self)
+        if transposed_weights:
+            with torch.no_grad():
+                cache.in_proj_t = [b.in_proj.weight.t().contiguous() for b in self.blocks]
+                cache.output_t = self.output_weight.t().contiguous()
+        return cache
 
     def forward(
         self,
@@ -327,12 +289,18 @@ class PaLM(nn.Module):
         x = self.features(tokens, cache)
         if targets is not None:
             return self.output_loss(x, targets, z_loss_coef)
-        return self.output_logits(x)
+        return self.decoding_logits(x, cache)
 
     # The output projection, as logits or fused with the loss. Methods, so that tensor
     # parallelism (palm.parallel) can replace them with vocabulary-parallel ones from outside.
     def output_logits(self, x: Tensor) -> Tensor:
         return F.linear(x, self.output_weight)  # (..., V)
+
+    def decoding_logits(self, x: Tensor, cache: KVCache | None) -> Tensor:
+        """`output_logits`, through the cache's (in, out) copy of the weight if it has one."""
+        if cache is not None and cache.output_t is not None:
+            return x @ cache.output_t
+        return self.output_logits(x)
 
     def output_loss(self, x: Tensor, targets: Tensor, z_loss_coef: float) -> LossOutput:
         return linear_lm_loss(x, self.output_weight, targets, z_loss_coef)
@@ -367,7 +335,7 @@ class PaLM(nn.Module):
         rope = RotaryTables(*(t.index_select(0, position) for t in cache.rope))  # (1, Q) each
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, position)
-        return self.output_logits(self.head_input(x)[:, -1])
+        return self.decoding_logits(self.head_input(x)[:, -1], cache)
 
     def head_input(self, x: Tensor) -> Tensor:
         """Final LayerNorm and PaLM's logit scaling of the activations (B, T, D)."""
@@ -385,3 +353,21 @@ class PaLM(nn.Module):
         """Distinct parameters (the tied embedding counted once)."""
         total = sum(p.numel() for p in self.parameters())
         return total - self.embedding.weight.numel() if exclude_embedding else total
+
+
+def transposed_weights_pay(model: PaLM) -> bool:
+    """Whether decoding with (in, out) copies of the wide weights (`PaLM.new_cache`) is faster.
+
+    Measured on CPU in float32 only (one-row matmuls ~2x faster against (in, out) when in < out:
+    benchmarks/RESULTS.md, "transposed weights"); elsewhere (CUDA, bf16, where a bf16 `a @ b`
+    can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16) nothing was measured, and the
+    copies would be memory for nothing. Sharded weights (DTensor: FSDP2, tensor parallelism)
+    and a replaced output projection (palm.parallel) keep their own paths.
+    """
+    weight = model.output_weight
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and type(weight.data) is torch.Tensor
+        and "output_logits" not in vars(model)
+    )

@@ -86,9 +86,12 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor,
     return tokens, mask
 
 
-def _masked_cache(model: PaLM, mask: Tensor | None, max_len: int):
+def _masked_cache(
+    model: PaLM, mask: Tensor | None, max_len: int, transposed_weights: bool | None = None
+):
     """A cache of max_len whose key mask is the prompt mask, then True for new tokens."""
-    cache = model.new_cache(mask.shape[0] if mask is not None else 1, max_len)
+    rows = mask.shape[0] if mask is not None else 1
+    cache = model.new_cache(rows, max_len, transposed_weights=transposed_weights)
     if mask is not None:
         key_mask = torch.ones(mask.shape[0], max_len, dtype=torch.bool, device=mask.device)
         key_mask[:, : mask.shape[1]] = mask
@@ -115,21 +118,25 @@ def next_tokens(
 
 
 def prefill(
-    model: PaLM, prompt: Tensor, prompt_mask: Tensor | None, max_len: int
+    model: PaLM,
+    prompt: Tensor,
+    prompt_mask: Tensor | None,
+    max_len: int,
+    transposed_weights: bool | None = None,
 ) -> tuple[KVCache, Tensor]:
     """A cache of `max_len` positions holding prompt (B, T), and its last logits (B, V).
 
     `prompt_mask` (B, T) is False at left padding; without any padding the plain causal path
-    is used (exact, and faster).
+    is used (exact, and faster). `transposed_weights` as in `PaLM.new_cache`.
     """
     if prompt_mask is not None:
         prompt_mask = prompt_mask.to(prompt.device)
         if bool(prompt_mask.all()):
             prompt_mask = None
     cache = (
-        _masked_cache(model, prompt_mask, max_len)
+        _masked_cache(model, prompt_mask, max_len, transposed_weights)
         if prompt_mask is not None
-        else model.new_cache(prompt.shape[0], max_len)
+        else model.new_cache(prompt.shape[0], max_len, transposed_weights=transposed_weights)
     )
     return cache, _full_forward(model, prompt, prompt_mask, cache)
 
@@ -190,6 +197,7 @@ def stream(
     prompt_mask: Tensor | None = None,
     compile: bool = False,
     cache_len: int | None = None,
+    transposed_weights: bool | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token (B,) of each row of prompt (B, T), step by step.
 
@@ -199,7 +207,8 @@ def stream(
     Without the cache every step re-runs the whole sequence (for tests and benchmarks).
     `compile` decodes with the compiled static-shape step (`CompiledStep`); `cache_len` (at
     least prompt + max_new_tokens, the default) fixes the cache's length, so that requests of
-    other lengths reuse one compiled graph.
+    other lengths reuse one compiled graph. `transposed_weights` as in `PaLM.new_cache` (None:
+    where measured to be faster, CPU float32); the output is the same either way.
     """
     check_sampling(temperature, top_k, top_p)
     batch, length = prompt.shape
@@ -226,7 +235,8 @@ def stream(
     try:
         sequence, cache, step_fn = prompt, None, None
         if use_cache:
-            cache, logits = prefill(model, prompt, prompt_mask, cache_len or total)
+            max_len = cache_len or total
+            cache, logits = prefill(model, prompt, prompt_mask, max_len, transposed_weights)
             step_fn = CompiledStep(model, cache) if compile else None
         else:
             logits = _full_forward(model, sequence, prompt_mask, None)
@@ -251,9 +261,9 @@ def _full_forward(model: PaLM, sequence: Tensor, prompt_mask: Tensor | None, cac
     """Last-position logits (B, V) of a whole sequence, hiding prompt padding if any."""
     if cache is None and prompt_mask is not None:
         # Recomputation with padding still needs the key mask; a throwaway cache carries it.
-        cache = _masked_cache(model, prompt_mask, sequence.shape[1])
+        cache = _masked_cache(model, prompt_mask, sequence.shape[1], transposed_weights=False)
     # Only the last position's logits: (B, V), not (B, T, V), at any vocabulary size.
-    return model.output_logits(model.features(sequence, cache)[:, -1])
+    return model.decoding_logits(model.features(sequence, cache)[:, -1], cache)
 
 
 @torch.no_grad()
@@ -271,11 +281,12 @@ def generate(
     prompt_mask: Tensor | None = None,
     compile: bool = False,
     cache_len: int | None = None,
+    transposed_weights: bool | None = None,
 ) -> Tensor:
     """Continue prompt (B, T) by up to max_new_tokens tokens; returns only the new ones (B, N).
 
     Rows that produced `eod_id` keep emitting it; decoding stops early once every row has.
-    `compile` and `cache_len` as in `stream`.
+    `compile`, `cache_len` and `transposed_weights` as in `stream`.
     """
     tokens = list(
         stream(
@@ -291,6 +302,7 @@ def generate(
             prompt_mask=prompt_mask,
             compile=compile,
             cache_len=cache_len,
+            transposed_weights=transposed_weights,
         )
     )
     return torch.stack(tokens, dim=1) if tokens else prompt[:, :0]

@@ -4,6 +4,7 @@ run-folder resolution, clear errors."""
 
 from __future__ import annotations
 
+import copy
 import io
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import palm.sampling
 from palm.cli.generate import WRAP, LabelledLines, main
 from palm.errors import ConfigError
-from palm.model import PaLM
+from palm.model import PaLM, transposed_weights_pay
 from palm.runs import load_model, resolve_checkpoint
 from palm.sampling import TextStream, generate, pad_left, top_k_filter, top_p_filter
 from palm.tokenizer import Tokenizer
@@ -47,6 +48,42 @@ def test_greedy_with_cache_equals_greedy_without(overrides, small_model):
     uncached = generate(model, prompt, 40, temperature=0.0, use_cache=False)
     assert cached.shape == (3, 40)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"multi_query": False, "parallel_block": False}, {"tie_embeddings": False}]
+)
+def test_transposed_weights_decode_the_float64_logits(overrides, small_model):
+    """Decoding through the cache's (in, out) copies of in_proj and the output projection gives
+    a float64 full forward's logits at every step, and the native layout's greedy tokens."""
+    model = small_model(5, **overrides)
+    reference = copy.deepcopy(model).double()
+    prompt = torch.randint(0, 97, (2, 6))
+    cache = model.new_cache(2, 20, transposed_weights=True)
+    assert len(cache.in_proj_t) == model.config.n_layers
+    assert cache.output_t.shape == (model.config.d_model, 97) and cache.output_t.is_contiguous()
+    with torch.no_grad():
+        logits, sequence = model(prompt, cache)[:, -1], prompt
+        for _ in range(8):
+            expected = reference(sequence)[:, -1]
+            torch.testing.assert_close(logits.double(), expected, atol=1e-4, rtol=1e-4)
+            token = expected.argmax(-1)
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            logits = model(token[:, None], cache)[:, -1]
+    native = generate(model, prompt, 30, temperature=0.0, transposed_weights=False)
+    copies = generate(model, prompt, 30, temperature=0.0, transposed_weights=True)
+    assert torch.equal(copies, native)
+
+
+def test_transposed_weights_only_where_measured_to_pay(small_model):
+    """On by default for CPU float32 (where they were measured faster); off for other dtypes and
+    for a replaced output projection (tensor parallelism); an explicit False is honoured."""
+    model = small_model()
+    assert transposed_weights_pay(model) and model.new_cache(1, 8).output_t is not None
+    assert model.new_cache(1, 8, transposed_weights=False).in_proj_t is None
+    assert not transposed_weights_pay(small_model().to(torch.bfloat16))
+    model.output_logits = lambda x: x  # as palm.parallel replaces it
+    assert not transposed_weights_pay(model) and model.new_cache(1, 8).in_proj_t is None
 
 
 @pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
@@ -225,6 +262,27 @@ def test_cli_greedy_output_is_the_models_greedy_decoding(run, capsys):
     new = generate(loaded.model, prompt, 12, temperature=0.0, eod_id=tok.eod_id)[0].tolist()
     expected = tok.decode(new[: new.index(tok.eod_id)] if tok.eod_id in new else new)
     assert out == expected + "\n"
+
+
+def test_cli_transposed_weights_flag_reaches_the_cache(run, capsys, monkeypatch):
+    """--transposed_weights on/off/auto: honoured by the cache, and the same greedy text."""
+    made = []
+    new_cache = PaLM.new_cache
+
+    def spy(self, *args, **kwargs):
+        cache = new_cache(self, *args, **kwargs)
+        made.append(cache.in_proj_t is not None)
+        return cache
+
+    monkeypatch.setattr(PaLM, "new_cache", spy)
+    argv = (run, "--prompt", "the world", "--max_new_tokens", 12, "--temperature", 0)
+    texts = []
+    for choice, expected in (("off", False), ("on", True), ("auto", True)):  # auto: CPU float32
+        made.clear()
+        rc, out, _ = cli(capsys, *argv, "--transposed_weights", choice)
+        assert rc == 0 and made == [expected], (choice, made)
+        texts.append(out)
+    assert texts[0] == texts[1] == texts[2]
 
 
 def test_cli_seed_batches_stdin_stop_and_samples(run, capsys, monkeypatch):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from palm import ModelConfig, PaLM, lm_loss
-from palm.model import apply_rope, rope_angles
+from palm.rope import apply_rope, rope_angles
 
 TINY = ModelConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=3, head_dim=8, max_seq_len=64)
 
@@ -308,7 +308,7 @@ def test_only_the_shared_embedding_scales_the_logits():
 def test_the_block_compiles_without_graph_breaks():
     """torch.compile sees the whole block as one graph (issue 16); the model has exactly one
     break, the fused output projection + loss that runs eagerly on purpose (palm.loss)."""
-    from palm.model import rotary_tables
+    from palm.rope import rotary_tables
 
     config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16)
     model = PaLM(config)

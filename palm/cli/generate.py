@@ -15,6 +15,8 @@ each printed once complete (at a newline, or wrapped at a space near 80 characte
 `[p.s]` is prompt p, sample s: the lines starting `[1.2]` are that sample, in order.
 `--compile` runs the one-token decoding step through torch.compile (fixed shapes: one graph
 for every step; compilation takes seconds to a minute before the first token).
+`--transposed_weights` (auto: on for CPU float32) decodes with (in, out) copies of the two wide
+weights, ~1.5x the tokens/s on CPU for ~75% more weight memory while decoding; `off` saves it.
 Exit status (every command alike): 0 done; 1 a runtime failure (one `error:` line naming the
 file and the fix); 2 a bad command line; 130 interrupted.
 """
@@ -97,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the one-token decoding step (static-shape cache, as gpt-fast); "
         "an error, not a silent fallback, where it cannot compile",
+    )
+    p.add_argument(
+        "--transposed_weights",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode with (in, out) copies of the wide weights (in_proj, output projection): "
+        "faster one-row matmuls, that much more memory; auto = on for CPU float32 only, "
+        "where measured (benchmarks/RESULTS.md)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
@@ -215,6 +225,7 @@ def sample(
         compile=args.compile,
         # Interactive prompts differ in length: one full-context cache keeps one graph.
         cache_len=context if args.compile and args.interactive else None,
+        transposed_weights={"auto": None, "on": True, "off": False}[args.transposed_weights],
     ):
         for row, text_stream in enumerate(streams):
             if not text_stream.done and not args.ignore_eod and token[row] == tokenizer.eod_id:
