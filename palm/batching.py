@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from palm.model import KVCache, PaLM
+from palm.kv_cache import KVCache, TransposedWeights
+from palm.model import PaLM
 from palm.sampling import TextStream, decode_step, next_tokens, pad_left, prefill
 from palm.tokenizer import Tokenizer
 
@@ -220,15 +221,22 @@ def _keep_rows(cache: KVCache, rows: Tensor) -> None:
 class Batch:
     """Jobs of one batch key decoding together: one forward per step for all their rows."""
 
-    def __init__(self, model: PaLM, tokenizer: Tokenizer, jobs: list[Job]) -> None:
+    def __init__(
+        self,
+        model: PaLM,
+        tokenizer: Tokenizer,
+        jobs: list[Job],
+        transposed: TransposedWeights | None = None,
+    ) -> None:
         self.model, self.device = model, next(model.parameters()).device
         self.running = [_Running(job, tokenizer, self.device) for job in jobs]
         rows = [row for job in jobs for row in job.rows]
         tokens, mask = pad_left(rows, pad_id=max(tokenizer.pad_id, 0))
         length = tokens.shape[1] + max(job.max_tokens for job in jobs)
         with torch.no_grad():
+            # The engine's shared weight copies; None: as PaLM.new_cache decides.
             self.cache, self.logits = prefill(
-                model, tokens.to(self.device), mask.to(self.device), length
+                model, tokens.to(self.device), mask.to(self.device), length, transposed
             )
 
     @property

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from palm.batching import Batch, Done, Failed, Job, PromptScores, Step, score_prompt, send
 from palm.errors import BusyError, ConfigError, PalmError, warn
-from palm.model import PaLM
+from palm.model import PaLM, transposed_weights_pay
 from palm.sampling import check_sampling
 from palm.tokenizer import Tokenizer
 
@@ -43,6 +43,9 @@ class Engine:
         if max_queue < 1 or max_rows < 1:
             raise ConfigError(f"max_queue and max_rows must be >= 1, got {max_queue}, {max_rows}")
         self.model, self.tokenizer = model.eval(), tokenizer
+        # One set of decoding's (in, out) weight copies for every batch, made once here (at M:
+        # 126 ms a set on one CPU thread, more than a short request's whole decoding).
+        self.transposed = model.transposed_weights() if transposed_weights_pay(model) else None
         self.max_queue, self.max_rows, self.batching = max_queue, max_rows, batching
         self.gather_s = gather_s if batching else 0.0  # seconds an idle worker waits for company
         self.context = model.config.max_seq_len
@@ -157,7 +160,8 @@ class Engine:
                 groups.setdefault(key, []).append(job)
         for group in groups.values():
             batch = self._guarded(
-                group, lambda group=group: Batch(self.model, self.tokenizer, group)
+                group,
+                lambda group=group: Batch(self.model, self.tokenizer, group, self.transposed),
             )
             if batch is not None:
                 with self._wake:

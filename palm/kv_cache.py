@@ -11,6 +11,14 @@ from dataclasses import dataclass
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class TransposedWeights:
+    """(in, out) copies of a model's wide weights, for decoding (`PaLM.transposed_weights`)."""
+
+    in_proj: list[Tensor]  # per layer (d_model, in_proj rows)
+    output: Tensor  # (d_model, vocab): the (tied) output projection
+
+
 @dataclass
 class KVCache:
     """Keys and values of the tokens seen so far, preallocated to `max_len`.
@@ -32,8 +40,8 @@ class KVCache:
     # (palm.model.transposed_weights_pay): a one-row matmul against (in, out) streams the
     # weight ~2x faster on CPU than against nn.Linear's (out, in) when in < out (short dot
     # products), and decoding is those matmuls (benchmarks/RESULTS.md, "transposed weights").
-    in_proj_t: list[Tensor] | None = None  # per layer (d_model, in_proj rows)
-    output_t: Tensor | None = None  # (d_model, vocab): the (tied) output projection
+    # Shared, read-only: several caches (palm serve's batches) may hold the same copies.
+    transposed: TransposedWeights | None = None
 
     @property
     def max_len(self) -> int:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from palm.config import ModelConfig
 from palm.errors import ConfigError
-from palm.kv_cache import KVCache
+from palm.kv_cache import KVCache, TransposedWeights
 from palm.loss import LossOutput, linear_lm_loss
 from palm.rope import RotaryTables, apply_rope, rotary_tables
 
@@ -159,8 +159,8 @@ class PaLMBlock(nn.Module):
         self, h: Tensor, cache: KVCache | None, layer: int, rows: slice | None = None
     ) -> Tensor:
         """h @ in_proj's rows (all by default), through the cache's (in, out) copy if it has one."""
-        if cache is not None and cache.in_proj_t is not None:
-            weight_t = cache.in_proj_t[layer]
+        if cache is not None and cache.transposed is not None:
+            weight_t = cache.transposed.in_proj[layer]
             return h @ (weight_t if rows is None else weight_t[:, rows])
         if rows is None:
             return self.in_proj(h)  # the module call: tensor parallelism hooks into it
@@ -243,13 +243,14 @@ class PaLM(nn.Module):
         max_len: int | None = None,
         device=None,
         dtype=None,
-        transposed_weights: bool | None = None,
+        transposed_weights: bool | TransposedWeights | None = None,
     ) -> KVCache:
         """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens.
 
         `transposed_weights` gives the cache (in, out) copies of in_proj and the output
         projection, which decoding then multiplies by; None: where they are measured to pay
-        (`transposed_weights_pay`). They cost that much memory while the cache lives."""
+        (`transposed_weights_pay`). They cost that much memory while the cache lives; pass
+        the copies themselves (`transposed_weights()`) to share one set between caches."""
         c = self.config
         max_len = max_len or c.max_seq_len
         device = device or self.embedding.weight.device
@@ -262,11 +263,17 @@ class PaLM(nn.Module):
         cache = KVCache(keys, values, rope=rope)
         if transposed_weights is None:
             transposed_weights = transposed_weights_pay(self)
-        if transposed_weights:
-            with torch.no_grad():
-                cache.in_proj_t = [b.in_proj.weight.t().contiguous() for b in self.blocks]
-                cache.output_t = self.output_weight.t().contiguous()
+        if isinstance(transposed_weights, TransposedWeights):
+            cache.transposed = transposed_weights
+        elif transposed_weights:
+            cache.transposed = self.transposed_weights()
         return cache
+
+    @torch.no_grad()
+    def transposed_weights(self) -> TransposedWeights:
+        """(in, out) copies of every in_proj and of the output projection, for decoding."""
+        in_proj = [block.in_proj.weight.t().contiguous() for block in self.blocks]
+        return TransposedWeights(in_proj, self.output_weight.t().contiguous())
 
     def forward(
         self,
@@ -298,8 +305,8 @@ class PaLM(nn.Module):
 
     def decoding_logits(self, x: Tensor, cache: KVCache | None) -> Tensor:
         """`output_logits`, through the cache's (in, out) copy of the weight if it has one."""
-        if cache is not None and cache.output_t is not None:
-            return x @ cache.output_t
+        if cache is not None and cache.transposed is not None:
+            return x @ cache.transposed.output
         return self.output_logits(x)
 
     def output_loss(self, x: Tensor, targets: Tensor, z_loss_coef: float) -> LossOutput:

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from palm.config import TrainConfig
 from palm.errors import ConfigError
-from palm.model import KVCache, PaLM
+from palm.kv_cache import KVCache, TransposedWeights
+from palm.model import PaLM
 from palm.tokenizer import Tokenizer
 
 
@@ -87,7 +88,10 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor,
 
 
 def _masked_cache(
-    model: PaLM, mask: Tensor | None, max_len: int, transposed_weights: bool | None = None
+    model: PaLM,
+    mask: Tensor | None,
+    max_len: int,
+    transposed_weights: bool | TransposedWeights | None = None,
 ):
     """A cache of max_len whose key mask is the prompt mask, then True for new tokens."""
     rows = mask.shape[0] if mask is not None else 1
@@ -122,7 +126,7 @@ def prefill(
     prompt: Tensor,
     prompt_mask: Tensor | None,
     max_len: int,
-    transposed_weights: bool | None = None,
+    transposed_weights: bool | TransposedWeights | None = None,
 ) -> tuple[KVCache, Tensor]:
     """A cache of `max_len` positions holding prompt (B, T), and its last logits (B, V).
 

@@ -60,8 +60,9 @@ def test_transposed_weights_decode_the_float64_logits(overrides, small_model):
     reference = copy.deepcopy(model).double()
     prompt = torch.randint(0, 97, (2, 6))
     cache = model.new_cache(2, 20, transposed_weights=True)
-    assert len(cache.in_proj_t) == model.config.n_layers
-    assert cache.output_t.shape == (model.config.d_model, 97) and cache.output_t.is_contiguous()
+    assert len(cache.transposed.in_proj) == model.config.n_layers
+    output_t = cache.transposed.output
+    assert output_t.shape == (model.config.d_model, 97) and output_t.is_contiguous()
     with torch.no_grad():
         logits, sequence = model(prompt, cache)[:, -1], prompt
         for _ in range(8):
@@ -79,11 +80,11 @@ def test_transposed_weights_only_where_measured_to_pay(small_model):
     """On by default for CPU float32 (where they were measured faster); off for other dtypes and
     for a replaced output projection (tensor parallelism); an explicit False is honoured."""
     model = small_model()
-    assert transposed_weights_pay(model) and model.new_cache(1, 8).output_t is not None
-    assert model.new_cache(1, 8, transposed_weights=False).in_proj_t is None
+    assert transposed_weights_pay(model) and model.new_cache(1, 8).transposed is not None
+    assert model.new_cache(1, 8, transposed_weights=False).transposed is None
     assert not transposed_weights_pay(small_model().to(torch.bfloat16))
     model.output_logits = lambda x: x  # as palm.parallel replaces it
-    assert not transposed_weights_pay(model) and model.new_cache(1, 8).in_proj_t is None
+    assert not transposed_weights_pay(model) and model.new_cache(1, 8).transposed is None
 
 
 @pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
@@ -271,7 +272,7 @@ def test_cli_transposed_weights_flag_reaches_the_cache(run, capsys, monkeypatch)
 
     def spy(self, *args, **kwargs):
         cache = new_cache(self, *args, **kwargs)
-        made.append(cache.in_proj_t is not None)
+        made.append(cache.transposed is not None)
         return cache
 
     monkeypatch.setattr(PaLM, "new_cache", spy)

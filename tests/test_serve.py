@@ -30,6 +30,7 @@ from palm.batching import Done, Failed, Job, Step  # noqa: E402
 from palm.cli.generate import build_parser, sample  # noqa: E402
 from palm.engine import Engine  # noqa: E402
 from palm.errors import BusyError  # noqa: E402
+from palm.model import PaLM  # noqa: E402
 from palm.runs import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -464,8 +465,16 @@ def make_job(tokenizer, prompts, **options) -> Job:
     return Job(ids, options.pop("max_tokens"), emit=None, **options)
 
 
-def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(loaded):
+def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(loaded, monkeypatch):
     tok = loaded.tokenizer
+    made = []  # decoding's (in, out) weight copies: one set for the engine, shared by batches
+    copies = PaLM.transposed_weights
+
+    def counted(self):
+        made.append(copies(self))
+        return made[-1]
+
+    monkeypatch.setattr(PaLM, "transposed_weights", counted)
     specs = [
         (["the world"], dict(max_tokens=20, temperature=0.0)),
         (["the world"], dict(max_tokens=9, seed=4, top_k=30)),  # leaves the batch early
@@ -477,6 +486,7 @@ def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(loaded)
     engine = Engine(loaded.model, tok, max_rows=16)
     events = collect(engine, jobs)
     assert engine.counts["batches"] == 2 and engine.largest_batch == 3
+    assert len(made) == 1 and engine.transposed is made[0]  # CPU float32: on, made once
     for job, (prompts, options) in zip(jobs, specs):
         flags = {
             "max_new_tokens": options["max_tokens"],
