@@ -226,7 +226,7 @@ class Batch:
         model: PaLM,
         tokenizer: Tokenizer,
         jobs: list[Job],
-        transposed: TransposedWeights | None = None,
+        transposed: TransposedWeights | bool | None = None,
     ) -> None:
         self.model, self.device = model, next(model.parameters()).device
         self.running = [_Running(job, tokenizer, self.device) for job in jobs]
@@ -234,7 +234,7 @@ class Batch:
         tokens, mask = pad_left(rows, pad_id=max(tokenizer.pad_id, 0))
         length = tokens.shape[1] + max(job.max_tokens for job in jobs)
         with torch.no_grad():
-            # The engine's shared weight copies; None: as PaLM.new_cache decides.
+            # The engine's shared weight copies, or False for none; None: as new_cache decides.
             self.cache, self.logits = prefill(
                 model, tokens.to(self.device), mask.to(self.device), length, transposed
             )

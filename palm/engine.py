@@ -39,13 +39,17 @@ class Engine:
         max_rows: int = 32,
         batching: bool = True,
         gather_s: float = 0.005,
+        transposed_weights: bool | None = None,
     ) -> None:
         if max_queue < 1 or max_rows < 1:
             raise ConfigError(f"max_queue and max_rows must be >= 1, got {max_queue}, {max_rows}")
         self.model, self.tokenizer = model.eval(), tokenizer
         # One set of decoding's (in, out) weight copies for every batch, made once here (at M:
-        # 126 ms a set on one CPU thread, more than a short request's whole decoding).
-        self.transposed = model.transposed_weights() if transposed_weights_pay(model) else None
+        # 126 ms a set on one CPU thread, more than a short request's whole decoding); None:
+        # where measured to pay (PaLM.new_cache).
+        if transposed_weights is None:
+            transposed_weights = transposed_weights_pay(model)
+        self.transposed = model.transposed_weights() if transposed_weights else None
         self.max_queue, self.max_rows, self.batching = max_queue, max_rows, batching
         self.gather_s = gather_s if batching else 0.0  # seconds an idle worker waits for company
         self.context = model.config.max_seq_len
@@ -161,7 +165,9 @@ class Engine:
         for group in groups.values():
             batch = self._guarded(
                 group,
-                lambda group=group: Batch(self.model, self.tokenizer, group, self.transposed),
+                lambda group=group: Batch(
+                    self.model, self.tokenizer, group, self.transposed or False
+                ),
             )
             if batch is not None:
                 with self._wake:

@@ -487,6 +487,10 @@ def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(loaded,
     events = collect(engine, jobs)
     assert engine.counts["batches"] == 2 and engine.largest_batch == 3
     assert len(made) == 1 and engine.transposed is made[0]  # CPU float32: on, made once
+    made.clear()
+    off = Engine(loaded.model, tok, max_rows=16, transposed_weights=False)
+    assert texts_of(collect(off, jobs[:1])[id(jobs[0])]) == texts_of(events[id(jobs[0])])
+    assert made == [] and off.transposed is None  # off: no batch makes copies of its own
     for job, (prompts, options) in zip(jobs, specs):
         flags = {
             "max_new_tokens": options["max_tokens"],
