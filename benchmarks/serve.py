@@ -77,7 +77,9 @@ def write_random_run(folder: Path, vocab_size: int = 1024) -> Path:
 
 
 class ServerProcess:
-    def __init__(self, run: Path, batching: str, threads: int, log: Path) -> None:
+    def __init__(
+        self, run: Path, batching: str, threads: int, log: Path, transposed: str = "auto"
+    ) -> None:
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -102,6 +104,8 @@ class ServerProcess:
             "warning",
             "--model_name",
             "bench",
+            "--transposed_weights",
+            transposed,
         ]
         self.log = log
         with open(log, "w") as out:
@@ -195,6 +199,12 @@ def main() -> None:
     p.add_argument(
         "--repeats", type=int, default=2, help="runs per cell; the best is kept (shared CPUs)"
     )
+    p.add_argument(
+        "--transposed_weights",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the servers' --transposed_weights (decoding's (in, out) weight copies)",
+    )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,7 +212,8 @@ def main() -> None:
         servers = {}
         try:  # every mode's server up at once (an idle one costs nothing): cells alternate
             for mode in args.batching:
-                servers[mode] = ServerProcess(run, mode, args.threads, Path(tmp) / f"{mode}.log")
+                log = Path(tmp) / f"{mode}.log"
+                servers[mode] = ServerProcess(run, mode, args.threads, log, args.transposed_weights)
                 measure(servers[mode].port, 1, 1.0, args.max_tokens)  # warm-up
             best: dict[tuple[str, int], dict] = {}
             for clients in args.concurrency:
@@ -221,7 +232,8 @@ def main() -> None:
     print(
         f"\npalm serve, {run if args.run else 'random S (d_model 256, 4 layers)'}, "
         f"{args.max_tokens} new tokens per request, best of {args.repeats} x {args.seconds:g} s, "
-        f"server threads {args.threads}, torch {torch.__version__}, load average at the end "
+        f"server threads {args.threads}, --transposed_weights {args.transposed_weights}, "
+        f"torch {torch.__version__}, load average at the end "
         f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n"
     )
     print(
