@@ -25,6 +25,7 @@ from palm.config import ModelConfig
 from palm.errors import ConfigError
 from palm.kv_cache import KVCache, TransposedWeights
 from palm.loss import LossOutput, linear_lm_loss
+from palm.profiling import available_memory_bytes
 from palm.rope import RotaryTables, apply_rope, rotary_tables
 
 # ---------------------------------------------------------------------------------------------
@@ -369,12 +370,17 @@ def transposed_weights_pay(model: PaLM) -> bool:
     benchmarks/RESULTS.md, "transposed weights"); elsewhere (CUDA, bf16, where a bf16 `a @ b`
     can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16) nothing was measured, and the
     copies would be memory for nothing. Sharded weights (DTensor: FSDP2, tensor parallelism)
-    and a replaced output projection (palm.parallel) keep their own paths.
+    and a replaced output projection (palm.parallel) keep their own paths. Nor where the copies
+    would take more than half the memory the machine has available: a speed-up, never an OOM.
     """
     weight = model.output_weight
-    return (
+    if not (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and type(weight.data) is torch.Tensor
         and "output_logits" not in vars(model)
-    )
+    ):
+        return False
+    copies = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
+    available = available_memory_bytes()
+    return available is None or copies * weight.element_size() <= available // 2

@@ -1,8 +1,22 @@
-"""Measuring what a piece of code allocates, for benchmarks and for checking estimates."""
+"""Measuring what a piece of code allocates, for benchmarks and for checking estimates, and
+how much memory the machine has left."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+
+
+def available_memory_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The kernel's estimate of memory available without swapping (Linux `MemAvailable`);
+    None where it cannot be read (another OS)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # given in KiB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def peak_tensor_bytes(fn: Callable[[], object]) -> int:

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import palm.model
 import palm.sampling
 from palm.cli.generate import WRAP, LabelledLines, main
 from palm.errors import ConfigError
 from palm.model import PaLM, transposed_weights_pay
+from palm.profiling import available_memory_bytes
 from palm.runs import load_model, resolve_checkpoint
 from palm.sampling import TextStream, generate, pad_left, top_k_filter, top_p_filter
 from palm.tokenizer import Tokenizer
@@ -85,6 +88,24 @@ def test_transposed_weights_only_where_measured_to_pay(small_model):
     assert not transposed_weights_pay(small_model().to(torch.bfloat16))
     model.output_logits = lambda x: x  # as palm.parallel replaces it
     assert not transposed_weights_pay(model) and model.new_cache(1, 8).transposed is None
+
+
+def test_transposed_weights_never_take_more_than_half_the_available_memory(
+    small_model, monkeypatch, tmp_path
+):
+    model = small_model()
+    copies = 4 * (sum(b.in_proj.weight.numel() for b in model.blocks) + 97 * 32)
+    for available, expected in ((2 * copies, True), (2 * copies - 8, False), (None, True)):
+        monkeypatch.setattr(palm.model, "available_memory_bytes", lambda a=available: a)
+        assert transposed_weights_pay(model) is expected, available
+    # The reader: Linux's MemAvailable in KiB, at least the free pages; None without the file.
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       1000 kB\nMemFree:     200 kB\nMemAvailable:   512 kB\n")
+    assert available_memory_bytes(meminfo) == 512 * 1024
+    assert available_memory_bytes(tmp_path / "missing") is None
+    if Path("/proc/meminfo").exists():
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        assert available_memory_bytes() >= 0.5 * free
 
 
 @pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
