@@ -416,12 +416,16 @@ def test_cli_streams_every_sequence_of_a_batch(run, monkeypatch):
 
 
 def test_cli_interactive_loop(run, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("the world\nexit\n"))
+    made = []  # decoding's weight copies: one set for the whole session, not one per prompt
+    copies = PaLM.transposed_weights
+    monkeypatch.setattr(PaLM, "transposed_weights", lambda self: made.append(1) or copies(self))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the world\nthe world\nexit\n"))
     rc, out, err = cli(capsys, run, "--interactive", "--max_new_tokens", 5, "--temperature", 0)
+    assert made == [1]
     rc2, direct, _ = cli(
         capsys, run, "--prompt", "the world", "--max_new_tokens", 5, "--temperature", 0
     )
-    assert rc == rc2 == 0 and "interactive" in err and out == direct
+    assert rc == rc2 == 0 and "interactive" in err and out == direct * 2
 
 
 def test_cli_errors_are_one_clear_line(run, capsys, tmp_path):

@@ -34,6 +34,8 @@ import torch
 from palm.cli import run
 from palm.errors import ConfigError, PalmError
 from palm.flops import DTYPE_BYTES
+from palm.kv_cache import TransposedWeights
+from palm.model import transposed_weights_pay
 from palm.runs import WHICH, LoadedModel, load_model
 from palm.sampling import TextStream, check_sampling, pad_left, stream
 
@@ -141,6 +143,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 WRAP = 80  # batched output: a line longer than this is cut at its last space
 # Every boundary str.splitlines() knows: a stray \r or \x1c inside a sample must not start an
 # unlabelled line.
+TRANSPOSED = {"auto": None, "on": True, "off": False}  # --transposed_weights
 LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
@@ -183,9 +186,11 @@ def sample(
     args: argparse.Namespace,
     generator: torch.Generator,
     out=None,
+    transposed: TransposedWeights | bool | None = None,
 ) -> list[str]:
     """Generate for every prompt x num_samples, streaming: a single sequence as raw text, a
-    batch as labelled lines (LabelledLines)."""
+    batch as labelled lines (LabelledLines). `transposed`: decoding's weight copies to reuse
+    (interactive prompts share one set), else as --transposed_weights says."""
     out = sys.stdout if out is None else out
     tokenizer, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
@@ -225,7 +230,9 @@ def sample(
         compile=args.compile,
         # Interactive prompts differ in length: one full-context cache keeps one graph.
         cache_len=context if args.compile and args.interactive else None,
-        transposed_weights={"auto": None, "on": True, "off": False}[args.transposed_weights],
+        transposed_weights=(
+            TRANSPOSED[args.transposed_weights] if transposed is None else transposed
+        ),
     ):
         for row, text_stream in enumerate(streams):
             if not text_stream.done and not args.ignore_eod and token[row] == tokenizer.eod_id:
@@ -258,6 +265,10 @@ def sample(
 
 def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.Generator) -> None:
     print("interactive: one prompt per line; end with Ctrl-D or 'exit'", file=sys.stderr)
+    wanted = TRANSPOSED[args.transposed_weights]
+    if wanted is None:
+        wanted = transposed_weights_pay(loaded.model)
+    shared = loaded.model.transposed_weights() if wanted else False  # made once, not per prompt
     while True:
         sys.stderr.write("> ")  # the prompt marker goes to stderr: stdout holds only samples
         sys.stderr.flush()
@@ -266,7 +277,7 @@ def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.
             return
         line = line.rstrip("\n")
         try:
-            sample(loaded, [line.replace("\\n", "\n")], args, generator)
+            sample(loaded, [line.replace("\\n", "\n")], args, generator, transposed=shared)
         except PalmError as error:  # e.g. a prompt too long: report it and keep the loop
             print(f"error: {error}", file=sys.stderr)
 
