@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 from palm.batching import Batch, Done, Failed, Job, PromptScores, Step, score_prompt, send
 from palm.errors import BusyError, ConfigError, PalmError, warn
-from palm.model import PaLM, transposed_weights_pay
-from palm.sampling import check_sampling
+from palm.model import PaLM
+from palm.sampling import check_sampling, shared_transposed
 from palm.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -47,9 +47,7 @@ class Engine:
         # One set of decoding's (in, out) weight copies for every batch, made once here (at M:
         # 126 ms a set on one CPU thread, more than a short request's whole decoding); None:
         # where measured to pay (PaLM.new_cache).
-        if transposed_weights is None:
-            transposed_weights = transposed_weights_pay(model)
-        self.transposed = model.transposed_weights() if transposed_weights else None
+        self.transposed = shared_transposed(model, transposed_weights)
         self.max_queue, self.max_rows, self.batching = max_queue, max_rows, batching
         self.gather_s = gather_s if batching else 0.0  # seconds an idle worker waits for company
         self.context = model.config.max_seq_len
@@ -165,9 +163,7 @@ class Engine:
         for group in groups.values():
             batch = self._guarded(
                 group,
-                lambda group=group: Batch(
-                    self.model, self.tokenizer, group, self.transposed or False
-                ),
+                lambda group=group: Batch(self.model, self.tokenizer, group, self.transposed),
             )
             if batch is not None:
                 with self._wake:

@@ -26,10 +26,11 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from palm.errors import ConfigError
+from palm.kv_cache import TransposedWeights
 from palm.loss import IGNORE_INDEX, token_scores
 from palm.perplexity import score_documents
 from palm.runs import LoadedModel, load_model
-from palm.sampling import TextStream, pad_left, stream
+from palm.sampling import TextStream, pad_left, shared_transposed, stream
 
 
 @register_model("palm")
@@ -141,11 +142,13 @@ class PaLMLM(TemplateLM):
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        transposed = shared_transposed(self.model)  # decoding's weight copies, once for all
         for indices in groups.values():
             options = requests[indices[0]].args[1]
             for first in range(0, len(indices), self.batch_size):
                 chunk = indices[first : first + self.batch_size]
-                texts = self._generate([requests[i].args[0] for i in chunk], dict(options))
+                contexts = [requests[i].args[0] for i in chunk]
+                texts = self._generate(contexts, dict(options), transposed)
                 for i, text in zip(chunk, texts):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -154,7 +157,9 @@ class PaLMLM(TemplateLM):
         return out
 
     @torch.no_grad()
-    def _generate(self, contexts: list[str], options: dict) -> list[str]:
+    def _generate(
+        self, contexts: list[str], options: dict, transposed: TransposedWeights | bool | None = None
+    ) -> list[str]:
         until = options.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(options.pop("max_gen_toks", 256))
@@ -179,6 +184,7 @@ class PaLMLM(TemplateLM):
             eod_id=self.eot_token_id,
             generator=generator,
             prompt_mask=mask.to(self._device),
+            transposed_weights=transposed,
         ):
             for row, text_stream in enumerate(streams):
                 if int(token[row]) == self.eot_token_id:

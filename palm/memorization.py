@@ -22,7 +22,7 @@ import torch
 from palm.data.loader import open_split
 from palm.errors import ConfigError, DataError
 from palm.model import PaLM
-from palm.sampling import generate
+from palm.sampling import generate, shared_transposed
 
 
 @dataclass
@@ -131,13 +131,16 @@ def memorization(
         leave=False,
     )
     offsets = np.arange(span)
+    transposed = shared_transposed(model)  # decoding's weight copies, once for every batch
     for first in range(0, len(starts), batch_size):
         rows = torch.from_numpy(
             tokens[starts[first : first + batch_size, None] + offsets].astype(np.int64)
         ).to(device)  # (B, span)
         prompt, truth = rows[:, :prompt_tokens], rows[:, prompt_tokens:]
         # Greedy and no early stop at <eod>: a span may cross a document boundary.
-        out = generate(model, prompt, continuation_tokens, temperature=0.0)  # (B, C)
+        out = generate(
+            model, prompt, continuation_tokens, temperature=0.0, transposed_weights=transposed
+        )  # (B, C)
         same = out == truth
         exact = same.all(dim=1)
         result.exact_matches += int(exact.sum())

@@ -47,9 +47,12 @@ def stream(f: np.ndarray, rng: np.random.Generator, memorized: bool) -> np.ndarr
     return np.concatenate(pieces).astype(np.uint16)
 
 
-def test_exact_match_rate_equals_the_reference(bigram):
+def test_exact_match_rate_equals_the_reference(bigram, monkeypatch):
     model, f = bigram
     rng = np.random.default_rng(0)
+    made = []  # decoding's weight copies: one set per study (4 batches each), not per batch
+    copies = PaLM.transposed_weights
+    monkeypatch.setattr(PaLM, "transposed_weights", lambda self: made.append(1) or copies(self))
     for memorized in (True, False):
         tokens = stream(f, rng, memorized)
         result = memorization(model, tokens, "train", n_spans=60, batch_size=16, seed=1)
@@ -65,6 +68,7 @@ def test_exact_match_rate_equals_the_reference(bigram):
             assert result.exact_match_rate == 0.0
         low, high = result.interval()
         assert low <= result.exact_match_rate <= high
+    assert made == [1, 1]  # CPU float32: on, once per study
 
 
 def test_span_sampling_is_seeded_bounded_and_skips_padding():

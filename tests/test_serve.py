@@ -490,7 +490,7 @@ def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(loaded,
     made.clear()
     off = Engine(loaded.model, tok, max_rows=16, transposed_weights=False)
     assert texts_of(collect(off, jobs[:1])[id(jobs[0])]) == texts_of(events[id(jobs[0])])
-    assert made == [] and off.transposed is None  # off: no batch makes copies of its own
+    assert made == [] and off.transposed is False  # off: no batch makes copies of its own
     for job, (prompts, options) in zip(jobs, specs):
         flags = {
             "max_new_tokens": options["max_tokens"],

@@ -35,9 +35,8 @@ from palm.cli import run
 from palm.errors import ConfigError, PalmError
 from palm.flops import DTYPE_BYTES
 from palm.kv_cache import TransposedWeights
-from palm.model import transposed_weights_pay
 from palm.runs import WHICH, LoadedModel, load_model
-from palm.sampling import TextStream, check_sampling, pad_left, stream
+from palm.sampling import TextStream, check_sampling, pad_left, shared_transposed, stream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,10 +264,8 @@ def sample(
 
 def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.Generator) -> None:
     print("interactive: one prompt per line; end with Ctrl-D or 'exit'", file=sys.stderr)
-    wanted = TRANSPOSED[args.transposed_weights]
-    if wanted is None:
-        wanted = transposed_weights_pay(loaded.model)
-    shared = loaded.model.transposed_weights() if wanted else False  # made once, not per prompt
+    # Decoding's weight copies made once for the session, not once per prompt.
+    shared = shared_transposed(loaded.model, TRANSPOSED[args.transposed_weights])
     while True:
         sys.stderr.write("> ")  # the prompt marker goes to stderr: stdout holds only samples
         sys.stderr.flush()
