@@ -29,6 +29,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("palm.cli.serve", "an OpenAI-compatible HTTP server for a checkpoint"),
 }
 
+# generate's and serve's --transposed_weights -> transposed_weights (None: where it pays).
+TRANSPOSED_WEIGHTS: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
 
 def run(job: Callable[[], int | None], interrupted: str = "interrupted") -> int:
     """Run one command's work; a PalmError becomes its one `error:` line and exit code."""

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from palm.cli import run
+from palm.cli import TRANSPOSED_WEIGHTS, run
 from palm.errors import ConfigError, PalmError
 from palm.flops import DTYPE_BYTES
 from palm.kv_cache import TransposedWeights
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--transposed_weights",
-        choices=("auto", "on", "off"),
+        choices=tuple(TRANSPOSED_WEIGHTS),
         default="auto",
         help="decode with (in, out) copies of the wide weights (in_proj, output projection): "
         "faster one-row matmuls, that much more memory; auto = on for CPU float32 only, "
@@ -142,7 +142,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 WRAP = 80  # batched output: a line longer than this is cut at its last space
 # Every boundary str.splitlines() knows: a stray \r or \x1c inside a sample must not start an
 # unlabelled line.
-TRANSPOSED = {"auto": None, "on": True, "off": False}  # --transposed_weights
 LINE_BREAK = re.compile("\r\n|[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
@@ -230,7 +229,7 @@ def sample(
         # Interactive prompts differ in length: one full-context cache keeps one graph.
         cache_len=context if args.compile and args.interactive else None,
         transposed_weights=(
-            TRANSPOSED[args.transposed_weights] if transposed is None else transposed
+            TRANSPOSED_WEIGHTS[args.transposed_weights] if transposed is None else transposed
         ),
     ):
         for row, text_stream in enumerate(streams):
@@ -265,7 +264,7 @@ def sample(
 def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.Generator) -> None:
     print("interactive: one prompt per line; end with Ctrl-D or 'exit'", file=sys.stderr)
     # Decoding's weight copies made once for the session, not once per prompt.
-    shared = shared_transposed(loaded.model, TRANSPOSED[args.transposed_weights])
+    shared = shared_transposed(loaded.model, TRANSPOSED_WEIGHTS[args.transposed_weights])
     while True:
         sys.stderr.write("> ")  # the prompt marker goes to stderr: stdout holds only samples
         sys.stderr.flush()

@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from palm.cli import run
+from palm.cli import TRANSPOSED_WEIGHTS, run
 from palm.errors import ConfigError, PalmError
 
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--transposed_weights",
-        choices=("auto", "on", "off"),
+        choices=tuple(TRANSPOSED_WEIGHTS),
         default="auto",
         help="decode with one shared set of (in, out) copies of the wide weights: faster on "
         "CPU, ~75%% more weight memory; auto = on for CPU float32 only",
@@ -107,7 +107,7 @@ def serve(args: argparse.Namespace) -> None:
         args.max_rows,
         batching=args.batching == "on",
         gather_s=args.batch_wait_ms / 1000,
-        transposed_weights={"auto": None, "on": True, "off": False}[args.transposed_weights],
+        transposed_weights=TRANSPOSED_WEIGHTS[args.transposed_weights],
     )
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(Served(engine, loaded.tokenizer, name, args.max_tokens_cap))
