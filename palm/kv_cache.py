@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
+
+from palm.profiling import available_memory_bytes
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class KVCache:
     # instead of recomputing angles (no per-token cos/sin, no per-token allocation).
     rope: tuple[Tensor, ...] | None = None  # a palm.rope.RotaryTables
     # Copies of the two wide weights laid out (in, out), made once per cache where they pay
-    # (palm.model.transposed_weights_pay): a one-row matmul against (in, out) streams the
+    # (transposed_weights_pay, below): a one-row matmul against (in, out) streams the
     # weight ~2x faster on CPU than against nn.Linear's (out, in) when in < out (short dot
     # products), and decoding is those matmuls (benchmarks/RESULTS.md, "transposed weights").
     # Shared, read-only: several caches (palm serve's batches) may hold the same copies.
@@ -61,3 +64,27 @@ class KVCache:
         self.keys[layer][:, :, position] = k
         self.values[layer][:, :, position] = v
         return self.keys[layer], self.values[layer]
+
+
+def transposed_weights_pay(model: nn.Module) -> bool:
+    """Whether decoding with (in, out) copies of the wide weights (`PaLM.new_cache`) is faster,
+    for a palm.model.PaLM.
+
+    Measured on CPU in float32 only (one-row matmuls ~2x faster against (in, out) when in < out:
+    benchmarks/RESULTS.md, "transposed weights"); elsewhere (CUDA, bf16, where a bf16 `a @ b`
+    can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16) nothing was measured, and the
+    copies would be memory for nothing. Sharded weights (DTensor: FSDP2, tensor parallelism)
+    and a replaced output projection (palm.parallel) keep their own paths. Nor where the copies
+    would take more than half the memory the machine has available: a speed-up, never an OOM.
+    """
+    weight = model.output_weight
+    if not (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and type(weight.data) is torch.Tensor
+        and "output_logits" not in vars(model)
+    ):
+        return False
+    copies = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
+    available = available_memory_bytes()
+    return available is None or copies * weight.element_size() <= available // 2

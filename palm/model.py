@@ -23,10 +23,9 @@ from torch import Tensor, nn
 
 from palm.config import ModelConfig
 from palm.errors import ConfigError
-from palm.kv_cache import KVCache, TransposedWeights
+from palm.kv_cache import KVCache, TransposedWeights, transposed_weights_pay
 from palm.loss import LossOutput, linear_lm_loss
-from palm.profiling import available_memory_bytes
-from palm.rope import RotaryTables, apply_rope, rotary_tables
+from palm.rope import RotaryTables, apply_rope, rotary_table_stack, rotary_tables
 
 # ---------------------------------------------------------------------------------------------
 # The block
@@ -218,6 +217,14 @@ class PaLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
+        # RoPE's tables for positions 0..max_seq_len-1, made once. Made per forward instead,
+        # torch.compile inlines their cos, sin and pow into every kernel that reads them, per
+        # element, per layer, forward and backward (issue 16: 5% of a compiled step at S). A
+        # function of the config, so not in the state dict; remade in float32 wherever the
+        # model goes (_apply) and after a state dict is loaded (into a meta-built model too).
+        tables = rotary_table_stack(config.max_seq_len, config)
+        self.register_buffer("rope_tables", tables, persistent=False)
+        self.register_load_state_dict_post_hook(_remake_rope_tables)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -233,6 +240,19 @@ class PaLM(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=fan_in**-0.5)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
+
+    def _apply(self, fn, recurse=True):
+        # Module.to / .half / .cuda / .to_empty run this: they would round the tables to the
+        # new dtype (bf16 and back to float32 would not restore them) or leave them empty.
+        super()._apply(fn, recurse)
+        self.remake_rope_tables()
+        return self
+
+    @torch.no_grad()
+    def remake_rope_tables(self) -> None:
+        """RoPE's tables in float32 on the embedding's device (meta stays meta: no storage)."""
+        device = self.embedding.weight.device
+        self.rope_tables = rotary_table_stack(self.config.max_seq_len, self.config, device)
 
     @property
     def output_weight(self) -> Tensor:
@@ -326,7 +346,9 @@ class PaLM(nn.Module):
         x = self.embedding(tokens)  # (B, T, D); PaLM: no scaling, no LayerNorm on embeddings
         if cache is not None and cache.rope is not None:
             rope = RotaryTables(*(t[past : past + T] for t in cache.rope))  # views
-        else:
+        elif past + T <= self.rope_tables.shape[1]:
+            rope = RotaryTables(*self.rope_tables[:, past : past + T].to(x.dtype).unbind(0))
+        else:  # beyond max_seq_len (RoPE extrapolates): made for these positions
             positions = torch.arange(past, past + T, device=tokens.device)
             rope = rotary_tables(positions, c, x.dtype)  # shared by all layers
         for layer, block in enumerate(self.blocks):
@@ -363,24 +385,6 @@ class PaLM(nn.Module):
         return total - self.embedding.weight.numel() if exclude_embedding else total
 
 
-def transposed_weights_pay(model: PaLM) -> bool:
-    """Whether decoding with (in, out) copies of the wide weights (`PaLM.new_cache`) is faster.
-
-    Measured on CPU in float32 only (one-row matmuls ~2x faster against (in, out) when in < out:
-    benchmarks/RESULTS.md, "transposed weights"); elsewhere (CUDA, bf16, where a bf16 `a @ b`
-    can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16) nothing was measured, and the
-    copies would be memory for nothing. Sharded weights (DTensor: FSDP2, tensor parallelism)
-    and a replaced output projection (palm.parallel) keep their own paths. Nor where the copies
-    would take more than half the memory the machine has available: a speed-up, never an OOM.
-    """
-    weight = model.output_weight
-    if not (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and type(weight.data) is torch.Tensor
-        and "output_logits" not in vars(model)
-    ):
-        return False
-    copies = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
-    available = available_memory_bytes()
-    return available is None or copies * weight.element_size() <= available // 2
+def _remake_rope_tables(model: PaLM, _incompatible_keys) -> None:
+    """load_state_dict's post-hook (a function, so a model stays picklable)."""
+    model.remake_rope_tables()

@@ -111,7 +111,8 @@ def parallelize(
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        train_module = DistributedDataParallel(model, device_ids=ids)
+        # No buffer to broadcast each step: RoPE's tables are a function of the config.
+        train_module = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     if compile:
         train_module.compile()  # in place: state-dict keys keep no "_orig_mod." prefix
     return model, train_module

@@ -75,3 +75,10 @@ def rotary_tables(positions: Tensor, config: ModelConfig, dtype: torch.dtype) ->
     s = xpos_scales(positions, config.head_dim, config.xpos_scale_base, config.max_seq_len // 2)
     tables = (cos * s, sin * s, cos / s, sin / s)
     return RotaryTables(*(t.to(dtype) for t in tables))
+
+
+def rotary_table_stack(length: int, config: ModelConfig, device=None) -> Tensor:
+    """`rotary_tables` for positions 0..length-1 stacked into one (4, length, head_dim) float32
+    tensor, in RotaryTables' order: what the model keeps as a buffer and slices per forward."""
+    positions = torch.arange(length, device=device)
+    return torch.stack(rotary_tables(positions, config, torch.float32))
