@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import palm.model
+import palm.kv_cache
 import palm.sampling
 from palm.cli.generate import WRAP, LabelledLines, main
 from palm.errors import ConfigError
@@ -96,7 +96,7 @@ def test_transposed_weights_never_take_more_than_half_the_available_memory(
     model = small_model()
     copies = 4 * (sum(b.in_proj.weight.numel() for b in model.blocks) + 97 * 32)
     for available, expected in ((2 * copies, True), (2 * copies - 8, False), (None, True)):
-        monkeypatch.setattr(palm.model, "available_memory_bytes", lambda a=available: a)
+        monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda a=available: a)
         assert transposed_weights_pay(model) is expected, available
     # The reader: Linux's MemAvailable in KiB, at least the free pages; None without the file.
     meminfo = tmp_path / "meminfo"

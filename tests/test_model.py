@@ -170,7 +170,9 @@ def test_no_bias_parameters_anywhere():
         assert not [n for n in names if "bias" in n]
         for module in model.modules():
             assert getattr(module, "bias", None) is None
-        assert not list(model.buffers())
+        # The one buffer: RoPE's tables, a function of the config (not in the state dict).
+        assert [name for name, _ in model.named_buffers()] == ["rope_tables"]
+        assert "rope_tables" not in model.state_dict()
 
 
 def test_tied_embedding_is_one_tensor():
@@ -317,3 +319,45 @@ def test_the_block_compiles_without_graph_breaks():
     assert torch._dynamo.explain(model.blocks[0])(x, rope).graph_break_count == 0
     tokens = torch.randint(0, 64, (2, 8))
     assert torch._dynamo.explain(model)(tokens, targets=tokens).graph_break_count == 1
+
+
+def test_rope_tables_are_made_once_in_float32_wherever_the_model_goes():
+    """The model keeps RoPE's tables as a float32 buffer (issue 16: made per forward, compiled
+    code recomputed cos/sin per element); they stay exact through casts and meta builds."""
+    from palm.rope import rotary_tables
+
+    model = make()
+    L = TINY.max_seq_len
+    fresh = torch.stack(rotary_tables(torch.arange(L), TINY, torch.float32))
+    assert torch.equal(model.rope_tables, fresh)
+    # bf16 and back: remade, not rounded.
+    model.to(torch.bfloat16).to(torch.float32)
+    assert model.rope_tables.dtype == torch.float32 and torch.equal(model.rope_tables, fresh)
+    # Built on meta and loaded by assignment (palm.hf, palm.interop), or to_empty (FSDP).
+    with torch.device("meta"):
+        loaded, emptied = PaLM(TINY), PaLM(TINY)
+    loaded.load_state_dict(model.state_dict(), assign=True)
+    emptied.to_empty(device="cpu")
+    assert torch.equal(loaded.rope_tables, fresh) and torch.equal(emptied.rope_tables, fresh)
+    tokens = torch.randint(0, TINY.vocab_size, (2, L + 5))  # past max_seq_len: made per call
+    longer = model(tokens)
+    assert torch.equal(loaded(tokens[:, :L]), model(tokens[:, :L]))
+    torch.testing.assert_close(longer[:, :L], model(tokens[:, :L]), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_computes_no_cos_or_sin():
+    """What torch.compile traces for a training step reads RoPE's tables, never makes them
+    (inductor would inline the cos/sin into every kernel that reads them)."""
+    config = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16)
+    model = PaLM(config)
+    targets = []
+
+    def record(graph_module, example_inputs):
+        targets.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    tokens = torch.randint(0, 64, (2, 8))
+    torch.compile(model, backend=record)(tokens, targets=tokens).loss.backward()
+    assert any("scaled_dot_product_attention" in t for t in targets), targets  # traced
+    assert not [t for t in targets if "cos" in t or "sin" in t]
