@@ -213,3 +213,22 @@ def test_lm_loss_keeps_float64_so_gradcheck_works():
     targets[0, 0] = -100
     assert lm_loss(logits, targets).loss.dtype == torch.float64
     assert torch.autograd.gradcheck(lambda x: lm_loss(x, targets, z_loss_coef=0.3).loss, (logits,))
+
+
+def test_confident_wrong_predictions_stay_finite_in_float32():
+    """Logits 300 apart: float32 p(target) underflows to 0, yet -log p(target) and log Z are the
+    float64 values (log Z comes from the largest probability, which never underflows)."""
+    hidden, weight, targets = problem(n=24, d=8, v=40, dtype=torch.float64)
+    hidden = (hidden.detach() * 60).requires_grad_()
+    want, want_ce, want_z = reference(hidden, weight, targets, 1e-4)
+    h32, w32 = (t.detach().float().requires_grad_() for t in (hidden, weight))
+    out = linear_lm_loss(h32, w32, targets, 1e-4, chunk_tokens=7)
+    logits = h32.detach() @ w32.detach().t()
+    spread = (logits.amax(-1) - logits.gather(-1, targets.clamp(min=0)[:, None])[:, 0]).max()
+    assert spread > 200  # exp(-200) is 0 in float32: the target's probability underflows
+    torch.testing.assert_close(out.cross_entropy.double(), want_ce, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out.z_loss.double(), want_z, rtol=1e-5, atol=0)
+    out.loss.backward()
+    (want * 1.0).backward()
+    torch.testing.assert_close(h32.grad.double(), hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w32.grad.double(), weight.grad, rtol=1e-4, atol=1e-6)
