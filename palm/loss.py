@@ -294,9 +294,8 @@ class _VocabParallelLMLoss(torch.autograd.Function):
             nll[begin:end] = log_z[begin:end] - sums[1]
             if want_grad:
                 a = ce_weight[begin:end]
-                softmax = logits.div_(sums[0][:, None])
                 scale = a + 2.0 * z_loss_coef * a * log_z[begin:end]
-                grad = softmax.mul_(scale[:, None])
+                grad = logits.mul_((scale / sums[0])[:, None])  # softmax * scale: one pass
                 grad.scatter_add_(-1, index, -(a * mine)[:, None])
                 grad_h[begin:end] = torch.mm(grad, w)
                 grad_w.addmm_(grad.t(), h[begin:end])
