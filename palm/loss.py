@@ -172,14 +172,15 @@ class _LinearLMLoss(torch.autograd.Function):
                 elif want_grad_hidden:
                     grad_h[start:end] = torch.mm(p, w).to(exact).mul_(s_).sub_(a * w[t].to(exact))
                 if want_grad_weight:
-                    scaled_h = (h_c.to(exact) * s_).to(compute_dtype)
+                    h_exact = h_c.to(exact)
+                    scaled_h = (h_exact * s_).to(compute_dtype)
                     if grad_w is None:
                         grad_w = torch.mm(p.t(), scaled_h).to(exact)
                     elif compute_dtype == exact:
                         grad_w.addmm_(p.t(), scaled_h)
                     else:
                         grad_w.add_(torch.mm(p.t(), scaled_h))
-                    grad_w.index_add_(0, t, h_c.to(exact) * -a)
+                    grad_w.index_add_(0, t, h_exact * -a)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         cross_entropy = (nll * ce_weight).sum()

@@ -254,6 +254,14 @@ class PaLM(nn.Module):
         device = self.embedding.weight.device
         self.rope_tables = rotary_table_stack(self.config.max_seq_len, self.config, device)
 
+    def rotary(self, start: int, length: int, dtype: torch.dtype) -> RotaryTables:
+        """RoPE's tables for positions start .. start + length - 1: rows of `rope_tables`, or
+        made for these positions past max_seq_len (RoPE extrapolates)."""
+        if start + length <= self.rope_tables.shape[1]:
+            return RotaryTables(*self.rope_tables[:, start : start + length].to(dtype).unbind(0))
+        positions = torch.arange(start, start + length, device=self.rope_tables.device)
+        return rotary_tables(positions, self.config, dtype)
+
     @property
     def output_weight(self) -> Tensor:
         return self.embedding.weight if self.lm_head is None else self.lm_head.weight
@@ -278,8 +286,7 @@ class PaLM(nn.Module):
         dtype = dtype or self.embedding.weight.dtype
         shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
         make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
-        positions = torch.arange(max_len, device=device)
-        rope = rotary_tables(positions, c, self.embedding.weight.dtype)  # (max_len, Q) each
+        rope = self.rotary(0, max_len, self.embedding.weight.dtype)  # (max_len, Q) each
         keys, values = [make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)]
         cache = KVCache(keys, values, rope=rope)
         if transposed_weights is None:
@@ -335,7 +342,6 @@ class PaLM(nn.Module):
 
     def features(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """The final activations (B, T, D) that the output projection turns into logits."""
-        c = self.config
         B, T = tokens.shape
         past = 0 if cache is None else cache.length
         if cache is not None and past + T > cache.max_len:
@@ -346,11 +352,8 @@ class PaLM(nn.Module):
         x = self.embedding(tokens)  # (B, T, D); PaLM: no scaling, no LayerNorm on embeddings
         if cache is not None and cache.rope is not None:
             rope = RotaryTables(*(t[past : past + T] for t in cache.rope))  # views
-        elif past + T <= self.rope_tables.shape[1]:
-            rope = RotaryTables(*self.rope_tables[:, past : past + T].to(x.dtype).unbind(0))
-        else:  # beyond max_seq_len (RoPE extrapolates): made for these positions
-            positions = torch.arange(past, past + T, device=tokens.device)
-            rope = rotary_tables(positions, c, x.dtype)  # shared by all layers
+        else:
+            rope = self.rotary(past, T, x.dtype)  # shared by all layers
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)
         if cache is not None:
