@@ -88,3 +88,16 @@ def transposed_weights_pay(model: nn.Module) -> bool:
     copies = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
     available = available_memory_bytes()
     return available is None or copies * weight.element_size() <= available // 2
+
+
+def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:
+    """(B, 1, T, past + T) mask: the causal one, minus padding keys (key_mask False).
+
+    A padding query still sees itself, so no row is fully masked (which would give NaN that
+    later layers would write into the cache).
+    """
+    key_pos = torch.arange(past + T, device=key_mask.device)
+    query_pos = torch.arange(past, past + T, device=key_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # (T, past + T)
+    keep = key_mask[:, None, None, : past + T] | (key_pos[None, :] == query_pos[:, None])
+    return keep & causal  # (B, 1, T, past + T)

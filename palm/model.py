@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from palm.block_autograd import split_rope_swiglu
 from palm.config import ModelConfig
 from palm.errors import ConfigError
-from palm.kv_cache import KVCache, TransposedWeights, transposed_weights_pay
+from palm.kv_cache import KVCache, TransposedWeights, padding_mask, transposed_weights_pay
 from palm.loss import LossOutput, linear_lm_loss
 from palm.rope import RotaryTables, apply_rope, rotary_table_stack, rotary_tables
 
@@ -111,7 +112,7 @@ class PaLMBlock(nn.Module):
             query_pos = torch.arange(past, past + T, device=q.device)
             mask, causal = key_pos[None, :] <= query_pos[:, None], False
         if cache is not None and cache.key_mask is not None:
-            mask, causal = self.padding_mask(cache.key_mask, past, T), False
+            mask, causal = padding_mask(cache.key_mask, past, T), False
         return self.attend(q, k, v, mask, causal)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
@@ -132,25 +133,23 @@ class PaLMBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return out.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*Q)
 
-    @staticmethod
-    def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:
-        """(B, 1, T, past + T) mask: the causal one, minus padding keys (key_mask False).
-
-        A padding query still sees itself, so no row is fully masked (which would give NaN that
-        later layers would write into the cache).
-        """
-        key_pos = torch.arange(past + T, device=key_mask.device)
-        query_pos = torch.arange(past, past + T, device=key_mask.device)
-        causal = key_pos[None, :] <= query_pos[:, None]  # (T, past + T)
-        keep = key_mask[:, None, None, : past + T] | (key_pos[None, :] == query_pos[:, None])
-        return keep & causal  # (B, 1, T, past + T)
-
     def activation(self, *pieces: Tensor) -> Tensor:
         """MLP hidden activations from the MLP's input rows: (value, gate) or one piece."""
         if self.config.activation == "swiglu":
             value, gate = pieces  # PaLM §2: Swish(xW) * (xV)
             return F.silu(gate) * value
         return F.gelu(pieces[0])
+
+    def one_node_middle(self, fused: Tensor, rope: RotaryTables, cache: KVCache | None) -> bool:
+        """Whether palm.block_autograd's split + RoPE + SwiGLU node serves: eager (compile fuses
+        the plain ops), no cache, plain tensors (not DTensor), tables in the activations' dtype."""
+        return (
+            cache is None
+            and self.config.activation == "swiglu"
+            and type(fused) is Tensor
+            and fused.dtype == rope.q_cos.dtype
+            and not torch.compiler.is_compiling()
+        )
 
     def residual_dropout(self, h: Tensor) -> Tensor:
         return F.dropout(h, self.config.dropout, self.training) if self.config.dropout else h
@@ -177,11 +176,13 @@ class PaLMBlock(nn.Module):
         if self.mlp_norm is None:
             # Parallel block: one LayerNorm, one fused input matmul for both branches.
             fused = self.project_in(self.norm(x), cache, layer)  # (B, T, q + 2kv + mlp_in)
-            # One split() into views, not slices: its backward is one cat of the pieces'
-            # gradients, where each slice's would allocate and add a zero-filled (B, T, rows).
-            q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
-            attn = self.attention(q, k, v, rope, cache, layer, position)
-            mlp = self.activation(*mlp_in)
+            if self.one_node_middle(fused, rope, cache):  # eager training's fast path
+                q, k, v, mlp = split_rope_swiglu(fused, rope, self.row_sizes, self.config.head_dim)
+                attn = self.attend(q, k, v, None, True)
+            else:  # split() into views: its backward is one cat, not a zero-filled add per slice
+                q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
+                attn = self.attention(q, k, v, rope, cache, layer, position)
+                mlp = self.activation(*mlp_in)
             return x + self.residual_dropout(self.attn_out(attn) + self.mlp_out(mlp))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         split = self.q_dim + 2 * self.kv_dim  # in_proj's rows: [q | k | v] then the MLP's

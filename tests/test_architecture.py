@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "palm.loss": 1,
     "palm.kv_cache": 1,
     "palm.rope": 1,
+    "palm.block_autograd": 1,
     "palm.model": 1,
     "palm.parallel": 1,
     "palm.tokenizer": 1,
