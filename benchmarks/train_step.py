@@ -79,7 +79,12 @@ SIZES = {
     ),
 }
 MODELS = ("ours", "palm-pytorch", "litgpt")
-MODULES = {"ours": "palm.model", "palm-pytorch": "palm_pytorch", "litgpt": "litgpt.model"}
+MODULES = {
+    "ours": "palm.model",
+    "ours-plain": "palm.model",
+    "palm-pytorch": "palm_pytorch",
+    "litgpt": "litgpt.model",
+}
 COMPILED = ("ours", "litgpt")  # the variants --compile adds, as "<name>+compile"
 
 
@@ -115,10 +120,14 @@ def palm_loss(model: nn.Module, tokens: Tensor, targets: Tensor) -> Tensor:
 def build(name: str, size: dict) -> tuple[nn.Module, LossFn]:
     """The model and its loss (model, tokens, targets) -> scalar, as each project trains."""
     s = size
-    if name == "ours":
+    if name in ("ours", "ours-plain"):
         from palm.model import PaLM
 
-        return PaLM(palm_config(s)), palm_loss
+        model = PaLM(palm_config(s))
+        if name == "ours-plain":  # without eager training's one-node block middle (an A/B)
+            for block in model.blocks:
+                block.one_node_middle = lambda *args: False
+        return model, palm_loss
     if name == "palm-pytorch":
         from palm_pytorch import PaLM as PeerPaLM
 
@@ -133,7 +142,7 @@ def build(name: str, size: dict) -> tuple[nn.Module, LossFn]:
         return model, logits_cross_entropy
     if name == "litgpt":  # imported also without lightning (benchmarks/common.py)
         return litgpt_palm_like(s, block_size=s["seq_len"]), logits_cross_entropy
-    raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
+    raise ValueError(f"unknown model {name!r}; choose from {MODELS} or ours-plain")
 
 
 def parameter_count(model: nn.Module) -> int:
