@@ -102,7 +102,7 @@ def test_model_loss_equals_loss_of_logits_without_whole_logits_saved():
     saved = []
 
     def pack(t):
-        saved.append(t.numel())
+        saved.append(t.shape)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -117,7 +117,7 @@ def test_model_loss_equals_loss_of_logits_without_whole_logits_saved():
     for name, p in model.named_parameters():
         torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     # Nothing of (B, T, vocab) size is kept for backward: that is the point of fusing.
-    assert max(saved) < 3 * 20 * 301
+    assert max(s.numel() for s in saved if 301 in s) < 3 * 20 * 301
 
 
 def test_bfloat16_autocast_matmuls_stay_close_to_float32():
