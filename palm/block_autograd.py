@@ -8,7 +8,7 @@ adds its own copies and saves the rotated halves. Here the backward writes every
 gradient straight into its rows of one buffer, and RoPE is four multiply-adds on halves, with
 nothing saved but the fused rows, Swish(gate) and the tables (issue 16: the cats and negations
 were ~2% of an eager step at size S). torch.compile fuses the plain ops by itself, so the model
-uses this in eager mode only; `tests/test_model.py` holds it to the plain ops in float64.
+uses this in eager mode only; `tests/test_block_autograd.py` holds it to the plain ops in float64.
 """
 
 from __future__ import annotations
@@ -38,14 +38,18 @@ def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, *, adjoint: bo
     return out
 
 
+def to_heads(rows: Tensor, head_dim: int) -> Tensor:
+    """(B, T, heads * Q) rows of the fused projection as a (B, heads, T, Q) view."""
+    B, T, _ = rows.shape
+    return rows.view(B, T, -1, head_dim).transpose(1, 2)
+
+
 class _SplitRopeSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fused, q_cos, q_sin, k_cos, k_sin, row_sizes, head_dim):
-        B, T, _ = fused.shape
         q, k, v, value, gate = fused.split(row_sizes, dim=-1)
-        q = q.view(B, T, -1, head_dim).transpose(1, 2)  # (B, H, T, Q)
-        k = k.view(B, T, -1, head_dim).transpose(1, 2)  # (B, KH, T, Q)
-        v = v.view(B, T, -1, head_dim).transpose(1, 2)  # (B, KH, T, Q), a view of `fused`
+        q, k = to_heads(q, head_dim), to_heads(k, head_dim)  # (B, H, T, Q), (B, KH, T, Q)
+        v = to_heads(v, head_dim)  # (B, KH, T, Q), a view of `fused`
         q = rotate_into(torch.empty_like(q), q, q_cos, q_sin, adjoint=False)
         k = rotate_into(torch.empty_like(k), k, k_cos, k_sin, adjoint=False)
         swish = F.silu(gate)  # PaLM §2: Swish(xW) * (xV)
@@ -56,15 +60,13 @@ class _SplitRopeSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v, grad_hidden):
         fused, swish, q_cos, q_sin, k_cos, k_sin = ctx.saved_tensors
-        B, T, _ = fused.shape
         grad = torch.empty_like(fused)  # (B, T, rows): in_proj's output gradient, filled in place
-        to_heads = lambda rows: rows.view(B, T, -1, ctx.head_dim).transpose(1, 2)  # noqa: E731
         q_rows, k_rows, v_rows, value_rows, gate_rows = grad.split(ctx.row_sizes, dim=-1)
         value, gate = fused.split(ctx.row_sizes, dim=-1)[3:]
         # (Autograd hands zeros, not None, for an output that got no gradient.)
-        rotate_into(to_heads(q_rows), grad_q, q_cos, q_sin, adjoint=True)
-        rotate_into(to_heads(k_rows), grad_k, k_cos, k_sin, adjoint=True)
-        to_heads(v_rows).copy_(grad_v)
+        rotate_into(to_heads(q_rows, ctx.head_dim), grad_q, q_cos, q_sin, adjoint=True)
+        rotate_into(to_heads(k_rows, ctx.head_dim), grad_k, k_cos, k_sin, adjoint=True)
+        to_heads(v_rows, ctx.head_dim).copy_(grad_v)
         torch.mul(grad_hidden, swish, out=value_rows)
         # d/dgate of Swish(gate) * value: aten's one-pass Swish derivative, written in place.
         torch.ops.aten.silu_backward.grad_input(grad_hidden * value, gate, grad_input=gate_rows)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from palm.block_autograd import split_rope_swiglu
+from palm.block_autograd import split_rope_swiglu, to_heads
 from palm.config import ModelConfig
 from palm.errors import ConfigError
 from palm.kv_cache import KVCache, TransposedWeights, padding_mask, transposed_weights_pay
@@ -85,12 +85,11 @@ class PaLMBlock(nn.Module):
         With `position` (1,), the static-shape decoding step: one token (T = 1) is written there
         and attends over the whole cache, positions after it masked (gpt-fast's approach)."""
         c = self.config
-        B, T, _ = q.shape
+        T = q.shape[1]
         # Head counts read off the rows, not the config: under tensor parallelism (palm.parallel)
         # this rank holds a share of the query heads.
-        q = q.view(B, T, -1, c.head_dim).transpose(1, 2)  # (B, H, T, Q)
-        k = k.view(B, T, -1, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
-        v = v.view(B, T, -1, c.head_dim).transpose(1, 2)  # (B, KH, T, Q)
+        q = to_heads(q, c.head_dim)  # (B, H, T, Q)
+        k, v = to_heads(k, c.head_dim), to_heads(v, c.head_dim)  # (B, KH, T, Q)
         q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.k_cos, rope.k_sin)
         past = 0
         if position is not None and cache is not None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from palm import ModelConfig, PaLM
-from palm.block_autograd import split_rope_swiglu
+from palm.block_autograd import split_rope_swiglu, to_heads
 from palm.rope import apply_rope, rotary_tables
 
 CONFIG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, head_dim=8, max_seq_len=16)
@@ -17,12 +17,10 @@ CONFIG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, head_dim=
 
 def plain_middle(fused, rope, row_sizes, head_dim):
     """What PaLMBlock computes without the node: split, apply_rope, Swish(gate) * value."""
-    B, T, _ = fused.shape
     q, k, v, value, gate = fused.split(row_sizes, dim=-1)
-    heads = lambda t: t.view(B, T, -1, head_dim).transpose(1, 2)  # noqa: E731
-    q = apply_rope(heads(q), rope.q_cos, rope.q_sin)
-    k = apply_rope(heads(k), rope.k_cos, rope.k_sin)
-    return q, k, heads(v), F.silu(gate) * value
+    q = apply_rope(to_heads(q, head_dim), rope.q_cos, rope.q_sin)
+    k = apply_rope(to_heads(k, head_dim), rope.k_cos, rope.k_sin)
+    return q, k, to_heads(v, head_dim), F.silu(gate) * value
 
 
 @pytest.mark.parametrize("n_kv_heads", [1, 4])  # multi-query (PaLM) and multi-head
