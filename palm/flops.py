@@ -108,7 +108,7 @@ def activation_bytes(
     (2 d_ff). With activation checkpointing only each block's input is kept, plus one block's
     full set while it is recomputed. The output projection and loss are fused
     (palm.loss.linear_lm_loss): it keeps float32 gradients for the final activations and for
-    the output matrix, and makes the logits one (chunk, vocab) float32 block (two buffers) at a
+    the output matrix, and makes the logits one (chunk, vocab) float32 block (softmax in place) at a
     time, never (tokens, vocab). With `tensor_parallel` ranks each keeps its share of the heads,
     the MLP and the vocabulary; the residual stream, its LayerNorm and the (multi-query) key/value
     head are on every rank.
@@ -126,7 +126,7 @@ def activation_bytes(
         layers = tokens * c.n_layers * per_token_layer * act_bytes
     vocab = c.vocab_size // tp
     chunk = min(tokens, chunk_tokens_for(vocab, device_type))
-    loss = (tokens * c.d_model + vocab * c.d_model + 2 * chunk * vocab) * 4
+    loss = (tokens * c.d_model + vocab * c.d_model + chunk * vocab) * 4
     return layers + loss
 
 

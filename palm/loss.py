@@ -104,6 +104,40 @@ def lm_loss(
 # ---------------------------------------------------------------------------------------------
 
 
+def _softmax_nll_log_z_(
+    logits: Tensor, targets: Tensor, logits_of_rows, sync_free: bool | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The softmax of a (c, V) block written over it, -log p(target) and log Z per row.
+
+    One exp per element (torch.softmax, row by row in cache) and log Z = x_t - log p_t from two
+    gathers, where log_softmax then exp took two exps, and an amax of the logits and one of the
+    probabilities two more passes over the block (issue 16). A target whose probability is
+    subnormal (a logit ~87 nats below log Z in float32) would lose digits that way: those rows'
+    logits are made again (`logits_of_rows(row_indices)`) for an exact logsumexp. Checking for
+    them is free on a CPU; on an accelerator it would stall the stream, so there (`sync_free`,
+    the default off the CPU) log Z comes from the block's largest logit and probability instead
+    (at the argmax p >= 1/V never underflows).
+    """
+    index = targets[:, None]
+    target_logit = logits.gather(-1, index).squeeze(-1)
+    if sync_free is None:
+        sync_free = logits.device.type != "cpu"
+    if sync_free:
+        high = logits.amax(dim=-1)
+        probs = torch.softmax(logits, dim=-1, out=logits)
+        log_z = high - probs.amax(dim=-1).log()
+        return probs, log_z - target_logit, log_z
+    probs = torch.softmax(logits, dim=-1, out=logits)
+    target_prob = probs.gather(-1, index).squeeze(-1)
+    nll = -target_prob.log()
+    log_z = target_logit + nll
+    rows = (target_prob < torch.finfo(probs.dtype).tiny).nonzero().squeeze(-1)
+    if rows.numel():
+        log_z[rows] = torch.logsumexp(logits_of_rows(rows), dim=-1)
+        nll[rows] = log_z[rows] - target_logit[rows]
+    return probs, nll, log_z
+
+
 class _LinearLMLoss(torch.autograd.Function):
     """loss = sum_i a_i * (-log p_i[t_i] + coef * log(Z_i)^2) with logits_i = W h_i.
 
@@ -138,27 +172,24 @@ class _LinearLMLoss(torch.autograd.Function):
         nll = torch.empty(n, dtype=exact, device=hidden.device)
         log_z = torch.empty_like(nll)
         ce_weight = ce_weight.to(exact)
-        # Two (chunk, V) buffers made once and reused by every chunk: a fresh block per chunk
+        # One (chunk, V) buffer made once and reused by every chunk: a fresh block per chunk
         # is, past glibc's 32 MiB mmap threshold, new pages that the kernel faults in and zeroes
         # each time (measured, issue 16: the loss alone 7% faster at vocab 8192, 1.5% at 32000).
+        # The softmax is written over the logits, so one block is all the loss ever holds.
         rows = min(chunk, n)
-        logits_buffer = torch.empty(rows, weight.shape[0], dtype=exact, device=hidden.device)
-        probs_buffer = torch.empty_like(logits_buffer)
+        buffer = torch.empty(rows, weight.shape[0], dtype=exact, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 h_c, t = h[start:end], targets[start:end]
-                logits = logits_buffer[: end - start]  # (c, V)
+                logits = buffer[: end - start]  # (c, V)
                 if compute_dtype == exact:
                     torch.mm(h_c, w.t(), out=logits)
                 else:
                     logits.copy_(torch.mm(h_c, w.t()))
-                # The softmax, one exp per element, and log Z from its largest entry: at the
-                # argmax p = exp(x_max - log Z) >= 1/V never underflows, where p of the target
-                # can. (log_softmax then exp took two exps and two more passes: issue 16.)
-                probs = torch.softmax(logits, dim=-1, out=probs_buffer[: end - start])
-                log_z[start:end] = logits.amax(dim=-1) - probs.amax(dim=-1).log()
-                nll[start:end] = log_z[start:end] - logits.gather(-1, t[:, None]).squeeze(-1)
+                probs, nll[start:end], log_z[start:end] = _softmax_nll_log_z_(
+                    logits, t, lambda rows, h_c=h_c: torch.mm(h_c[rows], w.t()).to(exact)
+                )
                 if not (want_grad_hidden or want_grad_weight):
                     continue
                 # d loss / d logits = s * softmax - a * onehot(t), s = a + 2 coef a log Z (from

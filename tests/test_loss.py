@@ -217,7 +217,8 @@ def test_lm_loss_keeps_float64_so_gradcheck_works():
 
 def test_confident_wrong_predictions_stay_finite_in_float32():
     """Logits 300 apart: float32 p(target) underflows to 0, yet -log p(target) and log Z are the
-    float64 values (log Z comes from the largest probability, which never underflows)."""
+    float64 values (those rows' log Z is made again from their logits, and on an accelerator
+    from the largest probability, which never underflows)."""
     hidden, weight, targets = problem(n=24, d=8, v=40, dtype=torch.float64)
     hidden = (hidden.detach() * 60).requires_grad_()
     want, want_ce, want_z = reference(hidden, weight, targets, 1e-4)
@@ -232,3 +233,31 @@ def test_confident_wrong_predictions_stay_finite_in_float32():
     (want * 1.0).backward()
     torch.testing.assert_close(h32.grad.double(), hidden.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w32.grad.double(), weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_in_place_softmax_nll_and_log_z_both_ways(sync_free):
+    """The chunk's softmax written over its logits, -log p(target) and log Z, by the host check
+    (CPU) and by the largest logit and probability (what accelerators run), against float64,
+    with some targets whose float32 probability underflows."""
+    from palm.loss import _softmax_nll_log_z_
+
+    generator = torch.Generator().manual_seed(3)
+    logits64 = torch.randn(16, 50, generator=generator, dtype=torch.float64) * 4
+    targets = torch.randint(0, 50, (16,), generator=generator)
+    logits64[[2, 9], targets[[2, 9]]] -= 400.0  # p(target) = exp(-400...): 0 in float32
+    remade = []
+
+    def logits_of_rows(rows):
+        remade.append(rows.tolist())
+        return logits64[rows].float()
+
+    block = logits64.float()
+    probs, nll, log_z = _softmax_nll_log_z_(block, targets, logits_of_rows, sync_free=sync_free)
+    want_log_z = torch.logsumexp(logits64, -1)
+    want_nll = want_log_z - logits64.gather(-1, targets[:, None])[:, 0]
+    assert probs.data_ptr() == block.data_ptr()  # written over the logits
+    torch.testing.assert_close(probs.double(), torch.softmax(logits64, -1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(log_z.double(), want_log_z, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(nll.double(), want_nll, rtol=1e-6, atol=1e-5)
+    assert remade == ([] if sync_free else [[2, 9]])
