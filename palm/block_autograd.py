@@ -5,7 +5,7 @@ splits the fused rows into q, k, v and the SwiGLU halves, rotates q and k (RoPE)
 Swish(gate) * value. Left to autograd, the backward of that split is a `cat` of the five
 pieces' gradients into a fresh (B, T, rows) tensor, and RoPE's rotate-half (chunk, neg, cat)
 adds its own copies and saves the rotated halves. Here the backward writes every piece's
-gradient straight into its rows of one buffer, and RoPE is four multiply-adds on halves, with
+gradient straight into its rows of one buffer, and RoPE is a multiply and two multiply-adds, with
 nothing saved but the fused rows, Swish(gate) and the tables (issue 16: the cats and negations
 were ~2% of an eager step at size S). torch.compile fuses the plain ops by itself, so the model
 uses this in eager mode only; `tests/test_block_autograd.py` holds it to the plain ops in float64.
@@ -29,10 +29,10 @@ def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, *, adjoint: bo
     where (c1 | c2), (s1 | s2) are the halves of the (T, head_dim) tables."""
     o1, o2 = out.chunk(2, dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
-    c1, c2 = cos.chunk(2, dim=-1)
     s1, s2 = sin.chunk(2, dim=-1)
-    torch.mul(x1, c1, out=o1)
-    torch.mul(x2, c2, out=o2)
+    # x * cos over whole rows: one pass that reads each row of x once (the halves apart read
+    # every strided row of the fused projection twice), then three operations in all, not four.
+    torch.mul(x, cos, out=out)
     o1.addcmul_(x2, s2 if adjoint else s1, value=1 if adjoint else -1)
     o2.addcmul_(x1, s1 if adjoint else s2, value=-1 if adjoint else 1)
     return out
