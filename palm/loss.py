@@ -120,17 +120,14 @@ def _softmax_nll_log_z_(
     """
     index = targets[:, None]
     target_logit = logits.gather(-1, index).squeeze(-1)
-    if sync_free is None:
-        sync_free = logits.device.type != "cpu"
-    if sync_free:
+    if logits.device.type != "cpu" if sync_free is None else sync_free:
         high = logits.amax(dim=-1)
         probs = torch.softmax(logits, dim=-1, out=logits)
         log_z = high - probs.amax(dim=-1).log()
         return probs, log_z - target_logit, log_z
     probs = torch.softmax(logits, dim=-1, out=logits)
     target_prob = probs.gather(-1, index).squeeze(-1)
-    nll = -target_prob.log()
-    log_z = target_logit + nll
+    log_z = target_logit + (nll := -target_prob.log())
     rows = (target_prob < torch.finfo(probs.dtype).tiny).nonzero().squeeze(-1)
     if rows.numel():
         log_z[rows] = torch.logsumexp(logits_of_rows(rows), dim=-1)
@@ -228,17 +225,11 @@ class _LinearLMLoss(torch.autograd.Function):
 
 
 def _apply_eagerly(*args):
-    """_LinearLMLoss.apply, never traced by torch.compile.
-
-    Compiled, the chunk loop would be unrolled: one copy of the body per chunk, hundreds at a
-    large batch. The loop is three matmuls and a softmax per chunk, nothing for a compiler to
-    fuse, so compiled models run it as it is (one graph break). Measured (issue 16): the
-    chunk's softmax and gradient as one torch.compile'd kernel took 7.4 ms where the eager ops
-    of the time took 6.8 (512 x 8192 block) and 16.0 ms for both (256 x 32000), with two exps
-    per element each; the eager chunk now takes one softmax, row by row in cache, and leaves
-    the scaling to the (c, D) sides. The check keeps eager callers from importing
-    torch._dynamo (2 s) through torch.compiler.disable.
-    """
+    """_LinearLMLoss.apply, never traced by torch.compile: compiled, the chunk loop would be
+    unrolled (one copy of the body per chunk), and it is three matmuls and a softmax per chunk,
+    nothing to fuse (issue 16: the chunk's softmax and gradient as one compiled kernel were no
+    faster than the eager ops). The check keeps eager callers from importing torch._dynamo (2 s)
+    through torch.compiler.disable."""
     if torch.compiler.is_compiling():
         return torch.compiler.disable(_LinearLMLoss.apply)(*args)
     return _LinearLMLoss.apply(*args)
