@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from benchmarks.common import (
     import_litgpt,
+    keep_freed_memory,
     litgpt_palm_like,
     matmul_peak_flops,
     median,
@@ -284,7 +285,7 @@ def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return sum(storages.values())
 
 
-def measure_memory(label: str, size_name: str, warmup: int, steps: int) -> dict:
+def measure_memory(label: str, size_name: str, warmup: int, steps: int, allocator: str) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -296,6 +297,8 @@ def measure_memory(label: str, size_name: str, warmup: int, steps: int) -> dict:
         str(warmup),
         "--memory-steps",
         str(steps),
+        "--host-allocator",
+        allocator,
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -314,11 +317,12 @@ def gemm_flops(op: str, shapes: list) -> float:
     return 2.0 * a[0] * a[1] * b[1]
 
 
-def breakdown(labels: list[str], size: dict, warmup: int, steps: int = 3) -> dict[str, dict]:
-    """Where the time of a step goes (profiler, self CPU time, mean of `steps` profiled steps
-    per model, the models alternated step by step so that a slow spell of a shared machine hits
-    all of them): GEMMs of the output projection (those with a vocabulary-sized dimension) and
-    of the rest, each with its FLOPs and so its GFLOP/s, attention kernels, everything else.
+def breakdown(labels: list[str], size: dict, warmup: int, steps: int = 5) -> dict[str, dict]:
+    """Where the time of a step goes (profiler, self CPU time, of `steps` profiled steps per
+    model the one with the median total, the models alternated step by step so that a slow spell
+    of a shared machine hits all of them; a mean let one slow step move a model's GEMM time by
+    10%): GEMMs of the output projection (those with a vocabulary-sized dimension) and of the
+    rest, each with its FLOPs and so its GFLOP/s, attention kernels, everything else.
 
     The GEMMs are the same FLOPs in all three models, and attention is one fused kernel or a
     few batched matmuls, so GEMM + attention is a floor that no eager rewrite of the rest of
@@ -328,28 +332,30 @@ def breakdown(labels: list[str], size: dict, warmup: int, steps: int = 3) -> dic
     from torch.profiler import ProfilerActivity, profile
 
     tokens, targets = batch(size)
-    steps_of, out = {}, {}
-    for label in labels:
-        steps_of[label] = warmed_step(label, size, tokens, targets, warmup)[1]
-        keys = ("gemm_s", "gemm_flops", "head_gemm_s", "head_gemm_flops", "attention_s", "total_s")
-        out[label] = dict.fromkeys(keys, 0.0)
+    keys = ("gemm_s", "gemm_flops", "head_gemm_s", "head_gemm_flops", "attention_s", "total_s")
+    steps_of = {label: warmed_step(label, size, tokens, targets, warmup)[1] for label in labels}
+    profiled: dict[str, list[dict]] = {label: [] for label in labels}
     for _ in range(steps):
         for label in labels:
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 steps_of[label](tokens, targets)
-            totals = out[label]
+            totals = dict.fromkeys(keys, 0.0)
             for event in prof.key_averages(group_by_input_shape=True):
-                seconds = event.self_cpu_time_total / 1e6 / steps
+                seconds = event.self_cpu_time_total / 1e6
                 totals["total_s"] += seconds
                 if event.key in GEMM_OPS:
-                    flops = gemm_flops(event.key, event.input_shapes) * event.count / steps
+                    flops = gemm_flops(event.key, event.input_shapes) * event.count
                     dims = {d for shape in event.input_shapes for d in shape}
                     part = "head_gemm" if size["vocab_size"] in dims else "gemm"
                     totals[f"{part}_s"] += seconds
                     totals[f"{part}_flops"] += flops
                 elif "scaled_dot_product" in event.key:
                     totals["attention_s"] += seconds
-    return out
+            profiled[label].append(totals)
+    return {
+        label: sorted(runs, key=lambda totals: totals["total_s"])[len(runs) // 2]
+        for label, runs in profiled.items()
+    }
 
 
 def breakdown_report(size_name: str, results: dict) -> str:
@@ -439,7 +445,15 @@ def main() -> None:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also profile 3 steps per model (compiled ones too): GEMM, attention, other time",
+        help="also profile 5 steps per model (compiled ones too), the median one: GEMM, "
+        "attention, other time",
+    )
+    parser.add_argument(
+        "--host-allocator",
+        choices=("system", "keep"),
+        default="system",
+        help="keep: glibc keeps freed blocks for reuse (no page faults per step), for every model "
+        "alike (benchmarks.common.keep_freed_memory)",
     )
     parser.add_argument("--json", type=Path, help="write all figures here")
     parser.add_argument(
@@ -448,6 +462,8 @@ def main() -> None:
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.host_allocator == "keep" and not keep_freed_memory():
+        parser.error("--host-allocator keep needs glibc's mallopt (Linux with glibc)")
     if args.memory_worker:
         print(
             json.dumps(
@@ -463,8 +479,8 @@ def main() -> None:
     if args.compile:
         labels += [f"{name}+compile" for name in COMPILED if name in labels]
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32; "
-        f"models: {', '.join(labels)}",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, host allocator "
+        f"{args.host_allocator}; models: {', '.join(labels)}",
         flush=True,
     )
     peak_before = matmul_peak_flops()
@@ -487,7 +503,7 @@ def main() -> None:
         for size_name, results in all_results.items():
             for label in results:
                 results[label]["memory"] = measure_memory(
-                    label, size_name, args.warmup, args.memory_steps
+                    label, size_name, args.warmup, args.memory_steps, args.host_allocator
                 )
     if args.breakdown:
         for size_name, results in all_results.items():
