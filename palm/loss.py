@@ -114,13 +114,13 @@ def _softmax_nll_log_z_(
     probabilities two more passes over the block (issue 16). A target whose probability is
     subnormal (a logit ~87 nats below log Z in float32) would lose digits that way: those rows'
     logits are made again (`logits_of_rows(row_indices)`) for an exact logsumexp. Checking for
-    them is free on a CPU; on an accelerator it would stall the stream, so there (`sync_free`,
-    the default off the CPU) log Z comes from the block's largest logit and probability instead
-    (at the argmax p >= 1/V never underflows).
+    them is free on a CPU; on an accelerator it would stall the stream, and fake tensors (dry
+    runs) have no values to check, so there (`sync_free`) log Z comes from the block's largest
+    logit and probability instead (at the argmax p >= 1/V never underflows).
     """
     index = targets[:, None]
     target_logit = logits.gather(-1, index).squeeze(-1)
-    if logits.device.type != "cpu" if sync_free is None else sync_free:
+    if sync_free or (sync_free is None and not (type(logits) is Tensor and logits.is_cpu)):
         high = logits.amax(dim=-1)
         probs = torch.softmax(logits, dim=-1, out=logits)
         log_z = high - probs.amax(dim=-1).log()
