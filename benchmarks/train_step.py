@@ -19,7 +19,10 @@ AdamW moments, activations and allocator slack ("the RSS after imports": the mod
 are imported first, but no model is built, whose freed memory the measured one would reuse).
 The whole-run peak (VmHWM including the first step and, with --compile, compilation) is
 reported beside it, and so is the allocator-independent peak of live tensors in one step
-(the profiler's allocation record replayed, plus weights and optimizer state).
+(the profiler's allocation record replayed, plus weights and optimizer state), and the memory
+the kernel faulted in per steady step (minor faults x page size): under glibc's default malloc
+every freed block above 32 MiB is unmapped and faulted in again the next step, a cost that
+lands in each model's step time; `--host-allocator keep` makes glibc keep such blocks.
 
 The loss is each project's own training loss: cross-entropy on whole logits for the peers;
 for ours what palm's trainer runs, `model(tokens, targets=...)`, i.e. cross-entropy plus PaLM's
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -248,14 +252,19 @@ def memory_worker(label: str, size_name: str, warmup: int, steps: int) -> dict:
     # report its (large) parent's peak; VmHWM belongs to the process's own address space.
     warmup_peak = peak_rss_bytes()
     reset = reset_peak_rss()
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         step(tokens, targets)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     steady = peak_rss_bytes()
     return {
         "baseline_rss": baseline,
         "steady_peak": (steady - baseline) if reset else None,
         "run_peak": max(warmup_peak, steady) - baseline,
         "tensor_peak": tensor_peak_bytes(model, step, tokens, targets),
+        # Pages the kernel faulted in (and zeroed) per steady step: memory the allocator gave
+        # back and took again (glibc unmaps every freed block above 32 MiB).
+        "faulted_per_step": faults * resource.getpagesize() / steps,
     }
 
 
@@ -410,8 +419,9 @@ def report(size_name: str, size: dict, results: dict, peak: float, reference: st
         f"{fpt / 1e6:.1f} MFLOP/token (6N + 12LHQT)",
         "",
         "| model | params | step (s, median) | tokens/s | MFU | vs palm-pytorch | vs litgpt "
-        "eager | peak RSS, steady (MiB) | peak RSS, whole run (MiB) | peak tensors (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "eager | peak RSS, steady (MiB) | peak RSS, whole run (MiB) | peak tensors (MiB) | "
+        "page faults per step (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratio = lambda tps, base: f"{tps / base:.2f}x" if base else "-"
     for label, res in results.items():
@@ -421,7 +431,7 @@ def report(size_name: str, size: dict, results: dict, peak: float, reference: st
             f"| {label} | {res['params'] / 1e6:.2f}M | {res['step_s']:.3f} | {tps:,.0f} | "
             f"{tps * fpt / peak:.1%} | {ratio(tps, pp)} | {ratio(tps, ref)} | "
             f"{mib(mem.get('steady_peak'))} | {mib(mem.get('run_peak'))} | "
-            f"{mib(mem.get('tensor_peak'))} |"
+            f"{mib(mem.get('tensor_peak'))} | {mib(mem.get('faulted_per_step'))} |"
         )
     return "\n".join(lines)
 
