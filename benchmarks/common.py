@@ -73,8 +73,9 @@ def keep_freed_memory() -> bool:
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
-    except (OSError, AttributeError):
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # another C library (musl) under that name
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(

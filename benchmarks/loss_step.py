@@ -11,11 +11,10 @@ a slow spell of a shared machine hits all of them; each figure is the median (mi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
 import sys
-import tempfile
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +37,8 @@ def loss_module_at(revision: str):
         capture_output=True,
         text=True,
     ).stdout
-    path = Path(tempfile.mkdtemp()) / "loss_at_revision.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("loss_at_revision", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = types.ModuleType("loss_at_revision")
+    exec(compile(source, f"{revision}:palm/loss.py", "exec"), module.__dict__)
     return module
 
 
