@@ -283,10 +283,15 @@ def tensor_peak_bytes(model: nn.Module, step: Callable, tokens: Tensor, targets:
 
 
 def persistent_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Weights plus the optimizer state held between steps (distinct storages counted once)."""
+    """Weights plus the optimizer state held between steps (distinct storages counted once),
+    and any tensors a module keeps as attributes between steps (palm's attention keeps its
+    probabilities' memory for the next step: palm.attention_autograd)."""
     storages = {}
     tensors = list(model.parameters())
     tensors += [t for state in optimizer.state.values() for t in state.values()]
+    for module in model.modules():
+        for value in vars(module).values():
+            tensors += value if isinstance(value, list) else [value]
     for t in tensors:
         if isinstance(t, Tensor):
             storage = t.untyped_storage()
@@ -326,6 +331,19 @@ def gemm_flops(op: str, shapes: list) -> float:
     return 2.0 * a[0] * a[1] * b[1]
 
 
+ATTENTION_OPS = ("scaled_dot_product", "_CausalMQA")  # SDPA; palm.attention_autograd's node
+
+
+def in_attention(event) -> bool:
+    """Whether a profiled op is attention: an attention op or one called inside it (the
+    batched matmuls and softmax of palm's multi-query tiles count as attention, not GEMMs)."""
+    while event is not None:
+        if any(name in event.name for name in ATTENTION_OPS):
+            return True
+        event = event.cpu_parent
+    return False
+
+
 def breakdown(labels: list[str], size: dict, warmup: int, steps: int = 5) -> dict[str, dict]:
     """Where the time of a step goes (profiler, self CPU time, of `steps` profiled steps per
     model the one with the median total, the models alternated step by step so that a slow spell
@@ -349,17 +367,16 @@ def breakdown(labels: list[str], size: dict, warmup: int, steps: int = 5) -> dic
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 steps_of[label](tokens, targets)
             totals = dict.fromkeys(keys, 0.0)
-            for event in prof.key_averages(group_by_input_shape=True):
+            for event in prof.events():
                 seconds = event.self_cpu_time_total / 1e6
                 totals["total_s"] += seconds
-                if event.key in GEMM_OPS:
-                    flops = gemm_flops(event.key, event.input_shapes) * event.count
+                if in_attention(event):
+                    totals["attention_s"] += seconds
+                elif event.name in GEMM_OPS:
                     dims = {d for shape in event.input_shapes for d in shape}
                     part = "head_gemm" if size["vocab_size"] in dims else "gemm"
                     totals[f"{part}_s"] += seconds
-                    totals[f"{part}_flops"] += flops
-                elif "scaled_dot_product" in event.key:
-                    totals["attention_s"] += seconds
+                    totals[f"{part}_flops"] += gemm_flops(event.name, event.input_shapes)
             profiled[label].append(totals)
     return {
         label: sorted(runs, key=lambda totals: totals["total_s"])[len(runs) // 2]

@@ -48,9 +48,12 @@ class _SplitRopeSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fused, q_cos, q_sin, k_cos, k_sin, row_sizes, head_dim):
         q, k, v, value, gate = fused.split(row_sizes, dim=-1)
+        # Rotated queries in the rows' (B, T, H, Q) order, seen as (B, H, T, Q): the order
+        # palm.attention_autograd's multi-query tiles take without a copy.
+        q_rotated = to_heads(torch.empty(q.shape, dtype=q.dtype, device=q.device), head_dim)
         q, k = to_heads(q, head_dim), to_heads(k, head_dim)  # (B, H, T, Q), (B, KH, T, Q)
         v = to_heads(v, head_dim)  # (B, KH, T, Q), a view of `fused`
-        q = rotate_into(torch.empty_like(q), q, q_cos, q_sin, adjoint=False)
+        q = rotate_into(q_rotated, q, q_cos, q_sin, adjoint=False)
         k = rotate_into(torch.empty_like(k), k, k_cos, k_sin, adjoint=False)
         swish = F.silu(gate)  # PaLM §2: Swish(xW) * (xV)
         ctx.save_for_backward(fused, swish, q_cos, q_sin, k_cos, k_sin)

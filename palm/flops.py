@@ -91,6 +91,24 @@ def chunk_tokens_for(vocab_size: int, device_type: str = "cpu") -> int:
     return max(floor, budget // (4 * vocab_size))
 
 
+ATTENTION_TILE = 64  # positions per score tile of palm.attention_autograd (64-128 measured alike)
+
+
+def saved_probs_per_sequence(length: int, heads: int, tile: int = ATTENTION_TILE) -> int:
+    """Probabilities palm.attention_autograd keeps for backward per sequence: each tile of
+    positions [start, end) keeps a (rows, end) block, its heads' rows against keys 0 .. end."""
+    return sum(
+        (min(start + tile, length) - start) * heads * min(start + tile, length)
+        for start in range(0, length, tile)
+    )
+
+
+def fits_saved_probs(length: int, heads: int, fused_rows: int) -> bool:
+    """Whether the kept probabilities take no more memory than the layer's fused projection
+    output (length, fused_rows), which training keeps anyway."""
+    return saved_probs_per_sequence(length, heads) <= length * fused_rows
+
+
 def activation_bytes(
     config: ModelConfig,
     micro_batch: int,
@@ -105,8 +123,10 @@ def activation_bytes(
     Per token and layer the parallel block saves: the block input and its LayerNorm output
     (2 d), the fused input projection's output (q + k + v + MLP input), the attention output
     and RoPE-rotated q, k (about 2 H Q + 2 KV Q), and SwiGLU's gate activation and product
-    (2 d_ff). With activation checkpointing only each block's input is kept, plus one block's
-    full set while it is recomputed. The output projection and loss are fused
+    (2 d_ff). Eager float32/64 training on the CPU keeps multi-query attention's probabilities
+    too (palm.attention_autograd, where they fit in the fused rows). With activation
+    checkpointing only each block's input is kept, plus one block's full set while it is
+    recomputed. The output projection and loss are fused
     (palm.loss.linear_lm_loss): it keeps float32 gradients for the final activations and for
     the output matrix, and makes the logits one (chunk, vocab) float32 block (softmax in place) at a
     time, never (tokens, vocab). With `tensor_parallel` ranks each keeps its share of the heads,
@@ -120,10 +140,15 @@ def activation_bytes(
     per_token_layer = 2 * c.d_model + (q_dim + 2 * kv_dim + mlp_in) + 2 * (q_dim + kv_dim)
     per_token_layer += 2 * c.ffn_hidden // tp
     tokens = micro_batch * seq_len
+    per_layer = tokens * per_token_layer
+    heads, fused_rows = c.n_heads // tp, q_dim + 2 * kv_dim + mlp_in
+    if device_type == "cpu" and act_bytes >= 4 and c.n_kv_heads == 1:
+        if fits_saved_probs(seq_len, heads, fused_rows):  # the model's tiles_serve
+            per_layer += micro_batch * saved_probs_per_sequence(seq_len, heads)
     if checkpointing:
-        layers = tokens * (c.n_layers * c.d_model + per_token_layer) * act_bytes
+        layers = (tokens * c.n_layers * c.d_model + per_layer) * act_bytes
     else:
-        layers = tokens * c.n_layers * per_token_layer * act_bytes
+        layers = c.n_layers * per_layer * act_bytes
     vocab = c.vocab_size // tp
     chunk = min(tokens, chunk_tokens_for(vocab, device_type))
     loss = (tokens * c.d_model + vocab * c.d_model + chunk * vocab) * 4

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from palm.attention_autograd import causal_mqa, tiles_serve
 from palm.block_autograd import split_rope_swiglu, to_heads
 from palm.config import ModelConfig
 from palm.errors import ConfigError
@@ -69,6 +70,7 @@ class PaLMBlock(nn.Module):
         self.in_proj.weight.row_blocks = self.row_sizes
         self.attn_out = nn.Linear(self.q_dim, c.d_model, bias=False)
         self.mlp_out = nn.Linear(c.ffn_hidden, c.d_model, bias=False)
+        self.probs_pool: list[Tensor] = []  # palm.attention_autograd's memory, step to step
 
     def attention(
         self,
@@ -125,6 +127,8 @@ class PaLMBlock(nn.Module):
             # would be materialised, H copies of the whole cache per step).
             out = F.scaled_dot_product_attention(q.view(B, KH, H // KH, -1), k, v, attn_mask=mask)
             return out.reshape(B, 1, self.q_dim)  # heads in order: (B, 1, H*Q)
+        if causal and mask is None and KH == 1 and tiles_serve(q, sum(self.row_sizes)):
+            return causal_mqa(q, k, v, self.probs_pool)  # eager CPU training: (B, T, H*Q)
         if KH != H:
             # Broadcast the shared head: expand() is a view, no copy of the keys/values.
             k = k.expand(B, q.shape[1], k.shape[2], c.head_dim)

@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "palm.kv_cache": 1,
     "palm.rope": 1,
     "palm.block_autograd": 1,
+    "palm.attention_autograd": 1,
     "palm.model": 1,
     "palm.parallel": 1,
     "palm.tokenizer": 1,
