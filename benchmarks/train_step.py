@@ -331,7 +331,8 @@ def gemm_flops(op: str, shapes: list) -> float:
     return 2.0 * a[0] * a[1] * b[1]
 
 
-ATTENTION_OPS = ("scaled_dot_product", "_CausalMQA")  # SDPA; palm.attention_autograd's node
+# SDPA; palm.attention_autograd as an autograd Function (eager) and as a custom op (compiled)
+ATTENTION_OPS = ("scaled_dot_product", "_CausalMQA", "palm::causal_mqa")
 
 
 def in_attention(event) -> bool:

@@ -1,4 +1,4 @@
-"""Causal multi-query attention as one autograd node, for eager training on the CPU.
+"""Causal multi-query attention in tiles, one autograd node, for training on the CPU.
 
 PaLM's attention is multi-query (§2): every query head attends over one shared key/value head.
 So the H query heads of a position are H rows against the same keys, and a tile of Tb positions
@@ -150,14 +150,13 @@ _causal_mqa_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def take_buffer(pool: list[Tensor], numel: int, like: Tensor) -> Tensor:
-    """A flat buffer of `numel` elements: one from `pool` that fits, else a new one. Kept from
-    step to step, the probabilities' memory is not handed back to the C library and faulted in
-    again (under glibc a heap that shrinks and grows each step: page faults, as in
-    benchmarks/RESULTS.md, issue 16)."""
-    for i, buffer in enumerate(pool):
-        if buffer.numel() == numel and buffer.dtype == like.dtype and buffer.device == like.device:
-            return pool.pop(i)
-    return torch.empty(numel, dtype=like.dtype, device=like.device)
+    """A flat buffer of `numel` elements: one from `pool` that fits, else a new one (buffers of
+    another size, dtype or device are dropped: the model changed). Kept from step to step, the
+    probabilities' memory is not handed back to the C library and faulted in again (glibc's
+    heap shrinks and grows each step otherwise: benchmarks/RESULTS.md, issue 16)."""
+    fits = [b for b in pool if (b.numel(), b.dtype, b.device) == (numel, like.dtype, like.device)]
+    pool[:] = fits[1:]
+    return fits[0] if fits else torch.empty(numel, dtype=like.dtype, device=like.device)
 
 
 def tile_views(probs: Tensor, batch: int, heads: int, length: int) -> list[Tensor]:

@@ -135,3 +135,22 @@ def test_compiled_training_calls_the_custom_op_and_matches_eager():
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-12, atol=1e-12)
     for got, want in zip(compiled_grads, grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_the_pool_lends_one_buffer_per_graph():
+    """Eager steps reuse the probabilities' buffer; a second forward before the first graph's
+    backward gets its own, and a model in another dtype drops the old ones."""
+    torch.manual_seed(0)
+    model = PaLM(CONFIG)
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 80))
+    pool = model.blocks[0].probs_pool
+    model(tokens, targets=tokens).loss.backward()
+    (first,) = pool
+    model(tokens, targets=tokens).loss.backward()
+    assert len(pool) == 1 and pool[0] is first  # the same buffer again
+    losses = [model(tokens, targets=tokens).loss for _ in range(2)]  # two graphs alive
+    assert len(pool) == 0
+    sum(losses).backward()
+    assert len(pool) == 2 and any(b is first for b in pool)
+    model.double()(tokens, targets=tokens).loss.backward()
+    assert len(pool) == 1 and pool[0].dtype == torch.float64
