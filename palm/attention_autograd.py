@@ -8,8 +8,9 @@ own diagonal block is masked). The rows stay in the fused projection's (position
 so the output is (B, T, H * Q) without a transpose.
 
 Why not torch's SDPA: on the CPU its flash kernel recomputes the scores in backward and works in
-small blocks; measured at palm's benchmark sizes (benchmarks/train_step.py S and M), forward +
-backward of this node took 0.70-0.75x the time of SDPA with the shared head expanded. The price
+small blocks. At palm's benchmark sizes this node's forward + backward takes 0.63-0.78x the time
+of litgpt's SDPA (benchmarks/train_step.py --breakdown, attention column; RESULTS.md, run 11,
+issue 16): fewer, larger matmuls and no second pass over the scores. The price
 is memory: the probabilities of every tile are kept for backward (about B * H * T^2 / 2 floats a
 layer, where SDPA keeps O(T) a row), so the model uses this only where that is no more than the
 fused projection's rows of the layer (palm.flops.fits_saved_probs), in CPU training: eager as an
