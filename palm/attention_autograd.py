@@ -39,10 +39,19 @@ def tiles_serve(q: Tensor, fused_rows: int) -> bool:
     return (
         q.requires_grad
         and q.device.type == "cpu"
-        and (type(q) is Tensor or torch.compiler.is_compiling())
+        and (type(q) is Tensor or (torch.compiler.is_compiling() and not is_dtensor(q)))
         and q.dtype in (torch.float32, torch.float64)
         and fits_saved_probs(q.shape[2], q.shape[1], fused_rows)
     )
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """A sharded tensor: the custom op has no sharding rule, so those keep SDPA."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def attend_tiles(q: Tensor, k: Tensor, v: Tensor, heads: int, probs: Tensor) -> Tensor:

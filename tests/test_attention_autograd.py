@@ -154,3 +154,34 @@ def test_the_pool_lends_one_buffer_per_graph():
     assert len(pool) == 2 and any(b is first for b in pool)
     model.double()(tokens, targets=tokens).loss.backward()
     assert len(pool) == 1 and pool[0].dtype == torch.float64
+
+
+DTENSOR_CHECK = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate
+from palm.attention_autograd import tiles_serve
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+q = torch.randn(2, 4, 16, 8, requires_grad=True)
+sharded = DTensor.from_local(q, mesh, [Replicate()])
+torch.compiler.is_compiling = lambda: True  # what the model sees while dynamo traces it
+print(tiles_serve(q, 64), tiles_serve(sharded, 64))
+dist.destroy_process_group()
+"""
+
+
+def test_sharded_tensors_keep_sdpa_under_compile(tmp_path):
+    """While compiling, plain queries take the custom op and DTensor ones (tensor parallelism)
+    keep SDPA: the op has no sharding rule. Run apart: a process group is process-wide."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", DTENSOR_CHECK, str(tmp_path / "store")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
