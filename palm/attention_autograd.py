@@ -24,12 +24,8 @@ import torch
 from torch import Tensor
 
 from palm.flops import ATTENTION_TILE as TILE
+from palm.flops import attention_tiles as tiles
 from palm.flops import fits_saved_probs, saved_probs_per_sequence
-
-
-def tiles(length: int, tile: int = TILE) -> list[tuple[int, int]]:
-    """(start, end) of each tile of positions."""
-    return [(start, min(start + tile, length)) for start in range(0, length, tile)]
 
 
 def tiles_serve(q: Tensor, fused_rows: int) -> bool:

@@ -94,13 +94,15 @@ def chunk_tokens_for(vocab_size: int, device_type: str = "cpu") -> int:
 ATTENTION_TILE = 64  # positions per score tile of palm.attention_autograd (64-128 measured alike)
 
 
-def saved_probs_per_sequence(length: int, heads: int, tile: int = ATTENTION_TILE) -> int:
+def attention_tiles(length: int, tile: int = ATTENTION_TILE) -> list[tuple[int, int]]:
+    """(start, end) of each tile of positions of palm.attention_autograd."""
+    return [(start, min(start + tile, length)) for start in range(0, length, tile)]
+
+
+def saved_probs_per_sequence(length: int, heads: int) -> int:
     """Probabilities palm.attention_autograd keeps for backward per sequence: each tile of
     positions [start, end) keeps a (rows, end) block, its heads' rows against keys 0 .. end."""
-    return sum(
-        (min(start + tile, length) - start) * heads * min(start + tile, length)
-        for start in range(0, length, tile)
-    )
+    return sum((end - start) * heads * end for start, end in attention_tiles(length))
 
 
 def fits_saved_probs(length: int, heads: int, fused_rows: int) -> bool:

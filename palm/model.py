@@ -128,7 +128,7 @@ class PaLMBlock(nn.Module):
             out = F.scaled_dot_product_attention(q.view(B, KH, H // KH, -1), k, v, attn_mask=mask)
             return out.reshape(B, 1, self.q_dim)  # heads in order: (B, 1, H*Q)
         if causal and mask is None and KH == 1 and tiles_serve(q, sum(self.row_sizes)):
-            return causal_mqa(q, k, v, self.probs_pool)  # eager CPU training: (B, T, H*Q)
+            return causal_mqa(q, k, v, self.probs_pool)  # CPU training: (B, T, H*Q)
         if KH != H:
             # Broadcast the shared head: expand() is a view, no copy of the keys/values.
             k = k.expand(B, q.shape[1], k.shape[2], c.head_dim)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from test_block_autograd import node_names  # tests/ is on sys.path (pytest's rootdir import)
 
 import palm.model
 from palm import ModelConfig, PaLM
@@ -74,18 +75,6 @@ def test_kept_probabilities_count_and_the_memory_rule():
     fits_exactly = saved_probs_per_sequence(T, H) // T
     assert fits_saved_probs(T, H, fits_exactly)
     assert not fits_saved_probs(T, H, fits_exactly - 1)
-
-
-def node_names(loss: torch.Tensor) -> set[str]:
-    seen, stack, names = set(), [loss.grad_fn], set()
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return names
 
 
 def test_eager_training_takes_the_tiles_and_matches_sdpa(monkeypatch):
