@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -109,15 +110,20 @@ def sdpa_backend(config, device) -> str:
         with autocast(device):
             model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
         sync(device)
-    names = " ".join(e.key.lower() for e in prof.key_averages())
-    for kernel, marker in (
-        ("flash", "flash"),
-        ("cudnn", "cudnn_attention"),
-        ("memory-efficient", "efficient_attention"),
-    ):
-        if marker in names:
-            return kernel
-    return "math (fallback)" if "_scaled_dot_product_attention_math" in names else "unknown"
+    names = {e.key for e in prof.key_averages()}
+    # By the aten op SDPA dispatched to: kernel names mislead (cuDNN's contain "flash").
+    found = [
+        kernel
+        for kernel, op in (
+            ("flash", "aten::_scaled_dot_product_flash_attention"),
+            ("flash (CPU)", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+            ("cudnn", "aten::_scaled_dot_product_cudnn_attention"),
+            ("memory-efficient", "aten::_scaled_dot_product_efficient_attention"),
+            ("math (fallback)", "aten::_scaled_dot_product_attention_math"),
+        )
+        if op in names
+    ]
+    return " + ".join(found) or "unknown"
 
 
 def shared_head(config, batch, seq, device) -> dict:
@@ -155,22 +161,53 @@ def shared_head(config, batch, seq, device) -> dict:
     return {"expanded_view_s": run(False), "enable_gqa_s": run(True)}
 
 
-def decoding(config, batch, new_tokens, device) -> dict:
+def decoding(config, batch, new_tokens, device, compiled=False) -> dict:
+    """Greedy decoding tokens/s (prompt of 32 included), eager or with the compiled one-token
+    step (`generate(compile=True)`: CUDA graphs on CUDA; compilation in an untimed warm-up)."""
     torch.manual_seed(0)
     model = PaLM(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (batch, 32), device=device)
+    run = lambda n: generate(model, prompt, n, temperature=0.0, compile=compiled)  # noqa: E731
     with autocast(device):
-        generate(model, prompt, 4, temperature=0.0)  # warm-up
-        sync(device)
         started = time.perf_counter()
-        generate(model, prompt, new_tokens, temperature=0.0)
+        run(new_tokens)  # warm-up (compilation, graph recording): the same lengths as timed
         sync(device)
-    seconds = time.perf_counter() - started
+        warmup = time.perf_counter() - started
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            tokens = run(new_tokens)
+            sync(device)
+            times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
     return {
         "batch": batch,
         "new_tokens": new_tokens,
+        "compiled": compiled,
         "tokens_per_s": round(batch * new_tokens / seconds),
+        "warmup_s": round(warmup, 1),
+        "tokens": tokens.cpu(),
     }
+
+
+def greedy_agreement(eager: Tensor, compiled: Tensor) -> float:
+    """Share of positions, up to each row's first difference, where the compiled path's greedy
+    tokens equal eager's (bf16 rounding may flip a near-tie; after that the rows diverge)."""
+    same = (eager == compiled).long().cumprod(dim=1)
+    return round(same.float().mean().item(), 4)
+
+
+def decoding_rows(config, new_tokens, device) -> list[dict]:
+    rows = []
+    for batch in (1, 8):
+        eager = decoding(config, batch, new_tokens, device)
+        compiled = decoding(config, batch, new_tokens, device, compiled=True)
+        compiled["greedy_prefix_agreement"] = greedy_agreement(eager["tokens"], compiled["tokens"])
+        for row in (eager, compiled):
+            del row["tokens"]
+            rows.append(row)
+            print(f"decoding: {row}", flush=True)
+    return rows
 
 
 def chunk_sweep(d_model, vocab, tokens, chunks, device) -> list[dict]:
@@ -202,31 +239,52 @@ def chunk_sweep(d_model, vocab, tokens, chunks, device) -> list[dict]:
 
 def markdown(results: dict) -> str:
     lines = [f"GPU check: {results['device']}, torch {results['torch']}", ""]
-    lines += ["| training (bf16) | step s | tokens/s | MFU | peak GiB |", "|---|---|---|---|---|"]
-    for row in results["training"]:
-        name = f"{results['model']} {'compiled' if row['compiled'] else 'eager'}"
-        lines.append(
-            f"| {name}, {row['batch x seq']} | {row['step_s_median']} | {row['tokens_per_s']:,} "
-            f"| {row['mfu']:.1%} | {row['peak_memory_gib']} |"
-        )
-    lines += ["", f"SDPA kernel under bf16: {results['sdpa_backend']}; shared key/value head, "]
-    lines[-1] += f"expanded view vs enable_gqa (s, fwd+bwd): {results['shared_kv_head']}"
-    lines += [""]
-    lines += ["| decoding (KV cache) | tokens/s |", "|---|---|"]
-    lines += [f"| batch {r['batch']} | {r['tokens_per_s']:,} |" for r in results["decoding"]]
-    lines += ["", "| fused loss, chunk tokens | seconds | peak GiB |", "|---|---|---|"]
-    lines += [
-        f"| {r['chunk_tokens']} | {r['seconds_median']} | {r['peak_memory_gib']} |"
-        for r in results["chunk_sweep"]
-    ]
+    if "training" in results:
+        lines += [
+            "| training (bf16) | step s | tokens/s | MFU | peak GiB |",
+            "|---|---|---|---|---|",
+        ]
+        for row in results["training"]:
+            name = f"{results['model']} {'compiled' if row['compiled'] else 'eager'}"
+            lines.append(
+                f"| {name}, {row['batch x seq']} | {row['step_s_median']} "
+                f"| {row['tokens_per_s']:,} | {row['mfu']:.1%} | {row['peak_memory_gib']} |"
+            )
+        lines += [""]
+    if "sdpa_backend" in results:
+        lines += [f"SDPA kernel under bf16: {results['sdpa_backend']}; shared key/value head, "]
+        lines[-1] += f"expanded view vs enable_gqa (s, fwd+bwd): {results['shared_kv_head']}"
+        lines += [""]
+    if "decoding" in results:
+        lines += ["| decoding (KV cache, greedy) | tokens/s | warm-up s | greedy agreement |"]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| batch {r['batch']}, {r['new_tokens']} new, "
+            f"{'compiled' if r['compiled'] else 'eager'} | {r['tokens_per_s']:,} "
+            f"| {r['warmup_s']} | {r.get('greedy_prefix_agreement', '')} |"
+            for r in results["decoding"]
+        ]
+        lines += [""]
+    if "chunk_sweep" in results:
+        lines += ["| fused loss, chunk tokens | seconds | peak GiB |", "|---|---|---|"]
+        lines += [
+            f"| {r['chunk_tokens']} | {r['seconds_median']} | {r['peak_memory_gib']} |"
+            for r in results["chunk_sweep"]
+        ]
     return "\n".join(lines) + "\n"
+
+
+PARTS = ("training", "sdpa", "decoding", "chunks")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     parser.add_argument("--cpu-dry-run", action="store_true", help="every step at toy size")
-    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true", help="eager training only")
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, default=list(PARTS), help="run these parts alone"
+    )
     args = parser.parse_args()
     dry = args.cpu_dry_run
     if not dry and not torch.cuda.is_available():
@@ -244,20 +302,24 @@ def main() -> None:
         "device": "cpu (dry run)" if dry else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "model": "palm-tiny" if dry else "palm-350m",
-        "training": [],
     }
-    for compiled in (False,) if args.skip_compile else (False, True):
-        row = training(config, batch, seq, steps, device, compiled)
-        results["training"].append(row)
-        print(f"training {'compiled' if compiled else 'eager'}: {row}", flush=True)
-    results["sdpa_backend"] = sdpa_backend(dataclasses.replace(config, max_seq_len=512), device)
-    print(f"sdpa: {results['sdpa_backend']}", flush=True)
-    results["shared_kv_head"] = shared_head(config, batch, seq, device)
-    print(f"shared key/value head: {results['shared_kv_head']}", flush=True)
-    results["decoding"] = [decoding(config, b, decode_tokens, device) for b in (1, 8)]
-    print(f"decoding: {results['decoding']}", flush=True)
-    results["chunk_sweep"] = chunk_sweep(config.d_model, vocab, sweep_tokens, chunks, device)
-    print(f"chunk sweep: {results['chunk_sweep']}", flush=True)
+    if "training" in args.only:
+        results["training"] = []
+        for compiled in (False,) if args.skip_compile else (False, True):
+            row = training(config, batch, seq, steps, device, compiled)
+            results["training"].append(row)
+            print(f"training {'compiled' if compiled else 'eager'}: {row}", flush=True)
+    if "sdpa" in args.only:
+        sdpa_config = dataclasses.replace(config, max_seq_len=512)
+        results["sdpa_backend"] = sdpa_backend(sdpa_config, device)
+        print(f"sdpa: {results['sdpa_backend']}", flush=True)
+        results["shared_kv_head"] = shared_head(config, batch, seq, device)
+        print(f"shared key/value head: {results['shared_kv_head']}", flush=True)
+    if "decoding" in args.only:
+        results["decoding"] = decoding_rows(config, decode_tokens, device)
+    if "chunks" in args.only:
+        results["chunk_sweep"] = chunk_sweep(config.d_model, vocab, sweep_tokens, chunks, device)
+        print(f"chunk sweep: {results['chunk_sweep']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     args.out.with_suffix(".md").write_text(markdown(results))

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from palm.profiling import available_memory_bytes
 
@@ -101,3 +103,27 @@ def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:
     causal = key_pos[None, :] <= query_pos[:, None]  # (T, past + T)
     keep = key_mask[:, None, None, : past + T] | (key_pos[None, :] == query_pos[:, None])
     return keep & causal  # (B, 1, T, past + T)
+
+
+# cuDNN's attention builds an execution plan for every new shape. An eager decoding step has a
+# new key length every token, so each layer paid for a plan each token: about 2 ms of CPU per
+# call on an H200, and palm-350m decoded 17 tokens/s (benchmarks/RESULTS.md, "GPU check").
+VARYING_LENGTH_BACKENDS = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def one_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """One new token's query heads as rows, q (B, KH, H/KH, Q), against the cached k, v
+    (B, KH, S, Q), so the cache is read once and never broadcast (under torch.compile an
+    expand() of it would be materialised: H copies of the whole cache per step) -> the
+    attention outputs (B, KH, H/KH, Q).
+
+    Eager CUDA steps keep to the kernels that need no per-shape plan; the compiled static step
+    (one shape for every token) lets SDPA choose."""
+    if q.is_cuda and not torch.compiler.is_compiling():
+        with sdpa_kernel(VARYING_LENGTH_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

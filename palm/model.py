@@ -25,7 +25,13 @@ from palm.attention_autograd import causal_mqa, tiles_serve
 from palm.block_autograd import split_rope_swiglu, to_heads
 from palm.config import ModelConfig
 from palm.errors import ConfigError
-from palm.kv_cache import KVCache, TransposedWeights, padding_mask, transposed_weights_pay
+from palm.kv_cache import (
+    KVCache,
+    TransposedWeights,
+    one_token_attention,
+    padding_mask,
+    transposed_weights_pay,
+)
 from palm.loss import LossOutput, linear_lm_loss
 from palm.rope import RotaryTables, apply_rope, rotary_table_stack, rotary_tables
 
@@ -53,15 +59,14 @@ class PaLMBlock(nn.Module):
         c = config
         self.q_dim = c.n_heads * c.head_dim
         self.kv_dim = c.n_kv_heads * c.head_dim
-        # SwiGLU needs two halves (value and gate); GELU one.
-        self.mlp_in_dim = c.ffn_hidden * (2 if c.activation == "swiglu" else 1)
         self.norm = nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=False)
         # The serial ablation needs its own LayerNorm before the MLP.
         self.mlp_norm = (
             None if c.parallel_block else nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=False)
         )
         # Rows of the fused input projection: q, k, v, then the MLP's (value, gate) or one.
-        mlp_rows = (c.ffn_hidden,) * (2 if c.activation == "swiglu" else 1)
+        mlp_rows = (c.ffn_hidden,) * (2 if c.activation == "swiglu" else 1)  # SwiGLU: two halves
+        self.mlp_in_dim = sum(mlp_rows)
         self.row_sizes = (self.q_dim, self.kv_dim, self.kv_dim, *mlp_rows)
         in_dim = self.q_dim + 2 * self.kv_dim + self.mlp_in_dim
         self.in_proj = nn.Linear(c.d_model, in_dim, bias=False)
@@ -122,10 +127,7 @@ class PaLMBlock(nn.Module):
         c = self.config
         KH = k.shape[1]
         if T == 1 and KH != H and not causal:
-            # One new token: its H query heads act as H query rows against the shared head, so
-            # the cache is read once and never broadcast (under torch.compile an expand() of it
-            # would be materialised, H copies of the whole cache per step).
-            out = F.scaled_dot_product_attention(q.view(B, KH, H // KH, -1), k, v, attn_mask=mask)
+            out = one_token_attention(q.view(B, KH, H // KH, -1), k, v, mask)
             return out.reshape(B, 1, self.q_dim)  # heads in order: (B, 1, H*Q)
         if causal and mask is None and KH == 1 and tiles_serve(q, sum(self.row_sizes)):
             return causal_mqa(q, k, v, self.probs_pool)  # CPU training: (B, T, H*Q)

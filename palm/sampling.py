@@ -129,10 +129,8 @@ def prefill(
     transposed_weights: bool | TransposedWeights | None = None,
 ) -> tuple[KVCache, Tensor]:
     """A cache of `max_len` positions holding prompt (B, T), and its last logits (B, V).
-
-    `prompt_mask` (B, T) is False at left padding; without any padding the plain causal path
-    is used (exact, and faster). `transposed_weights` as in `PaLM.new_cache`.
-    """
+    `prompt_mask` (B, T) is False at left padding (none: the plain causal path, exact and
+    faster); `transposed_weights` as in `PaLM.new_cache`."""
     if prompt_mask is not None:
         prompt_mask = prompt_mask.to(prompt.device)
         if bool(prompt_mask.all()):
@@ -159,9 +157,10 @@ def decode_step(model: PaLM, token: Tensor, cache: KVCache) -> Tensor:
 
 
 @functools.cache
-def _compiled_decode() -> Callable[..., Tensor]:
-    """PaLM.decode_static under torch.compile, made on first use (compilation is lazy)."""
-    return torch.compile(PaLM.decode_static, fullgraph=True, dynamic=False)
+def _compiled_decode(cuda_graphs: bool = False) -> Callable[..., Tensor]:
+    """PaLM.decode_static under torch.compile (lazy); `cuda_graphs`: mode "reduce-overhead"."""
+    mode = "reduce-overhead" if cuda_graphs else None
+    return torch.compile(PaLM.decode_static, fullgraph=True, dynamic=False, mode=mode)
 
 
 class CompiledStep:
@@ -169,17 +168,27 @@ class CompiledStep:
 
     The position is a (1,) tensor advanced in place after each call, and `cache.length` a
     Python number kept outside the graph, so no call changes a shape or a guarded value.
+    On CUDA (`cuda_graphs`) each step replays one CUDA graph: eager steps are launch-bound
+    (benchmarks/RESULTS.md, "GPU check"). The cache is written inside the graph, so its buffers
+    are static addresses, unguarded: a new cache re-records the graph, never recompiles it.
     """
 
-    def __init__(self, model: PaLM, cache: KVCache) -> None:
+    def __init__(self, model: PaLM, cache: KVCache, cuda_graphs: bool | None = None) -> None:
         self.model, self.cache, self.compiled = model, cache, False
         self.position = torch.tensor([cache.length], device=cache.keys[0].device)
+        self.cuda_graphs = self.position.is_cuda if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs:
+            for buffer in (*cache.keys, *cache.values):
+                torch._dynamo.mark_static_address(buffer, guard=False)
 
     def __call__(self, token: Tensor) -> Tensor:
         if self.cache.length >= self.cache.max_len:
             raise ConfigError(f"the cache's {self.cache.max_len} positions are all used")
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up
         try:
-            logits = _compiled_decode()(self.model, token[:, None], self.position, self.cache)
+            step = _compiled_decode(self.cuda_graphs)
+            logits = step(self.model, token[:, None], self.position, self.cache)
         except Exception as error:  # compilation happens in the first call
             if self.compiled:
                 raise
@@ -215,12 +224,11 @@ def stream(
 
     `prompt_mask` (B, T), False at left padding, allows prompts of different lengths. Rows that
     produced `eod_id` keep emitting it; the stream ends once every row has, or after
-    max_new_tokens. The caller may stop early (stop strings) by leaving the loop.
-    Without the cache every step re-runs the whole sequence (for tests and benchmarks).
-    `compile` decodes with the compiled static-shape step (`CompiledStep`); `cache_len` (at
-    least prompt + max_new_tokens, the default) fixes the cache's length, so that requests of
-    other lengths reuse one compiled graph. `transposed_weights` as in `PaLM.new_cache` (None:
-    where measured to be faster, CPU float32); the output is the same either way.
+    max_new_tokens; the caller may stop early (stop strings) by leaving the loop. Without the
+    cache every step re-runs the whole sequence (tests, benchmarks). `compile`: the compiled
+    static-shape step (`CompiledStep`; CUDA graphs on CUDA); `cache_len` (>= prompt +
+    max_new_tokens, the default) fixes the cache's length, so requests of other lengths reuse
+    one compiled graph. `transposed_weights` as in `PaLM.new_cache`; the output is the same.
     """
     check_sampling(temperature, top_k, top_p)
     batch, length = prompt.shape

@@ -158,7 +158,7 @@ def test_compile_that_cannot_be_honoured_is_a_clear_error(small_model, monkeypat
     def broken(*args):
         raise RuntimeError("no C++ compiler found\nlong traceback")
 
-    monkeypatch.setattr(palm.sampling, "_compiled_decode", lambda: broken)
+    monkeypatch.setattr(palm.sampling, "_compiled_decode", lambda cuda_graphs=False: broken)
     with pytest.raises(ConfigError, match=r"--compile: .*RuntimeError: no C\+\+ compiler found\)"):
         generate(small_model(), torch.randint(0, 97, (1, 4)), 5, compile=True)
     with pytest.raises(ConfigError, match="use_cache"):
