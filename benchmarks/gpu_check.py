@@ -5,7 +5,8 @@
 
 Measures and prints (and writes OUT.json and OUT.md):
 - bf16 training tokens/s and MFU (PaLM Appendix B, against the GPU's dense bf16 data-sheet peak)
-  for palm-350m at seq 2048, eager and torch.compile'd, and the peak memory of each;
+  for palm-350m at seq 2048, eager (with and without palm.block_autograd's node) and
+  torch.compile'd (the model and PaLM Adafactor's update, as train.compile), and the peak memory;
 - which SDPA kernel runs under bf16 (flash / memory-efficient / cuDNN; never the math fallback);
 - cached decoding tokens/s at batch 1 and 8;
 - the fused output projection + loss at PaLM's 256k vocabulary: time and peak memory per chunk
@@ -54,13 +55,22 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def training(config, batch, seq, steps, device, compiled) -> dict:
+TRAINING_VARIANTS = ("eager", "eager, plain block middle", "compiled")
+
+
+def training(config, batch, seq, steps, device, variant) -> dict:
     """Tokens/s, MFU and peak memory of bf16 training steps (forward, fused loss, backward,
-    clipping, PaLM Adafactor), after warm-up (compilation included there)."""
+    clipping, PaLM Adafactor), after warm-up (compilation included there). "eager, plain block
+    middle" leaves out palm.block_autograd's node (split + RoPE + SwiGLU as plain ops): an A/B."""
     torch.manual_seed(0)
+    compiled = variant == "compiled"
     model = PaLM(config).to(device)
+    if variant == "eager, plain block middle":
+        for block in model.blocks:
+            block.one_node_middle = lambda *args: False
     step_module = torch.compile(model) if compiled else model
-    optimizer = PaLMAdafactor(model.parameters(), lr=1e-2)
+    # Compiled as train.compile does: the model and the optimizer update.
+    optimizer = PaLMAdafactor(model.parameters(), lr=1e-2, compiled=compiled)
     tokens = torch.randint(0, config.vocab_size, (batch, seq + 1), device=device)
 
     def step() -> None:
@@ -87,7 +97,7 @@ def training(config, batch, seq, steps, device, compiled) -> dict:
     tokens_per_s = batch * seq / seconds
     peak, source = peak_flops(device, torch.bfloat16)
     return {
-        "compiled": compiled,
+        "variant": variant,
         "batch x seq": f"{batch} x {seq}",
         "step_s_median": round(seconds, 4),
         "step_s_range": [round(min(times), 4), round(max(times), 4)],
@@ -197,9 +207,9 @@ def greedy_agreement(eager: Tensor, compiled: Tensor) -> float:
     return round(same.float().mean().item(), 4)
 
 
-def decoding_rows(config, new_tokens, device) -> list[dict]:
+def decoding_rows(config, new_tokens, device, batches=(1, 8)) -> list[dict]:
     rows = []
-    for batch in (1, 8):
+    for batch in batches:
         eager = decoding(config, batch, new_tokens, device)
         compiled = decoding(config, batch, new_tokens, device, compiled=True)
         compiled["greedy_prefix_agreement"] = greedy_agreement(eager["tokens"], compiled["tokens"])
@@ -245,7 +255,7 @@ def markdown(results: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for row in results["training"]:
-            name = f"{results['model']} {'compiled' if row['compiled'] else 'eager'}"
+            name = f"{results['model']} {row['variant']}"
             lines.append(
                 f"| {name}, {row['batch x seq']} | {row['step_s_median']} "
                 f"| {row['tokens_per_s']:,} | {row['mfu']:.1%} | {row['peak_memory_gib']} |"
@@ -305,10 +315,10 @@ def main() -> None:
     }
     if "training" in args.only:
         results["training"] = []
-        for compiled in (False,) if args.skip_compile else (False, True):
-            row = training(config, batch, seq, steps, device, compiled)
+        for variant in TRAINING_VARIANTS[:2] if args.skip_compile else TRAINING_VARIANTS:
+            row = training(config, batch, seq, steps, device, variant)
             results["training"].append(row)
-            print(f"training {'compiled' if compiled else 'eager'}: {row}", flush=True)
+            print(f"training {variant}: {row}", flush=True)
     if "sdpa" in args.only:
         sdpa_config = dataclasses.replace(config, max_seq_len=512)
         results["sdpa_backend"] = sdpa_backend(sdpa_config, device)
@@ -316,7 +326,9 @@ def main() -> None:
         results["shared_kv_head"] = shared_head(config, batch, seq, device)
         print(f"shared key/value head: {results['shared_kv_head']}", flush=True)
     if "decoding" in args.only:
-        results["decoding"] = decoding_rows(config, decode_tokens, device)
+        # The dry run decodes batch 1 alone: batch 8 would only compile the step a second time.
+        batches = (1,) if dry else (1, 8)
+        results["decoding"] = decoding_rows(config, decode_tokens, device, batches)
     if "chunks" in args.only:
         results["chunk_sweep"] = chunk_sweep(config.d_model, vocab, sweep_tokens, chunks, device)
         print(f"chunk sweep: {results['chunk_sweep']}", flush=True)

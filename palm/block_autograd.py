@@ -9,6 +9,8 @@ gradient straight into its rows of one buffer, and RoPE is a multiply and two mu
 nothing saved but the fused rows, Swish(gate) and the tables (issue 16: the cats and negations
 were ~2% of an eager step at size S). torch.compile fuses the plain ops by itself, so the model
 uses this in eager mode only; `tests/test_block_autograd.py` holds it to the plain ops in float64.
+It serves bf16 autocast too (bf16 rows, float32 tables): on an H200 the plain path's cats were
+5% of an eager bf16 step's GPU time (benchmarks/RESULTS.md, "GPU check", run 4).
 """
 
 from __future__ import annotations
@@ -26,7 +28,13 @@ def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, *, adjoint: bo
         forward:  out1 = x1 c1 - x2 s1,   out2 = x2 c2 + x1 s2
         adjoint:  out1 = x1 c1 + x2 s2,   out2 = x2 c2 - x1 s1   (the gradient of the forward)
 
-    where (c1 | c2), (s1 | s2) are the halves of the (T, head_dim) tables."""
+    where (c1 | c2), (s1 | s2) are the halves of the (T, head_dim) tables. Computed in the
+    tables' precision: under bf16 autocast (bf16 rows, float32 tables) in a float32 buffer,
+    rounded into `out` once, as `apply_rope` does."""
+    if out.dtype != cos.dtype:
+        rotate_into(work := torch.empty(out.shape, dtype=cos.dtype, device=out.device), x, cos, sin,
+                    adjoint=adjoint)  # fmt: skip
+        return out.copy_(work)
     o1, o2 = out.chunk(2, dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     s1, s2 = sin.chunk(2, dim=-1)

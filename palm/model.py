@@ -146,14 +146,14 @@ class PaLMBlock(nn.Module):
         return F.gelu(pieces[0])
 
     def one_node_middle(self, fused: Tensor, rope: RotaryTables, cache: KVCache | None) -> bool:
-        """Whether palm.block_autograd's split + RoPE + SwiGLU node serves: eager training (compile
-        fuses the plain ops), no cache, plain tensors (not DTensor), tables in the rows' dtype."""
+        """Whether palm.block_autograd's split + RoPE + SwiGLU node serves: eager training (not
+        compiled), no cache, plain tensors (not DTensor), tables in the rows' dtype or float32."""
         return (
             fused.requires_grad
             and cache is None
             and self.config.activation == "swiglu"
             and type(fused) is Tensor
-            and fused.dtype == rope.q_cos.dtype
+            and rope.q_cos.dtype in (fused.dtype, torch.float32)
             and not torch.compiler.is_compiling()
         )
 

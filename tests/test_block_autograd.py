@@ -92,11 +92,47 @@ def test_eager_training_takes_the_node_and_matches_the_plain_block(monkeypatch):
         assert "_SplitRopeSwiGLUBackward" not in names, switch
 
 
-def test_bf16_autocast_keeps_the_plain_path():
-    """Under autocast the fused rows are bf16 and the tables float32: apply_rope's float32 math
-    (and its bf16 output) is the plain path's, so the node steps aside."""
+def test_bf16_rows_with_float32_tables_match_the_plain_ops():
+    """bf16 autocast: bf16 rows, float32 tables. The node's outputs are apply_rope's exactly
+    (float32 math, one rounding), and its gradient is as close to float64's as the plain ops'."""
+    T, Q = 16, CONFIG.head_dim
+    rows = (4 * Q, Q, Q, 48, 48)
+    gen = torch.Generator().manual_seed(0)
+    fused64 = torch.randn(3, T, sum(rows), dtype=torch.float64, generator=gen)
+    fused = fused64.bfloat16().requires_grad_()
+    rope = rotary_tables(torch.arange(T), CONFIG, torch.float32)
+    want = plain_middle(fused, rope, rows, Q)
+    got = split_rope_swiglu(fused, rope, rows, Q)
+    for w, g in zip(want, got, strict=True):
+        assert g.dtype == w.dtype == torch.bfloat16 and torch.equal(g, w)
+    upstream = [torch.randn(w.shape, generator=gen).bfloat16() for w in want]
+    exact = fused.detach().double().requires_grad_()
+    rope64 = rotary_tables(torch.arange(T), CONFIG, torch.float64)
+    reference = torch.autograd.grad(
+        plain_middle(exact, rope64, rows, Q), exact, [u.double() for u in upstream]
+    )[0]
+    errors = [
+        (torch.autograd.grad(out, fused, upstream)[0].double() - reference).abs().max()
+        for out in (want, got)
+    ]
+    assert errors[1] <= errors[0] * 1.01, errors
+
+
+def test_bf16_autocast_takes_the_node_and_matches_the_plain_block(monkeypatch):
+    torch.manual_seed(0)
     model = PaLM(CONFIG)
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 16))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(tokens, targets=tokens).loss
-    assert "_SplitRopeSwiGLUBackward" not in node_names(loss)
+
+    def loss_and_grads():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(tokens, targets=tokens).loss
+        return loss, node_names(loss), torch.autograd.grad(loss, list(model.parameters()))
+
+    loss, names, grads = loss_and_grads()
+    assert "_SplitRopeSwiGLUBackward" in names
+    monkeypatch.setattr(type(model.blocks[0]), "one_node_middle", lambda *args: False)
+    plain_loss, plain_names, plain_grads = loss_and_grads()
+    assert "_SplitRopeSwiGLUBackward" not in plain_names
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for got, want in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
