@@ -68,6 +68,15 @@ class KVCache:
         return self.keys[layer], self.values[layer]
 
 
+def cache_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The cache's dtype: autocast's where autocast is on (keys and values are made in it, so
+    a float32 cache would hold the same values at twice the bytes, and attention would cast the
+    whole of it back at every step), else the weights'."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
+
+
 def transposed_weights_pay(model: nn.Module) -> bool:
     """Whether decoding with (in, out) copies of the wide weights (`PaLM.new_cache`) is faster,
     for a palm.model.PaLM.

@@ -28,6 +28,7 @@ from palm.errors import ConfigError
 from palm.kv_cache import (
     KVCache,
     TransposedWeights,
+    cache_dtype,
     one_token_attention,
     padding_mask,
     transposed_weights_pay,
@@ -281,16 +282,14 @@ class PaLM(nn.Module):
         dtype=None,
         transposed_weights: bool | TransposedWeights | None = None,
     ) -> KVCache:
-        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens.
-
-        `transposed_weights` gives the cache (in, out) copies of in_proj and the output
-        projection, which decoding then multiplies by; None: where they are measured to pay
-        (`transposed_weights_pay`). They cost that much memory while the cache lives; pass
-        the copies themselves (`transposed_weights()`) to share one set between caches."""
+        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens, in
+        autocast's dtype where autocast is on (`cache_dtype`). `transposed_weights`: (in, out)
+        copies of in_proj and the output projection for decoding, memory while the cache lives
+        (None: where they pay, `transposed_weights_pay`; share one set: `transposed_weights()`)."""
         c = self.config
         max_len = max_len or c.max_seq_len
-        device = device or self.embedding.weight.device
-        dtype = dtype or self.embedding.weight.dtype
+        device = torch.device(device or self.embedding.weight.device)
+        dtype = dtype or cache_dtype(self.embedding.weight.dtype, device.type)
         shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
         make = lambda: torch.zeros(shape, device=device, dtype=dtype)  # noqa: E731
         rope = self.rotary(0, max_len, self.embedding.weight.dtype)  # (max_len, Q) each

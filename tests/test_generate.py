@@ -53,6 +53,20 @@ def test_greedy_with_cache_equals_greedy_without(overrides, small_model):
     assert torch.equal(cached, uncached)
 
 
+def test_under_bf16_autocast_the_cache_is_bf16_and_decodes_as_recomputation(small_model):
+    """Keys and values are made in bf16 under autocast: a float32 cache would hold the same
+    values at twice the bytes and be cast back whole at every step."""
+    model = small_model()
+    prompt = torch.randint(0, 97, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model.new_cache(2, 16)
+        cached = generate(model, prompt, 24, temperature=0.0)
+        uncached = generate(model, prompt, 24, temperature=0.0, use_cache=False)
+    assert cache.keys[0].dtype == cache.values[0].dtype == torch.bfloat16
+    assert model.new_cache(2, 16).keys[0].dtype == torch.float32  # autocast off: the weights'
+    assert torch.equal(cached, uncached)
+
+
 @pytest.mark.parametrize(
     "overrides", [{}, {"multi_query": False, "parallel_block": False}, {"tie_embeddings": False}]
 )
