@@ -32,9 +32,8 @@ def rotate_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, *, adjoint: bo
     tables' precision: under bf16 autocast (bf16 rows, float32 tables) in a float32 buffer,
     rounded into `out` once, as `apply_rope` does."""
     if out.dtype != cos.dtype:
-        rotate_into(work := torch.empty(out.shape, dtype=cos.dtype, device=out.device), x, cos, sin,
-                    adjoint=adjoint)  # fmt: skip
-        return out.copy_(work)
+        work = torch.empty(out.shape, dtype=cos.dtype, device=out.device)
+        return out.copy_(rotate_into(work, x, cos, sin, adjoint=adjoint))
     o1, o2 = out.chunk(2, dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     s1, s2 = sin.chunk(2, dim=-1)

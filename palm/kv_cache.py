@@ -72,9 +72,11 @@ def cache_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The cache's dtype: autocast's where autocast is on (keys and values are made in it, so
     a float32 cache would hold the same values at twice the bytes, and attention would cast the
     whole of it back at every step), else the weights'."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight_dtype
+    try:
+        autocast = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        autocast = False
+    return torch.get_autocast_dtype(device_type) if autocast else weight_dtype
 
 
 def transposed_weights_pay(model: nn.Module) -> bool:
@@ -117,22 +119,23 @@ def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:
 # cuDNN's attention builds an execution plan for every new shape. An eager decoding step has a
 # new key length every token, so each layer paid for a plan each token: about 2 ms of CPU per
 # call on an H200, and palm-350m decoded 17 tokens/s (benchmarks/RESULTS.md, "GPU check").
-VARYING_LENGTH_BACKENDS = [
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
+PLAN_FREE_BACKENDS = {
+    SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+    SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+    SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+}
 
 
-def one_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """One new token's query heads as rows, q (B, KH, H/KH, Q), against the cached k, v
-    (B, KH, S, Q), so the cache is read once and never broadcast (under torch.compile an
-    expand() of it would be materialised: H copies of the whole cache per step) -> the
-    attention outputs (B, KH, H/KH, Q).
-
-    Eager CUDA steps keep to the kernels that need no per-shape plan; the compiled static step
-    (one shape for every token) lets SDPA choose."""
+def one_token_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+) -> Tensor:
+    """`F.scaled_dot_product_attention` for a decoding step of one new token, whose key length
+    is new at every call: eager CUDA steps keep to the enabled backends that need no per-shape
+    plan (cuDNN's does); the compiled static step (one shape for every token) lets SDPA choose.
+    (The backend switch is process-wide for the call: decode from one thread at a time.)"""
     if q.is_cuda and not torch.compiler.is_compiling():
-        with sdpa_kernel(VARYING_LENGTH_BACKENDS):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        backends = [backend for backend, enabled in PLAN_FREE_BACKENDS.items() if enabled()]
+        if backends:
+            with sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal)

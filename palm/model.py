@@ -124,19 +124,18 @@ class PaLMBlock(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """Attention of q (B, H, T, Q) over k, v (B, KH, S, Q) -> (B, T, H*Q)."""
-        B, H, T, _ = q.shape
-        c = self.config
-        KH = k.shape[1]
+        (B, H, T, Q), KH = q.shape, k.shape[1]
         if T == 1 and KH != H and not causal:
+            # Heads as rows against the shared head: the cache is never broadcast (nor copied).
             out = one_token_attention(q.view(B, KH, H // KH, -1), k, v, mask)
             return out.reshape(B, 1, self.q_dim)  # heads in order: (B, 1, H*Q)
         if causal and mask is None and KH == 1 and tiles_serve(q, sum(self.row_sizes)):
             return causal_mqa(q, k, v, self.probs_pool)  # CPU training: (B, T, H*Q)
         if KH != H:
             # Broadcast the shared head: expand() is a view, no copy of the keys/values.
-            k = k.expand(B, q.shape[1], k.shape[2], c.head_dim)
-            v = v.expand(B, q.shape[1], v.shape[2], c.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            k, v = k.expand(B, H, k.shape[2], Q), v.expand(B, H, v.shape[2], Q)
+        attention = one_token_attention if T == 1 else F.scaled_dot_product_attention
+        out = attention(q, k, v, attn_mask=mask, is_causal=causal)
         return out.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*Q)
 
     def activation(self, *pieces: Tensor) -> Tensor:
@@ -154,7 +153,7 @@ class PaLMBlock(nn.Module):
             and cache is None
             and self.config.activation == "swiglu"
             and type(fused) is Tensor
-            and rope.q_cos.dtype in (fused.dtype, torch.float32)
+            and rope.q_cos.dtype in (fused.dtype, torch.promote_types(fused.dtype, torch.float32))
             and not torch.compiler.is_compiling()
         )
 

@@ -8,20 +8,18 @@ Prompts of different lengths are left-padded into one batch; the cache's `key_ma
 padding keys. RoPE only sees relative positions, so a padded row decodes exactly as it would
 alone (up to float rounding of the batched matmuls).
 
-`compile=True` runs each one-token step through torch.compile, as gpt-fast does: the cache is
-preallocated, the step's position is a tensor advanced in place, so every step has the same
-shapes and one graph (no graph breaks, `fullgraph=True`) serves them all.
+`compile=True` runs each one-token step through torch.compile (palm.compiled_decoding).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from palm.compiled_decoding import CompiledStep
 from palm.config import TrainConfig
 from palm.errors import ConfigError
 from palm.kv_cache import KVCache, TransposedWeights
@@ -129,8 +127,10 @@ def prefill(
     transposed_weights: bool | TransposedWeights | None = None,
 ) -> tuple[KVCache, Tensor]:
     """A cache of `max_len` positions holding prompt (B, T), and its last logits (B, V).
-    `prompt_mask` (B, T) is False at left padding (none: the plain causal path, exact and
-    faster); `transposed_weights` as in `PaLM.new_cache`."""
+
+    `prompt_mask` (B, T) is False at left padding; without any padding the plain causal path
+    is used (exact, and faster). `transposed_weights` as in `PaLM.new_cache`.
+    """
     if prompt_mask is not None:
         prompt_mask = prompt_mask.to(prompt.device)
         if bool(prompt_mask.all()):
@@ -154,53 +154,6 @@ def shared_transposed(model: PaLM, wanted: bool | None = None) -> TransposedWeig
 def decode_step(model: PaLM, token: Tensor, cache: KVCache) -> Tensor:
     """Append one token per row (B,) to the cache; the next logits (B, V)."""
     return model(token[:, None], cache)[:, -1]
-
-
-@functools.cache
-def _compiled_decode(cuda_graphs: bool = False) -> Callable[..., Tensor]:
-    """PaLM.decode_static under torch.compile (lazy); `cuda_graphs`: mode "reduce-overhead"."""
-    mode = "reduce-overhead" if cuda_graphs else None
-    return torch.compile(PaLM.decode_static, fullgraph=True, dynamic=False, mode=mode)
-
-
-class CompiledStep:
-    """`decode_step` with the compiled static-shape forward: (B,) tokens -> (B, V) logits.
-
-    The position is a (1,) tensor advanced in place after each call, and `cache.length` a
-    Python number kept outside the graph, so no call changes a shape or a guarded value.
-    On CUDA (`cuda_graphs`) each step replays one CUDA graph: eager steps are launch-bound
-    (benchmarks/RESULTS.md, "GPU check"). The cache is written inside the graph, so its buffers
-    are static addresses, unguarded: a new cache re-records the graph, never recompiles it.
-    """
-
-    def __init__(self, model: PaLM, cache: KVCache, cuda_graphs: bool | None = None) -> None:
-        self.model, self.cache, self.compiled = model, cache, False
-        self.position = torch.tensor([cache.length], device=cache.keys[0].device)
-        self.cuda_graphs = self.position.is_cuda if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs:
-            for buffer in (*cache.keys, *cache.values):
-                torch._dynamo.mark_static_address(buffer, guard=False)
-
-    def __call__(self, token: Tensor) -> Tensor:
-        if self.cache.length >= self.cache.max_len:
-            raise ConfigError(f"the cache's {self.cache.max_len} positions are all used")
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up
-        try:
-            step = _compiled_decode(self.cuda_graphs)
-            logits = step(self.model, token[:, None], self.position, self.cache)
-        except Exception as error:  # compilation happens in the first call
-            if self.compiled:
-                raise
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise ConfigError(
-                f"--compile: torch.compile cannot compile the decoding step here "
-                f"({type(error).__name__}: {reason[:200]}); run without --compile"
-            ) from None
-        self.compiled = True
-        self.cache.length += 1
-        self.position += 1
-        return logits
 
 
 @torch.no_grad()

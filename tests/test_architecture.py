@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "palm.model": 1,
     "palm.parallel": 1,
     "palm.tokenizer": 1,
+    "palm.compiled_decoding": 1,
     "palm.sampling": 1,
     # 2 the recipe
     "palm.schedules": 2,

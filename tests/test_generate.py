@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import palm.compiled_decoding
 import palm.kv_cache
 import palm.sampling
 from palm.cli.generate import WRAP, LabelledLines, main
@@ -53,18 +54,23 @@ def test_greedy_with_cache_equals_greedy_without(overrides, small_model):
     assert torch.equal(cached, uncached)
 
 
-def test_under_bf16_autocast_the_cache_is_bf16_and_decodes_as_recomputation(small_model):
-    """Keys and values are made in bf16 under autocast: a float32 cache would hold the same
-    values at twice the bytes and be cast back whole at every step."""
+def test_under_bf16_autocast_the_cache_is_bf16_and_gives_the_float32_caches_logits(small_model):
+    """Keys and values are made in bf16 under autocast: a float32 cache held the same values at
+    twice the bytes, cast back whole at every step. The logits are those of a float32 cache."""
     model = small_model()
-    prompt = torch.randint(0, 97, (2, 7))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        cache = model.new_cache(2, 16)
-        cached = generate(model, prompt, 24, temperature=0.0)
-        uncached = generate(model, prompt, 24, temperature=0.0, use_cache=False)
-    assert cache.keys[0].dtype == cache.values[0].dtype == torch.bfloat16
+    prompt, token = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 1))
+    logits = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (None, torch.float32):
+            cache = model.new_cache(2, 16, dtype=dtype)
+            logits[dtype] = (model(prompt, cache), model(token, cache), cache.keys[0].dtype)
+    assert logits[None][2] == torch.bfloat16 and logits[torch.float32][2] == torch.float32
+    for got, want in zip(logits[None][:2], logits[torch.float32][:2], strict=True):
+        assert torch.equal(got, want)
     assert model.new_cache(2, 16).keys[0].dtype == torch.float32  # autocast off: the weights'
-    assert torch.equal(cached, uncached)
+    with torch.device("meta"):
+        meta_model = PaLM(model.config)
+    assert meta_model.new_cache(2, 16).keys[0].device.type == "meta"
 
 
 @pytest.mark.parametrize(
@@ -172,7 +178,7 @@ def test_compile_that_cannot_be_honoured_is_a_clear_error(small_model, monkeypat
     def broken(*args):
         raise RuntimeError("no C++ compiler found\nlong traceback")
 
-    monkeypatch.setattr(palm.sampling, "_compiled_decode", lambda cuda_graphs=False: broken)
+    monkeypatch.setattr(palm.compiled_decoding, "compiled_decode", lambda *args: broken)
     with pytest.raises(ConfigError, match=r"--compile: .*RuntimeError: no C\+\+ compiler found\)"):
         generate(small_model(), torch.randint(0, 97, (1, 4)), 5, compile=True)
     with pytest.raises(ConfigError, match="use_cache"):

@@ -29,9 +29,11 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     variants = [row["variant"] for row in results["training"]]
     assert variants == ["eager", "eager, plain block middle", "compiled"]
     assert all(row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 for row in results["training"])
-    assert results["sdpa_backend"] not in ("unknown", "math (fallback)")
+    assert results["sdpa_backend"] != "unknown" and "math" not in results["sdpa_backend"]
     cells = [(row["batch"], row["compiled"]) for row in results["decoding"]]
     assert cells == [(1, False), (1, True)]  # the GPU run adds batch 8
-    assert all(row["greedy_prefix_agreement"] == 1.0 for row in results["decoding"][1::2])
+    # A measurement (bf16 rounding may flip a near-tie), not a check: compiled decoding is held
+    # to eager's greedy tokens in float32 by tests/test_generate.py.
+    assert all(0.0 <= row["greedy_prefix_agreement"] <= 1.0 for row in results["decoding"][1::2])
     assert len(results["chunk_sweep"]) >= 2
     assert "| training (bf16) |" in (tmp_path / "check.md").read_text()
