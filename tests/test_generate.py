@@ -174,6 +174,34 @@ def test_compiled_greedy_decoding_equals_eager(small_model):
     assert torch.equal(compiled, padded)
 
 
+@pytest.mark.skipif(
+    torch.torch_version.TorchVersion(torch.__version__) < "2.5",
+    reason="torch 2.4 bakes unguarded static tensors into the graph (CUDA graphs are off there)",
+)
+def test_unguarded_static_caches_serve_each_new_request_without_recompiling(small_model):
+    """CUDA graphs need the cache's tensors as static addresses, unguarded (CompiledStep). Here
+    that marking runs on the CPU (Inductor skips the graphs there): a second request with another
+    prompt and a new cache must decode its own tokens (no first cache baked in as a constant,
+    torch 2.4's behaviour), with no new graph."""
+    from torch._dynamo.utils import counters
+
+    model = small_model(6)
+    prompts = [torch.randint(0, 97, (2, 6)) for _ in range(2)]
+    graphs = None
+    for prompt in prompts:
+        expected = generate(model, prompt, 12, temperature=0.0)
+        with torch.no_grad():
+            cache, logits = palm.sampling.prefill(model, prompt, None, 18)
+            step = palm.compiled_decoding.CompiledStep(model, cache, cuda_graphs=True)
+            tokens = []
+            for _ in range(12):
+                tokens.append(logits.argmax(-1))
+                logits = step(tokens[-1])
+        assert torch.equal(torch.stack(tokens, dim=1), expected)
+        assert graphs in (None, counters["stats"]["unique_graphs"])
+        graphs = counters["stats"]["unique_graphs"]
+
+
 def test_compile_that_cannot_be_honoured_is_a_clear_error(small_model, monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler found\nlong traceback")
