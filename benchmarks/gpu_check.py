@@ -177,7 +177,10 @@ def decoding(config, batch, new_tokens, device, compiled=False) -> dict:
     torch.manual_seed(0)
     model = PaLM(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (batch, 32), device=device)
-    run = lambda n: generate(model, prompt, n, temperature=0.0, compile=compiled)  # noqa: E731
+
+    def run(n: int) -> Tensor:
+        return generate(model, prompt, n, temperature=0.0, compile=compiled)
+
     with autocast(device):
         started = time.perf_counter()
         run(new_tokens)  # warm-up (compilation, graph recording): the same lengths as timed

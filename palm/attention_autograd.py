@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from palm.dtensor import dtensor_type
 from palm.flops import ATTENTION_TILE as TILE
 from palm.flops import attention_tiles as tiles
 from palm.flops import fits_saved_probs, saved_probs_per_sequence
@@ -32,22 +33,14 @@ def tiles_serve(q: Tensor, fused_rows: int) -> bool:
     """Whether this node serves queries q (B, H, T, Q): training on the CPU in float32/64, eager
     (or compiled: as a custom op), where the kept probabilities fit in the layer's fused rows.
     CUDA keeps SDPA's flash kernel, sharded (DTensor) and fake (dry run) tensors SDPA too."""
+    sharded = isinstance(q, dtensor_type() or ())  # DTensor: the custom op has no sharding rule
     return (
         q.requires_grad
         and q.device.type == "cpu"
-        and (type(q) is Tensor or (torch.compiler.is_compiling() and not is_dtensor(q)))
+        and (type(q) is Tensor or (torch.compiler.is_compiling() and not sharded))
         and q.dtype in (torch.float32, torch.float64)
         and fits_saved_probs(q.shape[2], q.shape[1], fused_rows)
     )
-
-
-def is_dtensor(t: Tensor) -> bool:
-    """A sharded tensor: the custom op has no sharding rule, so those keep SDPA."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def attend_tiles(q: Tensor, k: Tensor, v: Tensor, heads: int, probs: Tensor) -> Tensor:

@@ -72,11 +72,10 @@ def cache_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
     """The cache's dtype: autocast's where autocast is on (keys and values are made in it, so
     a float32 cache would hold the same values at twice the bytes, and attention would cast the
     whole of it back at every step), else the weights'."""
-    try:
-        autocast = torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # a device type autocast does not know (meta)
-        autocast = False
-    return torch.get_autocast_dtype(device_type) if autocast else weight_dtype
+    # The meta device has no autocast (is_autocast_enabled would raise for it).
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight_dtype
 
 
 def transposed_weights_pay(model: nn.Module) -> bool:
