@@ -52,6 +52,18 @@ class KVCache:
     def max_len(self) -> int:
         return self.keys[0].shape[2]
 
+    def restart(self, prompt_mask: Tensor | None = None) -> None:
+        """Empty the cache for a new request of (B, T) `prompt_mask` (None: no padding), keeping
+        every buffer at its address (a recorded CUDA graph reads them there). The stale keys and
+        values after `length` are never attended: they lie after every query's position."""
+        if (prompt_mask is None) != (self.key_mask is None):
+            raise ValueError("restart: a padded prompt needs a cache made with a key mask, and "
+                             "only a padded prompt may use one")  # fmt: skip
+        self.length = 0
+        if prompt_mask is not None:
+            self.key_mask.fill_(True)
+            self.key_mask[:, : prompt_mask.shape[1]] = prompt_mask
+
     def store(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's k, v (B, KH, T, Q) after the stored ones; return all of them."""
         end = self.length + k.shape[2]

@@ -8,7 +8,8 @@ Prompts of different lengths are left-padded into one batch; the cache's `key_ma
 padding keys. RoPE only sees relative positions, so a padded row decodes exactly as it would
 alone (up to float rounding of the batched matmuls).
 
-`compile=True` runs each one-token step through torch.compile (palm.compiled_decoding).
+`compile=True` runs each one-token step through torch.compile (palm.compiled_decoding); a
+`CompiledDecoder` passed as `decoder` keeps its caches and compiled steps across requests.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from palm.compiled_decoding import CompiledStep
+from palm.compiled_decoding import CompiledDecoder
 from palm.config import TrainConfig
 from palm.errors import ConfigError
 from palm.kv_cache import KVCache, TransposedWeights
@@ -125,21 +126,24 @@ def prefill(
     prompt_mask: Tensor | None,
     max_len: int,
     transposed_weights: bool | TransposedWeights | None = None,
+    cache: KVCache | None = None,
 ) -> tuple[KVCache, Tensor]:
     """A cache of `max_len` positions holding prompt (B, T), and its last logits (B, V).
 
     `prompt_mask` (B, T) is False at left padding; without any padding the plain causal path
-    is used (exact, and faster). `transposed_weights` as in `PaLM.new_cache`.
+    is used (exact, and faster). `transposed_weights` as in `PaLM.new_cache`. `cache`: an
+    empty one to fill (`KVCache.restart`, with this prompt's mask) instead of a new one.
     """
     if prompt_mask is not None:
         prompt_mask = prompt_mask.to(prompt.device)
         if bool(prompt_mask.all()):
             prompt_mask = None
-    cache = (
-        _masked_cache(model, prompt_mask, max_len, transposed_weights)
-        if prompt_mask is not None
-        else model.new_cache(prompt.shape[0], max_len, transposed_weights=transposed_weights)
-    )
+    if cache is None:
+        cache = (
+            _masked_cache(model, prompt_mask, max_len, transposed_weights)
+            if prompt_mask is not None
+            else model.new_cache(prompt.shape[0], max_len, transposed_weights=transposed_weights)
+        )
     return cache, _full_forward(model, prompt, prompt_mask, cache)
 
 
@@ -172,6 +176,7 @@ def stream(
     compile: bool = False,
     cache_len: int | None = None,
     transposed_weights: bool | None = None,
+    decoder: CompiledDecoder | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token (B,) of each row of prompt (B, T), step by step.
 
@@ -182,12 +187,16 @@ def stream(
     static-shape step (`CompiledStep`; CUDA graphs on CUDA); `cache_len` (>= prompt +
     max_new_tokens, the default) fixes the cache's length, so requests of other lengths reuse
     one compiled graph. `transposed_weights` as in `PaLM.new_cache`; the output is the same.
+    `decoder` (with compile=True): a `CompiledDecoder` whose long-lived caches and steps serve
+    this request, for sessions of many (on CUDA its graphs are recorded once per shape).
     """
     check_sampling(temperature, top_k, top_p)
     batch, length = prompt.shape
     total = length + max_new_tokens
     if compile and not use_cache:
         raise ConfigError("compile=True decodes with the cache; it needs use_cache=True")
+    if decoder is not None and not (compile and decoder.model is model):
+        raise ConfigError("a decoder decodes its own model, compiled: pass compile=True")
     if cache_len is not None and not total <= cache_len <= model.config.max_seq_len:
         raise ConfigError(
             f"cache_len {cache_len} must hold prompt + max_new_tokens ({total}) and fit the "
@@ -209,8 +218,11 @@ def stream(
         sequence, cache, step_fn = prompt, None, None
         if use_cache:
             max_len = cache_len or total
-            cache, logits = prefill(model, prompt, prompt_mask, max_len, transposed_weights)
-            step_fn = CompiledStep(model, cache) if compile else None
+            if compile:
+                decoder = decoder or CompiledDecoder(model, transposed_weights)
+                step_fn = decoder.step_for(batch, max_len, prompt_mask)
+            given = step_fn.cache if step_fn is not None else None
+            cache, logits = prefill(model, prompt, prompt_mask, max_len, transposed_weights, given)
         else:
             logits = _full_forward(model, sequence, prompt_mask, None)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
@@ -255,11 +267,12 @@ def generate(
     compile: bool = False,
     cache_len: int | None = None,
     transposed_weights: bool | None = None,
+    decoder: CompiledDecoder | None = None,
 ) -> Tensor:
     """Continue prompt (B, T) by up to max_new_tokens tokens; returns only the new ones (B, N).
 
     Rows that produced `eod_id` keep emitting it; decoding stops early once every row has.
-    `compile`, `cache_len` and `transposed_weights` as in `stream`.
+    `compile`, `cache_len`, `transposed_weights` and `decoder` as in `stream`.
     """
     tokens = list(
         stream(
@@ -276,6 +289,7 @@ def generate(
             compile=compile,
             cache_len=cache_len,
             transposed_weights=transposed_weights,
+            decoder=decoder,
         )
     )
     return torch.stack(tokens, dim=1) if tokens else prompt[:, :0]

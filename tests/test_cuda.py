@@ -124,3 +124,34 @@ def test_compiled_decoding_replays_cuda_graphs_and_equals_eager():
     del held
     assert torch.equal(again, eager[1])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_compiled_decoder_records_its_cuda_graph_once(monkeypatch):
+    """CompiledDecoder (interactive --compile): later requests, of other prompt lengths, replay
+    the graph recorded for the first one in its long-lived cache; a new cache per request would
+    record again each time, toward torch's re-record limit (past it, silently no graphs)."""
+    from torch._inductor import cudagraph_trees
+
+    from palm.compiled_decoding import CompiledDecoder
+
+    manager = cudagraph_trees.CUDAGraphTreeManager
+    if not hasattr(manager, "record_function"):
+        pytest.skip("this torch's CUDA graph trees have no record_function to count")
+    recorded, original = [], manager.record_function
+    monkeypatch.setattr(
+        manager,
+        "record_function",
+        lambda self, *a, **k: recorded.append(1) or original(self, *a, **k),
+    )
+    torch.manual_seed(0)
+    model = PaLM(CONFIG).cuda().eval()
+    decoder = CompiledDecoder(model)
+    counts = []
+    for length in (12, 5, 9):
+        prompt = torch.randint(0, 512, (2, length), device="cuda")
+        expected = generate(model, prompt, 24, temperature=0.0)
+        got = generate(model, prompt, 24, temperature=0.0, compile=True, cache_len=40,
+                       decoder=decoder)  # fmt: skip
+        assert torch.equal(got, expected)
+        counts.append(len(recorded))
+    assert counts[0] >= 1 and counts[1:] == [counts[0]] * 2, counts

@@ -202,6 +202,46 @@ def test_unguarded_static_caches_serve_each_new_request_without_recompiling(smal
         graphs = counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow  # compiles the decoding step (~10 s on 2 CPU cores)
+def test_a_compiled_decoder_serves_every_request_from_one_long_lived_cache(small_model):
+    """CompiledDecoder (the interactive CLI's --compile): requests of other prompts and lengths
+    decode in one cache at unchanged addresses (what keeps a recorded CUDA graph valid) with
+    one compiled graph; the stale keys a longer earlier request left are never attended."""
+    from torch._dynamo.utils import counters
+
+    model = small_model(7)
+    decoder = palm.compiled_decoding.CompiledDecoder(model)
+    addresses, graphs = set(), set()
+    for length in (14, 3, 9):  # the longest first: its keys stay behind in the cache
+        prompt = torch.randint(0, 97, (2, length))
+        expected = generate(model, prompt, 12, temperature=0.0)
+        got = generate(model, prompt, 12, temperature=0.0, compile=True, cache_len=30,
+                       decoder=decoder)  # fmt: skip
+        assert torch.equal(got, expected)
+        (step,) = decoder.steps.values()
+        addresses.add((step.cache.keys[0].data_ptr(), step.cache.values[-1].data_ptr()))
+        graphs.add(counters["stats"]["unique_graphs"])
+    assert len(addresses) == 1 and len(graphs) == 1
+    # Padded: the key mask too. The first mask's padding (row 0, positions 0-3) lies where the
+    # second request decodes: restart must clear it. Fed given tokens (greedy ones of a tiny
+    # model repeat, and would hide a masked key), the logits must be eager's.
+    for prompts in ([[1], [2, 3, 4, 5, 6]], [[5, 6], [3]]):
+        tokens, mask = pad_left(prompts)
+        step = decoder.step_for(2, 30, mask)
+        with torch.no_grad():
+            _, got = palm.sampling.prefill(model, tokens, mask, 30, cache=step.cache)
+            cache, expected = palm.sampling.prefill(model, tokens, mask, 30)
+            for token in torch.randint(0, 97, (10, 2)):
+                torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+                got = step(token).clone()
+                expected = palm.sampling.decode_step(model, token, cache)
+    assert len(decoder.steps) == 2  # one unpadded and one padded cache of two rows
+    with pytest.raises(ConfigError, match="compile=True"):
+        generate(model, tokens, 3, decoder=decoder)
+    with pytest.raises(ValueError, match="key mask"):
+        next(iter(decoder.steps.values())).cache.restart(mask)  # the unpadded one
+
+
 def test_compile_that_cannot_be_honoured_is_a_clear_error(small_model, monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler found\nlong traceback")

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from palm.cli import TRANSPOSED_WEIGHTS, run
+from palm.compiled_decoding import CompiledDecoder
 from palm.errors import ConfigError, PalmError
 from palm.flops import DTYPE_BYTES
 from palm.kv_cache import TransposedWeights
@@ -185,10 +186,12 @@ def sample(
     generator: torch.Generator,
     out=None,
     transposed: TransposedWeights | bool | None = None,
+    decoder: CompiledDecoder | None = None,
 ) -> list[str]:
     """Generate for every prompt x num_samples, streaming: a single sequence as raw text, a
     batch as labelled lines (LabelledLines). `transposed`: decoding's weight copies to reuse
-    (interactive prompts share one set), else as --transposed_weights says."""
+    (interactive prompts share one set), else as --transposed_weights says; `decoder`: with
+    --compile, the session's long-lived caches and compiled steps (palm.compiled_decoding)."""
     out = sys.stdout if out is None else out
     tokenizer, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
@@ -231,6 +234,7 @@ def sample(
         transposed_weights=(
             TRANSPOSED_WEIGHTS[args.transposed_weights] if transposed is None else transposed
         ),
+        decoder=decoder,
     ):
         for row, text_stream in enumerate(streams):
             if not text_stream.done and not args.ignore_eod and token[row] == tokenizer.eod_id:
@@ -265,6 +269,9 @@ def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.
     print("interactive: one prompt per line; end with Ctrl-D or 'exit'", file=sys.stderr)
     # Decoding's weight copies made once for the session, not once per prompt.
     shared = shared_transposed(loaded.model, TRANSPOSED_WEIGHTS[args.transposed_weights])
+    # --compile: one long-lived cache and step for every prompt (one context-long shape), so
+    # on CUDA the step's graph is recorded once, not once per prompt.
+    decoder = CompiledDecoder(loaded.model, shared) if args.compile else None
     while True:
         sys.stderr.write("> ")  # the prompt marker goes to stderr: stdout holds only samples
         sys.stderr.flush()
@@ -273,7 +280,8 @@ def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.
             return
         line = line.rstrip("\n")
         try:
-            sample(loaded, [line.replace("\\n", "\n")], args, generator, transposed=shared)
+            prompt = [line.replace("\\n", "\n")]
+            sample(loaded, prompt, args, generator, transposed=shared, decoder=decoder)
         except PalmError as error:  # e.g. a prompt too long: report it and keep the loop
             print(f"error: {error}", file=sys.stderr)
 
