@@ -27,7 +27,12 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = json.loads((tmp_path / "check.json").read_text())
     variants = [row["variant"] for row in results["training"]]
-    assert variants == ["eager", "eager, plain block middle", "compiled"]
+    assert variants == [
+        "eager",
+        "eager, plain block middle",
+        "eager, compiled Adafactor",
+        "compiled",
+    ]
     assert all(row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 for row in results["training"])
     assert results["sdpa_backend"] != "unknown" and "math" not in results["sdpa_backend"]
     cells = [(row["batch"], row["compiled"]) for row in results["decoding"]]
