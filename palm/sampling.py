@@ -197,6 +197,11 @@ def stream(
         raise ConfigError("compile=True decodes with the cache; it needs use_cache=True")
     if decoder is not None and not (compile and decoder.model is model):
         raise ConfigError("a decoder decodes its own model, compiled: pass compile=True")
+    if decoder is not None and not (
+        transposed_weights is None or transposed_weights is decoder.transposed
+    ):
+        raise ConfigError("the decoder's caches hold its own weight copies: give "
+                          "transposed_weights to CompiledDecoder, not here")  # fmt: skip
     if cache_len is not None and not total <= cache_len <= model.config.max_seq_len:
         raise ConfigError(
             f"cache_len {cache_len} must hold prompt + max_new_tokens ({total}) and fit the "
