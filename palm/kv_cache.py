@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from palm.errors import ConfigError
 from palm.profiling import available_memory_bytes
 
 
@@ -57,7 +58,7 @@ class KVCache:
         every buffer at its address (a recorded CUDA graph reads them there). The stale keys and
         values after `length` are never attended: they lie after every query's position."""
         if (prompt_mask is None) != (self.key_mask is None):
-            raise ValueError("restart: a padded prompt needs a cache made with a key mask, and "
+            raise ConfigError("restart: a padded prompt needs a cache made with a key mask, and "
                              "only a padded prompt may use one")  # fmt: skip
         self.length = 0
         if prompt_mask is not None:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from palm.config import IGNORE_INDEX  # targets with this value are left out of both terms
+from palm.cpu_kernels import logits_block, onednn_logits_serve
 from palm.flops import chunk_tokens_for
 
 
@@ -169,21 +170,19 @@ class _LinearLMLoss(torch.autograd.Function):
         nll = torch.empty(n, dtype=exact, device=hidden.device)
         log_z = torch.empty_like(nll)
         ce_weight = ce_weight.to(exact)
-        # One (chunk, V) buffer made once and reused by every chunk: a fresh block per chunk
-        # is, past glibc's 32 MiB mmap threshold, new pages that the kernel faults in and zeroes
-        # each time (measured, issue 16: the loss alone 7% faster at vocab 8192, 1.5% at 32000).
-        # The softmax is written over the logits, so one block is all the loss ever holds.
+        # One (chunk, V) block at a time, the softmax written over it. mm fills one buffer that
+        # every chunk reuses (fresh blocks were new pages, faulted in and zeroed each time: the
+        # loss alone 7% slower at vocab 8192, issue 16); oneDNN, faster on CPU for blocks of up
+        # to 16 MiB (palm.cpu_kernels), makes each block anew.
         rows = min(chunk, n)
-        buffer = torch.empty(rows, weight.shape[0], dtype=exact, device=hidden.device)
+        onednn = onednn_logits_serve(h, w, rows)
+        buffer = None if onednn else torch.empty(rows, w.shape[0], dtype=exact, device=h.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 h_c, t = h[start:end], targets[start:end]
-                logits = buffer[: end - start]  # (c, V)
-                if compute_dtype == exact:
-                    torch.mm(h_c, w.t(), out=logits)
-                else:
-                    logits.copy_(torch.mm(h_c, w.t()))
+                logits = probs = p = None  # the last chunk's block goes before the next comes
+                logits = logits_block(h_c, w, None if onednn else buffer[: end - start])  # (c, V)
                 probs, nll[start:end], log_z[start:end] = _softmax_nll_log_z_(
                     logits, t, lambda rows, h_c=h_c: torch.mm(h_c[rows], w.t()).to(exact)
                 )

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "palm.profiling": 0,
     # 1 the model and its math
     "palm.flops": 1,
+    "palm.cpu_kernels": 1,
     "palm.loss": 1,
     "palm.kv_cache": 1,
     "palm.rope": 1,

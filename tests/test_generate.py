@@ -241,7 +241,7 @@ def test_a_compiled_decoder_serves_every_request_from_one_long_lived_cache(small
     with pytest.raises(ConfigError, match="transposed_weights to CompiledDecoder"):
         wanted = not decoder.transposed
         generate(model, tokens, 3, compile=True, decoder=decoder, transposed_weights=wanted)
-    with pytest.raises(ValueError, match="key mask"):
+    with pytest.raises(ConfigError, match="key mask"):
         next(iter(decoder.steps.values())).cache.restart(mask)  # the unpadded one
 
 

@@ -261,3 +261,32 @@ def test_in_place_softmax_nll_and_log_z_both_ways(sync_free):
     torch.testing.assert_close(log_z.double(), want_log_z, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(nll.double(), want_nll, rtol=1e-6, atol=1e-5)
     assert remade == ([] if sync_free else [[2, 9]])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize(("rows", "vocab", "kernel"), [(64, 300, "onednn"), (4096, 1100, "mkl")])
+def test_cpu_logits_kernel_by_block_size_matches_float64(rows, vocab, kernel):
+    """On CPU in float32 oneDNN makes logits blocks of up to 16 MiB (palm.cpu_kernels), MKL's
+    mm larger ones (4096 x 1100 floats: 17.2 MiB); either way the loss and its gradients are the
+    float64 reference's to float32 precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    names = set()
+    hidden, weight, targets = problem(n=rows, d=8, v=vocab, dtype=torch.float32)
+    with Ops():
+        out = linear_lm_loss(hidden, weight, targets, 1e-2, chunk_tokens=rows)
+    assert ("_linear_pointwise" in names) == (kernel == "onednn"), names
+    out.loss.backward()
+    got = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    want = reference(hidden, weight, targets, 1e-2)
+    want[0].backward()
+    for a, b in zip(out[:3], want, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0].double(), hidden.grad.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[1].double(), weight.grad.double(), rtol=1e-4, atol=1e-6)
