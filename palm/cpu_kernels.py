@@ -1,17 +1,19 @@
-"""Which CPU kernel computes the fused loss's logits block (palm.loss.linear_lm_loss).
+"""Where oneDNN's matmul kernel is faster on CPU than aten's (MKL's) for the same product.
 
-The block is `h @ w.T`: a (rows, D) chunk of final activations against the (V, D) output
-projection. aten's `mm` runs it through MKL's sgemm; oneDNN's linear kernel
-(`torch.ops.mkldnn._linear_pointwise`, what Inductor calls for CPU linears) computes the same
-product. On the 2-core AVX2 EPYC this project is measured on (issue 16, benchmarks/RESULTS.md,
-"oneDNN logits"), 512-row blocks, medians of 12 interleaved calls:
+`x @ w.T` of float32 activations against an (out, in) weight: aten's `mm` runs MKL's sgemm;
+oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`, what Inductor calls for CPU
+linears) takes the same dense tensors. Measured on the 2-core AVX2 EPYC this project runs on
+(issue 16, benchmarks/RESULTS.md, "oneDNN"), medians of interleaved calls:
 
-    D x V            4 MiB    8 MiB    16 MiB   32 MiB   64 MiB   (the block's float32 bytes)
-    oneDNN / MKL     1.12x    1.49x    1.45x    0.95-1.09x  0.61x (speed)
+- the fused loss's logits block (512 rows x V): oneDNN 1.12-1.49x MKL's speed for blocks of up
+  to 16 MiB (palm-s's 512 x 8192), 0.61-1.09x above, so `logits_block` takes it only there;
+- decoding, 4-64 rows (one-token steps of 4-64 sequences) against the wide weights (in_proj,
+  the output projection): 1.0-1.5x the best of MKL's two layouts (nn.Linear's and the (in, out)
+  copies of palm.kv_cache.TransposedWeights), and whole decoding 1.13-1.39x at batch 4-8; at 1-3
+  rows the copies stay faster, and at 2048 rows (training) the two kernels are alike.
 
-so oneDNN serves blocks up to 16 MiB (palm-s's 512 x 8192 among them) and MKL larger ones. Only
-float32 CPU tensors of plain type, contiguous: oneDNN's bf16 path and other devices were not
-measured, and fake tensors (dry runs) or DTensors keep `mm`.
+Only plain contiguous float32 CPU tensors: oneDNN's bf16 and other devices were not measured,
+and fake tensors (dry runs) or DTensors keep aten's ops.
 """
 
 from __future__ import annotations
@@ -20,28 +22,48 @@ import torch
 from torch import Tensor
 
 ONEDNN_MAX_BLOCK_BYTES = 16 << 20
+ONEDNN_DECODE_ROWS = range(4, 65)
+PLAIN = (Tensor, torch.nn.Parameter)  # not DTensor, not a fake tensor
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_serves(x: Tensor, w: Tensor) -> bool:
+    """Whether oneDNN's kernel can take x (..., in) @ w (out, in).T as they are."""
+    return (
+        type(x) in PLAIN
+        and type(w) in PLAIN
+        and x.is_cpu
+        and x.dtype == w.dtype == torch.float32
+        and x.is_contiguous()
+        and w.is_contiguous()
+        and onednn_available()
+    )
 
 
 def onednn_logits_serve(h: Tensor, w: Tensor, rows: int) -> bool:
     """Whether oneDNN (`logits_block`) computes the chunks of `rows` rows of h (N, D) @ w.T."""
-    return (
-        type(h) is Tensor
-        and type(w) is Tensor
-        and h.is_cpu
-        and h.dtype == w.dtype == torch.float32
-        and h.is_contiguous()
-        and w.is_contiguous()
-        and rows * w.shape[0] * 4 <= ONEDNN_MAX_BLOCK_BYTES
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return rows * w.shape[0] * 4 <= ONEDNN_MAX_BLOCK_BYTES and onednn_serves(h, w)
+
+
+def onednn_decodes(x: Tensor, w: Tensor) -> bool:
+    """Whether a decoding forward's x (B, T, in) @ w (out, in).T goes through oneDNN."""
+    return x.numel() // x.shape[-1] in ONEDNN_DECODE_ROWS and onednn_serves(x, w)
+
+
+def onednn_linear(x: Tensor, w: Tensor) -> Tensor:
+    """x (..., in) @ w (out, in).T by oneDNN's linear kernel."""
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), w, None, "none", [], "")
+    return out.view(*x.shape[:-1], w.shape[0])
 
 
 def logits_block(h: Tensor, w: Tensor, out: Tensor | None) -> Tensor:
     """h (c, D) @ w (V, D).T: a new block by oneDNN's linear kernel where `out` is None (where
     `onednn_logits_serve`), else written into `out` (c, V), whose dtype may be wider than h's."""
     if out is None:
-        return torch.ops.mkldnn._linear_pointwise(h, w, None, "none", [], "")
+        return onednn_linear(h, w)
     if out.dtype == h.dtype:
         return torch.mm(h, w.t(), out=out)
     return out.copy_(torch.mm(h, w.t()))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from palm.cpu_kernels import ONEDNN_DECODE_ROWS, onednn_available
 from palm.errors import ConfigError
 from palm.profiling import available_memory_bytes
 
@@ -91,9 +92,9 @@ def cache_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
     return weight_dtype
 
 
-def transposed_weights_pay(model: nn.Module) -> bool:
+def transposed_weights_pay(model: nn.Module, batch_size: int | None = None) -> bool:
     """Whether decoding with (in, out) copies of the wide weights (`PaLM.new_cache`) is faster,
-    for a palm.model.PaLM.
+    for a palm.model.PaLM, decoding `batch_size` sequences (None: any number, as a server).
 
     Measured on CPU in float32 only (one-row matmuls ~2x faster against (in, out) when in < out:
     benchmarks/RESULTS.md, "transposed weights"); elsewhere (CUDA, bf16, where a bf16 `a @ b`
@@ -101,6 +102,8 @@ def transposed_weights_pay(model: nn.Module) -> bool:
     copies would be memory for nothing. Sharded weights (DTensor: FSDP2, tensor parallelism)
     and a replaced output projection (palm.parallel) keep their own paths. Nor where the copies
     would take more than half the memory the machine has available: a speed-up, never an OOM.
+    Nor for 4-64 sequences, whose steps oneDNN computes faster from nn.Linear's own layout
+    (palm.cpu_kernels; the copies' memory would buy nothing).
     """
     weight = model.output_weight
     if not (
@@ -109,6 +112,8 @@ def transposed_weights_pay(model: nn.Module) -> bool:
         and type(weight.data) is torch.Tensor
         and "output_logits" not in vars(model)
     ):
+        return False
+    if batch_size in ONEDNN_DECODE_ROWS and onednn_available():
         return False
     copies = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
     available = available_memory_bytes()

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from palm.attention_autograd import causal_mqa, tiles_serve
 from palm.block_autograd import split_rope_swiglu, to_heads
 from palm.config import ModelConfig
+from palm.cpu_kernels import onednn_decodes, onednn_linear
 from palm.errors import ConfigError
 from palm.kv_cache import (
     KVCache,
@@ -163,13 +164,16 @@ class PaLMBlock(nn.Module):
     def project_in(
         self, h: Tensor, cache: KVCache | None, layer: int, rows: slice | None = None
     ) -> Tensor:
-        """h @ in_proj's rows (all by default), through the cache's (in, out) copy if it has one."""
+        """h @ in_proj's rows (all by default); decoding via oneDNN or the (in, out) copy."""
+        weight = self.in_proj.weight if rows is None else self.in_proj.weight[rows]
+        if cache is not None and onednn_decodes(h, weight):
+            return onednn_linear(h, weight)
         if cache is not None and cache.transposed is not None:
             weight_t = cache.transposed.in_proj[layer]
             return h @ (weight_t if rows is None else weight_t[:, rows])
         if rows is None:
             return self.in_proj(h)  # the module call: tensor parallelism hooks into it
-        return F.linear(h, self.in_proj.weight[rows])
+        return F.linear(h, weight)
 
     def forward(
         self,
@@ -224,11 +228,10 @@ class PaLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        # RoPE's tables for positions 0..max_seq_len-1, made once. Made per forward instead,
-        # torch.compile inlines their cos, sin and pow into every kernel that reads them, per
-        # element, per layer, forward and backward (issue 16: 5% of a compiled step at S). A
-        # function of the config, so not in the state dict; remade in float32 wherever the
-        # model goes (_apply) and after a state dict is loaded (into a meta-built model too).
+        # RoPE's tables for positions 0..max_seq_len-1, made once: made per forward, torch.compile
+        # inlined their cos, sin and pow into every kernel reading them (issue 16: 5% of a compiled
+        # step at S). Not in the state dict; remade in float32 wherever the model goes (_apply)
+        # and after a state dict is loaded (into a meta-built model too).
         tables = rotary_table_stack(config.max_seq_len, config)
         self.register_buffer("rope_tables", tables, persistent=False)
         self.register_load_state_dict_post_hook(_remake_rope_tables)
@@ -249,8 +252,7 @@ class PaLM(nn.Module):
                 nn.init.ones_(module.weight)
 
     def _apply(self, fn, recurse=True):
-        # Module.to / .half / .cuda / .to_empty run this: they would round the tables to the
-        # new dtype (bf16 and back to float32 would not restore them) or leave them empty.
+        # Module.to / .half / .cuda / .to_empty: the tables would be rounded or left empty.
         super()._apply(fn, recurse)
         self.remake_rope_tables()
         return self
@@ -284,7 +286,8 @@ class PaLM(nn.Module):
         """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens, in
         autocast's dtype where autocast is on (`cache_dtype`). `transposed_weights`: (in, out)
         copies of in_proj and the output projection for decoding, memory while the cache lives
-        (None: where they pay, `transposed_weights_pay`; share one set: `transposed_weights()`)."""
+        (None: where they pay for this batch, `transposed_weights_pay`; share one set:
+        `transposed_weights()`)."""
         c = self.config
         max_len = max_len or c.max_seq_len
         device = torch.device(device or self.embedding.weight.device)
@@ -295,11 +298,10 @@ class PaLM(nn.Module):
         keys, values = [make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)]
         cache = KVCache(keys, values, rope=rope)
         if transposed_weights is None:
-            transposed_weights = transposed_weights_pay(self)
-        if isinstance(transposed_weights, TransposedWeights):
-            cache.transposed = transposed_weights
-        elif transposed_weights:
-            cache.transposed = self.transposed_weights()
+            transposed_weights = transposed_weights_pay(self, batch_size)
+        if transposed_weights is True:
+            transposed_weights = self.transposed_weights()
+        cache.transposed = transposed_weights or None  # False: no copies
         return cache
 
     @torch.no_grad()
@@ -320,11 +322,9 @@ class PaLM(nn.Module):
 
         With a cache, `tokens` continue the cached sequence: their positions start at
         `cache.length`, they attend to the cached keys/values, and the cache grows by T.
-
-        With targets, returns `lm_loss(logits, targets, z_loss_coef)` (targets IGNORE_INDEX are
-        left out) computed by `linear_lm_loss`, which never holds the (B, T, vocab) logits
-        whole: the same values and gradients with 2-3 fewer (B, T, vocab) buffers. It is a
-        forward() argument, not a method, so DDP/FSDP wrappers and torch.compile see it.
+        With targets, returns `lm_loss(logits, targets, z_loss_coef)` (targets IGNORE_INDEX left
+        out) by `linear_lm_loss`, which never holds the (B, T, vocab) logits whole. A forward()
+        argument, not a method, so DDP/FSDP wrappers and torch.compile see it.
         """
         x = self.features(tokens, cache)
         if targets is not None:
@@ -337,7 +337,9 @@ class PaLM(nn.Module):
         return F.linear(x, self.output_weight)  # (..., V)
 
     def decoding_logits(self, x: Tensor, cache: KVCache | None) -> Tensor:
-        """`output_logits`, through the cache's (in, out) copy of the weight if it has one."""
+        """`output_logits`; decoding via oneDNN or the (in, out) copy where they serve."""
+        if cache is not None and onednn_decodes(x, self.output_weight):
+            return onednn_linear(x, self.output_weight)
         if cache is not None and cache.transposed is not None:
             return x @ cache.transposed.output
         return self.output_logits(x)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import palm.compiled_decoding
+import palm.cpu_kernels
 import palm.kv_cache
 import palm.sampling
 from palm.cli.generate import WRAP, LabelledLines, main
@@ -108,6 +109,40 @@ def test_transposed_weights_only_where_measured_to_pay(small_model):
     assert not transposed_weights_pay(small_model().to(torch.bfloat16))
     model.output_logits = lambda x: x  # as palm.parallel replaces it
     assert not transposed_weights_pay(model) and model.new_cache(1, 8).transposed is None
+
+
+@pytest.mark.skipif(not palm.cpu_kernels.onednn_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
+def test_onednn_decodes_4_to_64_sequences_to_the_float64_logits(overrides, small_model):
+    """Steps of 4-64 sequences multiply by in_proj and the output projection through oneDNN
+    (palm.cpu_kernels: faster there than either MKL layout), so their caches make no (in, out)
+    copies; one sequence keeps the copies. Either way each step's logits are a float64 full
+    forward's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    model = small_model(8, **overrides)
+    reference = copy.deepcopy(model).double()
+    for batch, onednn in ((4, True), (64, True), (1, False), (65, False)):
+        assert transposed_weights_pay(model, batch) is not onednn
+        cache = model.new_cache(batch, 16)
+        assert (cache.transposed is None) is onednn
+        sequence = torch.randint(0, 97, (batch, 3))
+        with torch.no_grad():
+            logits = model(sequence, cache)[:, -1]
+            for _ in range(3):
+                expected = reference(sequence)[:, -1]
+                torch.testing.assert_close(logits.double(), expected, atol=1e-4, rtol=1e-4)
+                token = torch.randint(0, 97, (batch,))
+                sequence = torch.cat([sequence, token[:, None]], dim=1)
+                ops = []
+                with Ops():
+                    logits = model(token[:, None], cache)[:, -1]
+                assert ("_linear_pointwise" in ops) is onednn, (batch, sorted(set(ops)))
 
 
 def test_transposed_weights_never_take_more_than_half_the_available_memory(
