@@ -39,6 +39,7 @@ def onednn_serves(x: Tensor, w: Tensor) -> bool:
         and x.dtype == w.dtype == torch.float32
         and x.is_contiguous()
         and w.is_contiguous()
+        and not torch.compiler.is_compiling()  # compiled code keeps aten's ops (Inductor's)
         and onednn_available()
     )
 
