@@ -318,7 +318,9 @@ def measure_memory(label: str, size_name: str, warmup: int, steps: int, allocato
     return json.loads(out.strip().splitlines()[-1])
 
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_")
+# oneDNN's linear (palm.cpu_kernels: the fused loss's logits on CPU) is a GEMM too.
+LINEAR_OP = "mkldnn::_linear_pointwise"
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", LINEAR_OP)
 
 
 def gemm_flops(op: str, shapes: list) -> float:
@@ -326,6 +328,8 @@ def gemm_flops(op: str, shapes: list) -> float:
     if op in ("aten::addmm", "aten::addmm_", "aten::baddbmm"):
         shapes = shapes[1:]  # (input to add, a, b)
     a, b = shapes[0], shapes[1]
+    if op == LINEAR_OP:  # x (M, K) @ w (N, K).T
+        return 2.0 * a[0] * a[1] * b[0]
     if len(a) == 3:  # bmm / baddbmm: (batch, M, K) @ (batch, K, N)
         return 2.0 * a[0] * a[1] * a[2] * b[2]
     return 2.0 * a[0] * a[1] * b[1]
