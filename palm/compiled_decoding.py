@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.torch_version import TorchVersion
 
 from palm.errors import ConfigError
-from palm.kv_cache import KVCache, TransposedWeights, cache_dtype, transposed_weights_pay
+from palm.kv_cache import KVCache, TransposedWeights, cache_dtype, transposed_copies
 from palm.model import PaLM
 
 
@@ -93,11 +93,7 @@ class CompiledDecoder:
     def __init__(
         self, model: PaLM, transposed_weights: bool | TransposedWeights | None = None
     ) -> None:
-        if transposed_weights is None:
-            transposed_weights = transposed_weights_pay(model)
-        if transposed_weights is True:
-            transposed_weights = model.transposed_weights()
-        self.model, self.transposed = model, transposed_weights
+        self.model, self.transposed = model, transposed_copies(model, transposed_weights)
         self.steps: dict[tuple, CompiledStep] = {}
 
     def step_for(self, rows: int, max_len: int, prompt_mask: Tensor | None) -> CompiledStep:

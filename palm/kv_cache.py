@@ -120,6 +120,20 @@ def transposed_weights_pay(model: nn.Module, batch_size: int | None = None) -> b
     return available is None or copies * weight.element_size() <= available // 2
 
 
+def transposed_copies(
+    model: nn.Module,
+    wanted: bool | TransposedWeights | None = None,
+    batch_size: int | None = None,
+) -> TransposedWeights | bool:
+    """Decoding's (in, out) weight copies as `wanted` says, or False for none: given copies as
+    they are, new ones for True, and for None where they pay (`transposed_weights_pay`) for
+    `batch_size` sequences (None: any number). One set may serve many caches (a server, an
+    interactive session, an evaluation loop)."""
+    if wanted is None:
+        wanted = transposed_weights_pay(model, batch_size)
+    return model.transposed_weights() if wanted is True else wanted
+
+
 def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:
     """(B, 1, T, past + T) mask: the causal one, minus padding keys (key_mask False).
 

@@ -26,11 +26,11 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from palm.errors import ConfigError
-from palm.kv_cache import TransposedWeights
+from palm.kv_cache import TransposedWeights, transposed_copies
 from palm.loss import IGNORE_INDEX, token_scores
 from palm.perplexity import score_documents
 from palm.runs import LoadedModel, load_model
-from palm.sampling import TextStream, pad_left, shared_transposed, stream
+from palm.sampling import TextStream, pad_left, stream
 
 
 @register_model("palm")
@@ -142,7 +142,7 @@ class PaLMLM(TemplateLM):
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
-        transposed = shared_transposed(self.model)  # decoding's weight copies, once for all
+        transposed = transposed_copies(self.model)  # decoding's weight copies, once for all
         for indices in groups.values():
             options = requests[indices[0]].args[1]
             for first in range(0, len(indices), self.batch_size):

@@ -32,7 +32,7 @@ from palm.kv_cache import (
     cache_dtype,
     one_token_attention,
     padding_mask,
-    transposed_weights_pay,
+    transposed_copies,
 )
 from palm.loss import LossOutput, linear_lm_loss
 from palm.rope import RotaryTables, apply_rope, rotary_table_stack, rotary_tables
@@ -297,11 +297,7 @@ class PaLM(nn.Module):
         rope = self.rotary(0, max_len, self.embedding.weight.dtype)  # (max_len, Q) each
         keys, values = [make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)]
         cache = KVCache(keys, values, rope=rope)
-        if transposed_weights is None:
-            transposed_weights = transposed_weights_pay(self, batch_size)
-        if transposed_weights is True:
-            transposed_weights = self.transposed_weights()
-        cache.transposed = transposed_weights or None  # False: no copies
+        cache.transposed = transposed_copies(self, transposed_weights, batch_size) or None
         return cache
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from palm.compiled_decoding import CompiledDecoder
 from palm.config import TrainConfig
 from palm.errors import ConfigError
 from palm.kv_cache import KVCache, TransposedWeights
-from palm.model import PaLM, transposed_weights_pay
+from palm.model import PaLM
 from palm.tokenizer import Tokenizer
 
 
@@ -145,14 +145,6 @@ def prefill(
             else model.new_cache(prompt.shape[0], max_len, transposed_weights=transposed_weights)
         )
     return cache, _full_forward(model, prompt, prompt_mask, cache)
-
-
-def shared_transposed(model: PaLM, wanted: bool | None = None) -> TransposedWeights | bool:
-    """One set of decoding's (in, out) weight copies for many generations (a server, an
-    interactive session, an evaluation loop), or False: `wanted`, or where they pay if None."""
-    if wanted is None:
-        wanted = transposed_weights_pay(model)
-    return model.transposed_weights() if wanted else False
 
 
 def decode_step(model: PaLM, token: Tensor, cache: KVCache) -> Tensor:

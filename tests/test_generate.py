@@ -19,7 +19,8 @@ import palm.kv_cache
 import palm.sampling
 from palm.cli.generate import WRAP, LabelledLines, main
 from palm.errors import ConfigError
-from palm.model import PaLM, transposed_weights_pay
+from palm.kv_cache import transposed_weights_pay
+from palm.model import PaLM
 from palm.profiling import available_memory_bytes
 from palm.runs import load_model, resolve_checkpoint
 from palm.sampling import TextStream, generate, pad_left, top_k_filter, top_p_filter

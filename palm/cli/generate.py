@@ -35,9 +35,9 @@ from palm.cli import TRANSPOSED_WEIGHTS, run
 from palm.compiled_decoding import CompiledDecoder
 from palm.errors import ConfigError, PalmError
 from palm.flops import DTYPE_BYTES
-from palm.kv_cache import TransposedWeights
+from palm.kv_cache import TransposedWeights, transposed_copies
 from palm.runs import WHICH, LoadedModel, load_model
-from palm.sampling import TextStream, check_sampling, pad_left, shared_transposed, stream
+from palm.sampling import TextStream, check_sampling, pad_left, stream
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +268,7 @@ def sample(
 def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.Generator) -> None:
     print("interactive: one prompt per line; end with Ctrl-D or 'exit'", file=sys.stderr)
     # Decoding's weight copies made once for the session, not once per prompt.
-    shared = shared_transposed(loaded.model, TRANSPOSED_WEIGHTS[args.transposed_weights])
+    shared = transposed_copies(loaded.model, TRANSPOSED_WEIGHTS[args.transposed_weights])
     # --compile: one long-lived cache and step for every prompt (one context-long shape), so
     # on CUDA the step's graph is recorded once, not once per prompt.
     decoder = CompiledDecoder(loaded.model, shared) if args.compile else None
