@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from palm.kv_cache import KVCache, TransposedWeights
+from palm.kv_cache import KVCache, WeightCopies
 from palm.model import PaLM
 from palm.sampling import TextStream, decode_step, next_tokens, pad_left, prefill
 from palm.tokenizer import Tokenizer
@@ -226,7 +226,7 @@ class Batch:
         model: PaLM,
         tokenizer: Tokenizer,
         jobs: list[Job],
-        transposed: TransposedWeights | bool | None = None,
+        transposed: WeightCopies | bool | None = None,
     ) -> None:
         self.model, self.device = model, next(model.parameters()).device
         self.running = [_Running(job, tokenizer, self.device) for job in jobs]

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.torch_version import TorchVersion
 
 from palm.errors import ConfigError
-from palm.kv_cache import KVCache, TransposedWeights, cache_dtype, transposed_copies
+from palm.kv_cache import KVCache, WeightCopies, cache_dtype, weight_copies
 from palm.model import PaLM
 
 
@@ -90,10 +90,8 @@ class CompiledDecoder:
     For one model state: made before training changes the weights, the copies would be stale.
     """
 
-    def __init__(
-        self, model: PaLM, transposed_weights: bool | TransposedWeights | None = None
-    ) -> None:
-        self.model, self.transposed = model, transposed_copies(model, transposed_weights)
+    def __init__(self, model: PaLM, transposed_weights: bool | WeightCopies | None = None) -> None:
+        self.model, self.transposed = model, weight_copies(model, transposed_weights, compiled=True)
         self.steps: dict[tuple, CompiledStep] = {}
 
     def step_for(self, rows: int, max_len: int, prompt_mask: Tensor | None) -> CompiledStep:

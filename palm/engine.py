@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from palm.batching import Batch, Done, Failed, Job, PromptScores, Step, score_prompt, send
 from palm.errors import BusyError, ConfigError, PalmError, warn
-from palm.kv_cache import transposed_copies
+from palm.kv_cache import weight_copies
 from palm.model import PaLM
 from palm.sampling import check_sampling
 from palm.tokenizer import Tokenizer
@@ -48,7 +48,7 @@ class Engine:
         # One set of decoding's (in, out) weight copies for every batch, made once here (at M:
         # 126 ms a set on one CPU thread, more than a short request's whole decoding); None:
         # where measured to pay (PaLM.new_cache).
-        self.transposed = transposed_copies(model, transposed_weights)
+        self.transposed = weight_copies(model, transposed_weights)
         self.max_queue, self.max_rows, self.batching = max_queue, max_rows, batching
         self.gather_s = gather_s if batching else 0.0  # seconds an idle worker waits for company
         self.context = model.config.max_seq_len

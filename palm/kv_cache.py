@@ -13,17 +13,40 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from palm.cpu_kernels import ONEDNN_DECODE_ROWS, onednn_available
+from palm.cpu_kernels import (
+    ONEDNN_DECODE_ROWS,
+    ONEDNN_PACKED_ROWS,
+    onednn_available,
+    onednn_decodes,
+    onednn_linear,
+    onednn_pack,
+    packed_serves,
+)
 from palm.errors import ConfigError
 from palm.profiling import available_memory_bytes
 
 
 @dataclass(frozen=True)
 class TransposedWeights:
-    """(in, out) copies of a model's wide weights, for decoding (`PaLM.transposed_weights`)."""
+    """(in, out) copies of a model's wide weights, for decoding (`transposed_weights`)."""
 
     in_proj: list[Tensor]  # per layer (d_model, in_proj rows)
     output: Tensor  # (d_model, vocab): the (tied) output projection
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """Every weight a decoding step multiplies by, in oneDNN's own blocked layout (opaque
+    `torch._mkldnn` tensors, `packed_weights`): eager CPU float32 steps of 1-64 rows."""
+
+    in_proj: list[Tensor]  # per layer
+    attn_out: list[Tensor]
+    mlp_out: list[Tensor]
+    output: Tensor
+
+
+WeightCopies = TransposedWeights | PackedWeights
+WIDE = ("in_proj", "output")  # the weights with (in, out) copies, and oneDNN's plain route
 
 
 @dataclass
@@ -43,16 +66,44 @@ class KVCache:
     # RoPE tables for positions 0 .. max_len - 1, made once: each step slices or indexes them
     # instead of recomputing angles (no per-token cos/sin, no per-token allocation).
     rope: tuple[Tensor, ...] | None = None  # a palm.rope.RotaryTables
-    # Copies of the two wide weights laid out (in, out), made once per cache where they pay
-    # (transposed_weights_pay, below): a one-row matmul against (in, out) streams the
-    # weight ~2x faster on CPU than against nn.Linear's (out, in) when in < out (short dot
-    # products), and decoding is those matmuls (benchmarks/RESULTS.md, "transposed weights").
-    # Shared, read-only: several caches (palm serve's batches) may hold the same copies.
+    # Copies of the weights in a layout decoding multiplies by faster, made where they pay
+    # (weight_copies_pay, below); decoding is these matmuls. (in, out) copies of the two wide
+    # weights: a one-row matmul against them streams the weight ~2x faster on CPU than against
+    # nn.Linear's (out, in) when in < out (benchmarks/RESULTS.md, "transposed weights"). Or
+    # oneDNN's packed layout of all four, 1.2-1.8x faster again for steps of 2-64 rows
+    # ("packed weights"). Shared, read-only: several caches (palm serve's batches) may hold
+    # the same copies.
     transposed: TransposedWeights | None = None
+    packed: PackedWeights | None = None
 
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2]
+
+    def hold(self, copies: WeightCopies | None) -> None:
+        """Decode with these weight copies (None: with the model's own weights)."""
+        self.transposed = copies if isinstance(copies, TransposedWeights) else None
+        self.packed = copies if isinstance(copies, PackedWeights) else None
+
+    def product(
+        self, x: Tensor, weight: Tensor, name: str, layer: int = 0, rows: slice | None = None
+    ) -> Tensor | None:
+        """x (..., in) @ weight.T, where `weight` is the model's `name` weight of `layer` (its
+        `rows` where given), by decoding's faster kernel for it: oneDNN's packed copy, oneDNN
+        from nn.Linear's layout (4-64 rows), or the (in, out) copy. None: the module's own op."""
+        n = x.numel() // x.shape[-1]
+        if self.packed is not None and rows is None and n in ONEDNN_PACKED_ROWS:
+            if packed_serves(x):
+                packed = getattr(self.packed, name)
+                return onednn_linear(x, packed if name == "output" else packed[layer])
+        if name not in WIDE:
+            return None
+        if onednn_decodes(x, weight):
+            return onednn_linear(x, weight)
+        if self.transposed is None:
+            return None
+        copy = self.transposed.output if name == "output" else self.transposed.in_proj[layer]
+        return x @ (copy if rows is None else copy[:, rows])
 
     def restart(self, prompt_mask: Tensor | None = None) -> None:
         """Empty the cache for a new request of (B, T) `prompt_mask` (None: no padding), keeping
@@ -92,18 +143,22 @@ def cache_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype:
     return weight_dtype
 
 
-def transposed_weights_pay(model: nn.Module, batch_size: int | None = None) -> bool:
-    """Whether decoding with (in, out) copies of the wide weights (`PaLM.new_cache`) is faster,
-    for a palm.model.PaLM, decoding `batch_size` sequences (None: any number, as a server).
+def weight_copies_pay(
+    model: nn.Module, batch_size: int | None = None, compiled: bool = False
+) -> type[TransposedWeights] | type[PackedWeights] | None:
+    """Which decoding weight copies (`new_cache`) make a palm.model.PaLM decode `batch_size`
+    sequences (None: any number, as a server) faster, if any; `compiled`: for steps under
+    torch.compile (Inductor's aten ops: never oneDNN's).
 
-    Measured on CPU in float32 only (one-row matmuls ~2x faster against (in, out) when in < out:
-    benchmarks/RESULTS.md, "transposed weights"); elsewhere (CUDA, bf16, where a bf16 `a @ b`
-    can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16) nothing was measured, and the
-    copies would be memory for nothing. Sharded weights (DTensor: FSDP2, tensor parallelism)
-    and a replaced output projection (palm.parallel) keep their own paths. Nor where the copies
-    would take more than half the memory the machine has available: a speed-up, never an OOM.
-    Nor for 4-64 sequences, whose steps oneDNN computes faster from nn.Linear's own layout
-    (palm.cpu_kernels; the copies' memory would buy nothing).
+    Measured on CPU in float32 only (benchmarks/RESULTS.md): for one sequence the (in, out)
+    copies (one-row matmuls ~2x faster than against (out, in) when in < out); for 2-64 (and a
+    server's any number) oneDNN's packed layout of every weight, 1.2-1.8x faster again at 2-64
+    rows; above 64, the (in, out) copies as before. Compiled steps: the (in, out) copies, none
+    for 4-64 rows. Elsewhere (CUDA, bf16, where a bf16 `a @ b` can be 20x slower than `a @ b.T`
+    on CPUs without AVX512-BF16) nothing was measured, and the copies would be memory for
+    nothing. Sharded weights (DTensor: FSDP2, tensor parallelism) and a replaced output
+    projection (palm.parallel) keep their own paths. Nor where the copies would take more than
+    half the memory the machine has available: a speed-up, never an OOM.
     """
     weight = model.output_weight
     if not (
@@ -112,26 +167,86 @@ def transposed_weights_pay(model: nn.Module, batch_size: int | None = None) -> b
         and type(weight.data) is torch.Tensor
         and "output_logits" not in vars(model)
     ):
-        return False
-    if batch_size in ONEDNN_DECODE_ROWS and onednn_available():
-        return False
+        return None
+    kind = copies_kind(model, batch_size, compiled)
+    if kind is None:
+        return None
     copies = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
+    if kind is PackedWeights:
+        copies += sum(b.attn_out.weight.numel() + b.mlp_out.weight.numel() for b in model.blocks)
     available = available_memory_bytes()
-    return available is None or copies * weight.element_size() <= available // 2
+    fits = available is None or copies * weight.element_size() <= available // 2
+    return kind if fits else None
 
 
-def transposed_copies(
+def copies_kind(
+    model: nn.Module, batch_size: int | None, compiled: bool
+) -> type[TransposedWeights] | type[PackedWeights] | None:
+    """The faster copies for `batch_size` sequences (weight_copies_pay), memory aside."""
+    if not compiled and packable(model):
+        if batch_size is None or batch_size in ONEDNN_PACKED_ROWS[1:]:  # one row: the copies
+            return PackedWeights
+    if batch_size in ONEDNN_DECODE_ROWS and onednn_available():
+        return None  # oneDNN from nn.Linear's own layout; the copies would buy nothing
+    return TransposedWeights
+
+
+def packable(model: nn.Module) -> bool:
+    """Whether `packed_weights` serves this model: CPU float32 plain weights, oneDNN built in,
+    the parallel block (the serial ablation multiplies by in_proj's row slices)."""
+    weight = model.output_weight
+    return (
+        model.config.parallel_block
+        and onednn_available()
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and type(weight.data) is torch.Tensor
+    )
+
+
+@torch.no_grad()
+def transposed_weights(model: nn.Module) -> TransposedWeights:
+    """(in, out) copies of every in_proj and of the output projection, for decoding."""
+    in_proj = [block.in_proj.weight.t().contiguous() for block in model.blocks]
+    return TransposedWeights(in_proj, model.output_weight.t().contiguous())
+
+
+@torch.no_grad()
+def packed_weights(model: nn.Module) -> PackedWeights:
+    """oneDNN's packed copies of in_proj, attn_out, mlp_out (per layer) and the output
+    projection, for eager CPU float32 decoding (`packable` models)."""
+    blocks = model.blocks
+    return PackedWeights(
+        [onednn_pack(b.in_proj.weight) for b in blocks],
+        [onednn_pack(b.attn_out.weight) for b in blocks],
+        [onednn_pack(b.mlp_out.weight) for b in blocks],
+        onednn_pack(model.output_weight),
+    )
+
+
+def weight_copies(
     model: nn.Module,
-    wanted: bool | TransposedWeights | None = None,
+    wanted: bool | WeightCopies | None = None,
     batch_size: int | None = None,
-) -> TransposedWeights | bool:
-    """Decoding's (in, out) weight copies as `wanted` says, or False for none: given copies as
-    they are, new ones for True, and for None where they pay (`transposed_weights_pay`) for
-    `batch_size` sequences (None: any number). One set may serve many caches (a server, an
-    interactive session, an evaluation loop)."""
+    compiled: bool = False,
+) -> WeightCopies | bool:
+    """Decoding's weight copies as `wanted` says, or False for none: given copies as they are,
+    new ones for True (the kind that is faster for `batch_size` sequences, memory aside), and
+    for None where they pay (`weight_copies_pay`) for `batch_size` sequences (None: any
+    number). One set may serve many caches (a server, an interactive session, an evaluation
+    loop). `compiled`: for torch.compile's steps, which take (in, out) copies only."""
+    if compiled and isinstance(wanted, PackedWeights):
+        raise ConfigError("compiled decoding steps take (in, out) copies (TransposedWeights); "
+                          "oneDNN's packed weights serve eager CPU decoding")  # fmt: skip
     if wanted is None:
-        wanted = transposed_weights_pay(model, batch_size)
-    return model.transposed_weights() if wanted is True else wanted
+        kind = weight_copies_pay(model, batch_size, compiled)
+    elif wanted is True:
+        kind = copies_kind(model, batch_size, compiled) or TransposedWeights
+    else:
+        return wanted
+    if kind is PackedWeights:
+        return packed_weights(model)
+    return transposed_weights(model) if kind is TransposedWeights else False
 
 
 def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:

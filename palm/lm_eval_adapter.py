@@ -26,7 +26,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from palm.errors import ConfigError
-from palm.kv_cache import TransposedWeights, transposed_copies
+from palm.kv_cache import WeightCopies, weight_copies
 from palm.loss import IGNORE_INDEX, token_scores
 from palm.perplexity import score_documents
 from palm.runs import LoadedModel, load_model
@@ -142,7 +142,7 @@ class PaLMLM(TemplateLM):
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
-        transposed = transposed_copies(self.model)  # decoding's weight copies, once for all
+        transposed = weight_copies(self.model)  # decoding's weight copies, once for all
         for indices in groups.values():
             options = requests[indices[0]].args[1]
             for first in range(0, len(indices), self.batch_size):
@@ -158,7 +158,7 @@ class PaLMLM(TemplateLM):
 
     @torch.no_grad()
     def _generate(
-        self, contexts: list[str], options: dict, transposed: TransposedWeights | bool | None = None
+        self, contexts: list[str], options: dict, transposed: WeightCopies | bool | None = None
     ) -> list[str]:
         until = options.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)

@@ -21,7 +21,7 @@ import torch
 
 from palm.data.loader import open_split
 from palm.errors import ConfigError, DataError
-from palm.kv_cache import transposed_copies
+from palm.kv_cache import weight_copies
 from palm.model import PaLM
 from palm.sampling import generate
 
@@ -132,7 +132,7 @@ def memorization(
         leave=False,
     )
     offsets = np.arange(span)
-    transposed = transposed_copies(model)  # decoding's weight copies, once for every batch
+    transposed = weight_copies(model)  # decoding's weight copies, once for every batch
     for first in range(0, len(starts), batch_size):
         rows = torch.from_numpy(
             tokens[starts[first : first + batch_size, None] + offsets].astype(np.int64)

@@ -24,15 +24,14 @@ from torch import Tensor, nn
 from palm.attention_autograd import causal_mqa, tiles_serve
 from palm.block_autograd import split_rope_swiglu, to_heads
 from palm.config import ModelConfig
-from palm.cpu_kernels import onednn_decodes, onednn_linear
 from palm.errors import ConfigError
 from palm.kv_cache import (
     KVCache,
-    TransposedWeights,
+    WeightCopies,
     cache_dtype,
     one_token_attention,
     padding_mask,
-    transposed_copies,
+    weight_copies,
 )
 from palm.loss import LossOutput, linear_lm_loss
 from palm.rope import RotaryTables, apply_rope, rotary_table_stack, rotary_tables
@@ -164,16 +163,23 @@ class PaLMBlock(nn.Module):
     def project_in(
         self, h: Tensor, cache: KVCache | None, layer: int, rows: slice | None = None
     ) -> Tensor:
-        """h @ in_proj's rows (all by default); decoding via oneDNN or the (in, out) copy."""
+        """h @ in_proj's rows (all by default); decoding by the cache's faster kernel for it."""
         weight = self.in_proj.weight if rows is None else self.in_proj.weight[rows]
-        if cache is not None and onednn_decodes(h, weight):
-            return onednn_linear(h, weight)
-        if cache is not None and cache.transposed is not None:
-            weight_t = cache.transposed.in_proj[layer]
-            return h @ (weight_t if rows is None else weight_t[:, rows])
+        fast = None if cache is None else cache.product(h, weight, "in_proj", layer, rows)
+        if fast is not None:
+            return fast
         if rows is None:
             return self.in_proj(h)  # the module call: tensor parallelism hooks into it
         return F.linear(h, weight)
+
+    def project_out(self, attn: Tensor, mlp: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        """attn_out(attn) + mlp_out(mlp); decoding by the cache's packed copies if it has any."""
+        if cache is not None and cache.packed is not None:
+            a = cache.product(attn, self.attn_out.weight, "attn_out", layer)
+            m = cache.product(mlp, self.mlp_out.weight, "mlp_out", layer)
+            if a is not None and m is not None:
+                return a + m
+        return self.attn_out(attn) + self.mlp_out(mlp)
 
     def forward(
         self,
@@ -193,7 +199,7 @@ class PaLMBlock(nn.Module):
                 q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
                 attn = self.attention(q, k, v, rope, cache, layer, position)
                 mlp = self.activation(*mlp_in)
-            return x + self.residual_dropout(self.attn_out(attn) + self.mlp_out(mlp))
+            return x + self.residual_dropout(self.project_out(attn, mlp, cache, layer))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         split = self.q_dim + 2 * self.kv_dim  # in_proj's rows: [q | k | v] then the MLP's
         qkv_rows, mlp_rows = slice(0, split), slice(split, None)
@@ -281,13 +287,13 @@ class PaLM(nn.Module):
         max_len: int | None = None,
         device=None,
         dtype=None,
-        transposed_weights: bool | TransposedWeights | None = None,
+        transposed_weights: bool | WeightCopies | None = None,
     ) -> KVCache:
         """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens, in
-        autocast's dtype where autocast is on (`cache_dtype`). `transposed_weights`: (in, out)
-        copies of in_proj and the output projection for decoding, memory while the cache lives
-        (None: where they pay for this batch, `transposed_weights_pay`; share one set:
-        `transposed_weights()`)."""
+        autocast's dtype where autocast is on (`cache_dtype`). `transposed_weights`: copies of
+        the weights in a layout decoding multiplies by faster (palm.kv_cache: (in, out) copies,
+        or oneDNN's packed layout), memory while the cache lives (None: where they pay for this
+        batch, `weight_copies_pay`; share one set: `weight_copies`)."""
         c = self.config
         max_len = max_len or c.max_seq_len
         device = torch.device(device or self.embedding.weight.device)
@@ -297,14 +303,8 @@ class PaLM(nn.Module):
         rope = self.rotary(0, max_len, self.embedding.weight.dtype)  # (max_len, Q) each
         keys, values = [make() for _ in range(c.n_layers)], [make() for _ in range(c.n_layers)]
         cache = KVCache(keys, values, rope=rope)
-        cache.transposed = transposed_copies(self, transposed_weights, batch_size) or None
+        cache.hold(weight_copies(self, transposed_weights, batch_size) or None)
         return cache
-
-    @torch.no_grad()
-    def transposed_weights(self) -> TransposedWeights:
-        """(in, out) copies of every in_proj and of the output projection, for decoding."""
-        in_proj = [block.in_proj.weight.t().contiguous() for block in self.blocks]
-        return TransposedWeights(in_proj, self.output_weight.t().contiguous())
 
     def forward(
         self,
@@ -333,12 +333,9 @@ class PaLM(nn.Module):
         return F.linear(x, self.output_weight)  # (..., V)
 
     def decoding_logits(self, x: Tensor, cache: KVCache | None) -> Tensor:
-        """`output_logits`; decoding via oneDNN or the (in, out) copy where they serve."""
-        if cache is not None and onednn_decodes(x, self.output_weight):
-            return onednn_linear(x, self.output_weight)
-        if cache is not None and cache.transposed is not None:
-            return x @ cache.transposed.output
-        return self.output_logits(x)
+        """`output_logits`; decoding by the cache's faster kernel for it where it has one."""
+        fast = None if cache is None else cache.product(x, self.output_weight, "output")
+        return self.output_logits(x) if fast is None else fast
 
     def output_loss(self, x: Tensor, targets: Tensor, z_loss_coef: float) -> LossOutput:
         return linear_lm_loss(x, self.output_weight, targets, z_loss_coef)

@@ -23,7 +23,7 @@ from torch import Tensor
 from palm.compiled_decoding import CompiledDecoder
 from palm.config import TrainConfig
 from palm.errors import ConfigError
-from palm.kv_cache import KVCache, TransposedWeights
+from palm.kv_cache import KVCache, WeightCopies
 from palm.model import PaLM
 from palm.tokenizer import Tokenizer
 
@@ -90,7 +90,7 @@ def _masked_cache(
     model: PaLM,
     mask: Tensor | None,
     max_len: int,
-    transposed_weights: bool | TransposedWeights | None = None,
+    transposed_weights: bool | WeightCopies | None = None,
 ):
     """A cache of max_len whose key mask is the prompt mask, then True for new tokens."""
     rows = mask.shape[0] if mask is not None else 1
@@ -125,7 +125,7 @@ def prefill(
     prompt: Tensor,
     prompt_mask: Tensor | None,
     max_len: int,
-    transposed_weights: bool | TransposedWeights | None = None,
+    transposed_weights: bool | WeightCopies | None = None,
     cache: KVCache | None = None,
 ) -> tuple[KVCache, Tensor]:
     """A cache of `max_len` positions holding prompt (B, T), and its last logits (B, V).

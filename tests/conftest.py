@@ -538,3 +538,23 @@ def serve_files():
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def weight_copies_made(monkeypatch) -> list:
+    """Every set of decoding weight copies (palm.kv_cache: transposed or packed) made from now
+    on, in order: for tests that a session makes one set, not one per request."""
+    import palm.kv_cache
+
+    made = []
+
+    def counted(real):
+        def make(model):
+            made.append(real(model))
+            return made[-1]
+
+        return make
+
+    for name in ("transposed_weights", "packed_weights"):
+        monkeypatch.setattr(palm.kv_cache, name, counted(getattr(palm.kv_cache, name)))
+    return made

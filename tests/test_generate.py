@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import palm.compiled_decoding
 import palm.cpu_kernels
@@ -19,7 +20,7 @@ import palm.kv_cache
 import palm.sampling
 from palm.cli.generate import WRAP, LabelledLines, main
 from palm.errors import ConfigError
-from palm.kv_cache import transposed_weights_pay
+from palm.kv_cache import PackedWeights, TransposedWeights, weight_copies, weight_copies_pay
 from palm.model import PaLM
 from palm.profiling import available_memory_bytes
 from palm.runs import load_model, resolve_checkpoint
@@ -75,6 +76,34 @@ def test_under_bf16_autocast_the_cache_is_bf16_and_gives_the_float32_caches_logi
     assert meta_model.new_cache(2, 16).keys[0].device.type == "meta"
 
 
+class Ops(TorchDispatchMode):
+    """The names of the ops a block of code dispatches."""
+
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def check_cached_decoding(model, reference, cache, batch: int, onednn: bool) -> None:
+    """A 3-token prompt then 3 steps of `batch` rows through `cache`: every step's logits are
+    the float64 reference's; `onednn`: whether the steps run oneDNN's linear kernel."""
+    sequence = torch.randint(0, 97, (batch, 3))
+    with torch.no_grad():
+        logits = model(sequence, cache)[:, -1]
+        for _ in range(3):
+            expected = reference(sequence)[:, -1]
+            torch.testing.assert_close(logits.double(), expected, atol=1e-4, rtol=1e-4)
+            token = torch.randint(0, 97, (batch,))
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            with Ops() as ops:
+                logits = model(token[:, None], cache)[:, -1]
+            assert ("_linear_pointwise" in ops.names) is onednn, (batch, sorted(set(ops.names)))
+
+
 @pytest.mark.parametrize(
     "overrides", [{}, {"multi_query": False, "parallel_block": False}, {"tie_embeddings": False}]
 )
@@ -84,8 +113,8 @@ def test_transposed_weights_decode_the_float64_logits(overrides, small_model):
     model = small_model(5, **overrides)
     reference = copy.deepcopy(model).double()
     prompt = torch.randint(0, 97, (2, 6))
-    cache = model.new_cache(2, 20, transposed_weights=True)
-    assert len(cache.transposed.in_proj) == model.config.n_layers
+    cache = model.new_cache(2, 20, transposed_weights=palm.kv_cache.transposed_weights(model))
+    assert len(cache.transposed.in_proj) == model.config.n_layers and cache.packed is None
     output_t = cache.transposed.output
     assert output_t.shape == (model.config.d_model, 97) and output_t.is_contiguous()
     with torch.no_grad():
@@ -97,53 +126,53 @@ def test_transposed_weights_decode_the_float64_logits(overrides, small_model):
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             logits = model(token[:, None], cache)[:, -1]
     native = generate(model, prompt, 30, temperature=0.0, transposed_weights=False)
-    copies = generate(model, prompt, 30, temperature=0.0, transposed_weights=True)
-    assert torch.equal(copies, native)
+    for kind in (True, palm.kv_cache.transposed_weights(model)):  # True: the packed ones here
+        copies = generate(model, prompt, 30, temperature=0.0, transposed_weights=kind)
+        assert torch.equal(copies, native)
 
 
-def test_transposed_weights_only_where_measured_to_pay(small_model):
+def test_weight_copies_only_where_measured_to_pay(small_model):
     """On by default for CPU float32 (where they were measured faster); off for other dtypes and
     for a replaced output projection (tensor parallelism); an explicit False is honoured."""
     model = small_model()
-    assert transposed_weights_pay(model) and model.new_cache(1, 8).transposed is not None
+    assert weight_copies_pay(model, 1) is TransposedWeights
+    assert model.new_cache(1, 8).transposed is not None
     assert model.new_cache(1, 8, transposed_weights=False).transposed is None
-    assert not transposed_weights_pay(small_model().to(torch.bfloat16))
+    assert weight_copies_pay(small_model().to(torch.bfloat16)) is None
     model.output_logits = lambda x: x  # as palm.parallel replaces it
-    assert not transposed_weights_pay(model) and model.new_cache(1, 8).transposed is None
+    assert weight_copies_pay(model, 1) is None and model.new_cache(1, 8).transposed is None
 
 
 @pytest.mark.skipif(not palm.cpu_kernels.onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
-def test_onednn_decodes_4_to_64_sequences_to_the_float64_logits(overrides, small_model):
-    """Steps of 4-64 sequences multiply by in_proj and the output projection through oneDNN
-    (palm.cpu_kernels: faster there than either MKL layout), so their caches make no (in, out)
-    copies; one sequence keeps the copies. Either way each step's logits are a float64 full
-    forward's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ops.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
+def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small_model):
+    """Which copies a cache holds, and which kernel its steps run (palm.cpu_kernels), by batch:
+    one sequence, the (in, out) copies; 2-64, oneDNN's packed copies of every weight (the
+    parallel block); the serial ablation has none, so its 4-64 go through oneDNN from
+    nn.Linear's layout; over 64, the (in, out) copies; a server (any batch), the packed ones;
+    compiled steps, the (in, out) copies only. Every step's logits are a float64 forward's."""
     model = small_model(8, **overrides)
     reference = copy.deepcopy(model).double()
-    for batch, onednn in ((4, True), (64, True), (1, False), (65, False)):
-        assert transposed_weights_pay(model, batch) is not onednn
+    parallel = model.config.parallel_block
+    many = PackedWeights if parallel else None  # 4-64 rows
+    two = PackedWeights if parallel else TransposedWeights
+    cases = [(1, TransposedWeights, False), (2, two, parallel), (4, many, True), (64, many, True),
+             (65, TransposedWeights, False)]  # fmt: skip
+    for batch, kind, onednn in cases:
+        assert weight_copies_pay(model, batch) is kind, batch
         cache = model.new_cache(batch, 16)
-        assert (cache.transposed is None) is onednn
-        sequence = torch.randint(0, 97, (batch, 3))
-        with torch.no_grad():
-            logits = model(sequence, cache)[:, -1]
-            for _ in range(3):
-                expected = reference(sequence)[:, -1]
-                torch.testing.assert_close(logits.double(), expected, atol=1e-4, rtol=1e-4)
-                token = torch.randint(0, 97, (batch,))
-                sequence = torch.cat([sequence, token[:, None]], dim=1)
-                ops = []
-                with Ops():
-                    logits = model(token[:, None], cache)[:, -1]
-                assert ("_linear_pointwise" in ops) is onednn, (batch, sorted(set(ops)))
+        assert cache.transposed is None or kind is TransposedWeights
+        assert (cache.packed is not None) is (kind is PackedWeights)
+        check_cached_decoding(model, reference, cache, batch, onednn)
+    assert weight_copies_pay(model) is (PackedWeights if parallel else TransposedWeights)
+    assert weight_copies_pay(model, compiled=True) is TransposedWeights
+    assert weight_copies_pay(model, 8, compiled=True) is None
+    if parallel:  # the packed copies serve one-row steps too, but are not made for them
+        packed = palm.kv_cache.packed_weights(model)
+        assert all(w.is_mkldnn for w in [*packed.in_proj, *packed.mlp_out, packed.output])
+        check_cached_decoding(model, reference, model.new_cache(1, 16, None, None, packed), 1, True)
+        with pytest.raises(ConfigError, match="compiled decoding steps take"):
+            weight_copies(model, packed, compiled=True)
 
 
 def test_transposed_weights_never_take_more_than_half_the_available_memory(
@@ -153,7 +182,13 @@ def test_transposed_weights_never_take_more_than_half_the_available_memory(
     copies = 4 * (sum(b.in_proj.weight.numel() for b in model.blocks) + 97 * 32)
     for available, expected in ((2 * copies, True), (2 * copies - 8, False), (None, True)):
         monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda a=available: a)
-        assert transposed_weights_pay(model) is expected, available
+        assert (weight_copies_pay(model, 1) is TransposedWeights) is expected, available
+    if palm.kv_cache.packable(model):  # the packed copies count every block weight
+        out = 4 * sum(b.attn_out.weight.numel() + b.mlp_out.weight.numel() for b in model.blocks)
+        monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda: 2 * (copies + out))
+        assert weight_copies_pay(model, 8) is PackedWeights
+        monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda: 2 * copies)
+        assert weight_copies_pay(model, 8) is None
     # The reader: Linux's MemAvailable in KiB, at least the free pages; None without the file.
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       1000 kB\nMemFree:     200 kB\nMemAvailable:   512 kB\n")
@@ -420,7 +455,7 @@ def test_cli_transposed_weights_flag_reaches_the_cache(run, capsys, monkeypatch)
 
     def spy(self, *args, **kwargs):
         cache = new_cache(self, *args, **kwargs)
-        made.append(cache.transposed is not None)
+        made.append(cache.transposed is not None or cache.packed is not None)
         return cache
 
     monkeypatch.setattr(PaLM, "new_cache", spy)
@@ -542,13 +577,11 @@ def test_cli_streams_every_sequence_of_a_batch(run, monkeypatch):
         assert " ".join(mine).split() == texts[row].split()
 
 
-def test_cli_interactive_loop(run, capsys, monkeypatch):
-    made = []  # decoding's weight copies: one set for the whole session, not one per prompt
-    copies = PaLM.transposed_weights
-    monkeypatch.setattr(PaLM, "transposed_weights", lambda self: made.append(1) or copies(self))
+def test_cli_interactive_loop(run, capsys, monkeypatch, weight_copies_made):
+    made = weight_copies_made  # one set for the whole session, not one per prompt
     monkeypatch.setattr(sys, "stdin", io.StringIO("the world\nthe world\nexit\n"))
     rc, out, err = cli(capsys, run, "--interactive", "--max_new_tokens", 5, "--temperature", 0)
-    assert made == [1]
+    assert len(made) == 1 and isinstance(made[0], TransposedWeights)  # one row per prompt
     rc2, direct, _ = cli(
         capsys, run, "--prompt", "the world", "--max_new_tokens", 5, "--temperature", 0
     )

@@ -30,7 +30,6 @@ from palm.batching import Done, Failed, Job, Step  # noqa: E402
 from palm.cli.generate import build_parser, sample  # noqa: E402
 from palm.engine import Engine  # noqa: E402
 from palm.errors import BusyError  # noqa: E402
-from palm.model import PaLM  # noqa: E402
 from palm.runs import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -465,16 +464,11 @@ def make_job(tokenizer, prompts, **options) -> Job:
     return Job(ids, options.pop("max_tokens"), emit=None, **options)
 
 
-def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(loaded, monkeypatch):
+def test_engine_batches_equal_widths_and_each_job_decodes_as_generate_py(
+    loaded, weight_copies_made
+):
     tok = loaded.tokenizer
-    made = []  # decoding's (in, out) weight copies: one set for the engine, shared by batches
-    copies = PaLM.transposed_weights
-
-    def counted(self):
-        made.append(copies(self))
-        return made[-1]
-
-    monkeypatch.setattr(PaLM, "transposed_weights", counted)
+    made = weight_copies_made  # one set (packed here) for the engine, shared by its batches
     specs = [
         (["the world"], dict(max_tokens=20, temperature=0.0)),
         (["the world"], dict(max_tokens=9, seed=4, top_k=30)),  # leaves the batch early

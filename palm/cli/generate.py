@@ -15,8 +15,10 @@ each printed once complete (at a newline, or wrapped at a space near 80 characte
 `[p.s]` is prompt p, sample s: the lines starting `[1.2]` are that sample, in order.
 `--compile` runs the one-token decoding step through torch.compile (fixed shapes: one graph
 for every step; compilation takes seconds to a minute before the first token).
-`--transposed_weights` (auto: on for CPU float32) decodes with (in, out) copies of the two wide
-weights, ~1.5x the tokens/s on CPU for ~75% more weight memory while decoding; `off` saves it.
+`--transposed_weights` (auto: on for CPU float32) decodes with copies of the weights in a faster
+layout: (in, out) copies of the two wide ones for one sequence (~1.5x the tokens/s on CPU, ~75%
+more weight memory while decoding), oneDNN's packed layout of all of them for 2-64 (1.2-1.5x
+again, twice the weight memory); `off` saves the memory.
 Exit status (every command alike): 0 done; 1 a runtime failure (one `error:` line naming the
 file and the fix); 2 a bad command line; 130 interrupted.
 """
@@ -35,7 +37,7 @@ from palm.cli import TRANSPOSED_WEIGHTS, run
 from palm.compiled_decoding import CompiledDecoder
 from palm.errors import ConfigError, PalmError
 from palm.flops import DTYPE_BYTES
-from palm.kv_cache import TransposedWeights, transposed_copies
+from palm.kv_cache import WeightCopies, weight_copies
 from palm.runs import WHICH, LoadedModel, load_model
 from palm.sampling import TextStream, check_sampling, pad_left, stream
 
@@ -106,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--transposed_weights",
         choices=tuple(TRANSPOSED_WEIGHTS),
         default="auto",
-        help="decode with (in, out) copies of the wide weights (in_proj, output projection): "
-        "faster one-row matmuls, that much more memory; auto = on for CPU float32 only, "
-        "where measured (benchmarks/RESULTS.md)",
+        help="decode with copies of the weights in a faster layout ((in, out) for one "
+        "sequence, oneDNN's packed one for 2-64): faster decoding matmuls, that much more "
+        "memory; auto = on for CPU float32 only, where measured (benchmarks/RESULTS.md)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
@@ -185,7 +187,7 @@ def sample(
     args: argparse.Namespace,
     generator: torch.Generator,
     out=None,
-    transposed: TransposedWeights | bool | None = None,
+    transposed: WeightCopies | bool | None = None,
     decoder: CompiledDecoder | None = None,
 ) -> list[str]:
     """Generate for every prompt x num_samples, streaming: a single sequence as raw text, a
@@ -267,8 +269,10 @@ def sample(
 
 def interactive(loaded: LoadedModel, args: argparse.Namespace, generator: torch.Generator) -> None:
     print("interactive: one prompt per line; end with Ctrl-D or 'exit'", file=sys.stderr)
-    # Decoding's weight copies made once for the session, not once per prompt.
-    shared = transposed_copies(loaded.model, TRANSPOSED_WEIGHTS[args.transposed_weights])
+    # Decoding's weight copies made once for the session, not once per prompt: the kind that
+    # serves num_samples rows (eager, or the compiled step's).
+    wanted = TRANSPOSED_WEIGHTS[args.transposed_weights]
+    shared = weight_copies(loaded.model, wanted, args.num_samples, compiled=args.compile)
     # --compile: one long-lived cache and step for every prompt (one context-long shape), so
     # on CUDA the step's graph is recorded once, not once per prompt.
     decoder = CompiledDecoder(loaded.model, shared) if args.compile else None

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--transposed_weights",
         choices=tuple(TRANSPOSED_WEIGHTS),
         default="auto",
-        help="decode with one shared set of (in, out) copies of the wide weights: faster on "
-        "CPU, ~75%% more weight memory; auto = on for CPU float32 only",
+        help="decode with one shared set of copies of the weights in a faster layout "
+        "(oneDNN's packed one on CPU): faster batches, twice the weight memory; auto = on "
+        "for CPU float32 only",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
