@@ -5,9 +5,10 @@
 Greedy decoding of `new_tokens` tokens after a 32-token prompt; tokens/s counts every row of
 the batch (batch x new_tokens / seconds, prompt processing included). Contenders:
 - ours: palm.sampling.generate, one position per step against the one-head-wide
-  multi-query cache (PaLM §2), eager. It multiplies by (in, out) copies of in_proj and the
-  output projection, made per cache (`transposed_weights`, on by default for CPU float32),
-  and the copying is timed too;
+  multi-query cache (PaLM §2), eager. It multiplies by copies of the weights in a faster
+  layout, made per cache (`transposed_weights`, on by default for CPU float32), and the
+  copying is timed too: (in, out) copies of in_proj and the output projection for one
+  sequence, oneDNN's packed layout of every weight for 2-64 (palm.kv_cache);
 - ours native (--native): the same without those copies (`transposed_weights=False`);
 - ours+compile: the same as ours with compile=True, the one-token step under torch.compile with a
   static-shape cache (gpt-fast's approach); compilation happens in an untimed warm-up;
@@ -26,10 +27,10 @@ Every contender runs `--rounds` times per cell, the order rotated each round (a 
 then slows all alike); the table gives medians with (min-max). The fp32 matmul peak is
 measured in the same run, before and after (benchmarks/common.py), to place the machine, and
 so is the memory read bandwidth (a large sum). Every decoding step multiplies a (batch, d) row
-block by every weight matrix once, so the "matmuls only" column times exactly those F.linear
-calls, bare (best of 5 steps' worth, each weight in the faster of its two layouts): the tokens/s
-no implementation built on torch's GEMM can pass at that size and batch (prompt, attention and
-everything else left out).
+block by every weight matrix once, so the "matmuls only" column times exactly those products,
+bare (best of 5 steps' worth, each weight in the fastest of its layouts: nn.Linear's, (in, out),
+oneDNN's packed): the tokens/s no implementation built on these kernels can pass at that size
+and batch (prompt, attention and everything else left out).
 
 litgpt's package __init__ and its checkpoint-conversion module import `lightning`, which
 nothing here needs (and whose pins conflict with this environment's huggingface-hub), so
@@ -55,6 +56,7 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout, like train_ste
 
 from benchmarks.common import litgpt_palm_like, matmul_peak_flops
 from palm.config import ModelConfig
+from palm.cpu_kernels import onednn_available, onednn_linear, onednn_pack
 from palm.model import PaLM
 from palm.sampling import generate
 
@@ -181,19 +183,25 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 @torch.no_grad()
 def matmuls_only(model: PaLM, batch: int, repeats: int = 5) -> float:
     """Tokens/s of a decoding step that did nothing but its weight matmuls, each weight in the
-    faster of its two layouts (nn.Linear's (out, in), or an (in, out) copy): best of repeats."""
+    fastest of its layouts (nn.Linear's (out, in), an (in, out) copy, and where this torch has
+    oneDNN, a copy packed in oneDNN's layout): best of repeats."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights.append(model.output_weight)  # the tied output projection
     inputs = [torch.randn(batch, w.shape[1]) for w in weights]
-    copies = [w.t().contiguous() for w in weights]
-    best = [[float("inf")] * len(weights) for _ in range(2)]
+    layouts = [
+        (weights, lambda x, w: torch.nn.functional.linear(x, w)),
+        ([w.t().contiguous() for w in weights], lambda x, w_t: x @ w_t),
+    ]
+    if onednn_available():
+        layouts.append(([onednn_pack(w) for w in weights], onednn_linear))
+    best = [[float("inf")] * len(weights) for _ in layouts]
     for _ in range(repeats + 1):  # the first pass warms up
-        for layout in range(2):  # one whole step per layout, as decoding streams them
-            for i, (x, w, w_t) in enumerate(zip(inputs, weights, copies)):
+        for layout, (copies, multiply) in enumerate(layouts):  # a whole step per layout
+            for i, (x, w) in enumerate(zip(inputs, copies)):
                 start = time.perf_counter()
-                torch.nn.functional.linear(x, w) if layout == 0 else x @ w_t
+                multiply(x, w)
                 best[layout][i] = min(best[layout][i], time.perf_counter() - start)
-    return batch / sum(min(native, copy) for native, copy in zip(*best))
+    return batch / sum(min(times) for times in zip(*best))
 
 
 def summary(rates: list[float]) -> str:

@@ -45,9 +45,9 @@ class Engine:
         if max_queue < 1 or max_rows < 1:
             raise ConfigError(f"max_queue and max_rows must be >= 1, got {max_queue}, {max_rows}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        # One set of decoding's (in, out) weight copies for every batch, made once here (at M:
-        # 126 ms a set on one CPU thread, more than a short request's whole decoding); None:
-        # where measured to pay (PaLM.new_cache).
+        # One set of decoding's weight copies for every batch, made once here (at M: 80-130 ms
+        # a set, more than a short request's whole decoding); None: where measured to pay for
+        # batches of any size (palm.kv_cache.weight_copies_pay: oneDNN's packed ones on CPU).
         self.transposed = weight_copies(model, transposed_weights)
         self.max_queue, self.max_rows, self.batching = max_queue, max_rows, batching
         self.gather_s = gather_s if batching else 0.0  # seconds an idle worker waits for company
