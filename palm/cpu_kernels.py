@@ -12,7 +12,7 @@ linears) takes the same dense tensors. Measured on the 2-core AVX2 EPYC this pro
   copies of palm.kv_cache.TransposedWeights), and whole decoding 1.13-1.39x at batch 4-8; at 1-3
   rows the copies stay faster, and at 2048 rows (training) the two kernels are alike;
 - decoding from weights packed once into oneDNN's blocked layout (`onednn_pack`, what Inductor's
-  freezing does): every weight of a step, 1.2-1.8x faster again at 2-64 rows (the unpacked
+  freezing does): every weight of a step: its matmuls 1.2-2.1x faster at 2-64 rows (the unpacked
   kernels reorder the weight in every call) and about even with the (in, out) copies at one.
 
 Only plain contiguous float32 CPU tensors: oneDNN's bf16 and other devices were not measured,
@@ -75,7 +75,7 @@ def packed_serves(x: Tensor) -> bool:
 def onednn_pack(w: Tensor) -> Tensor:
     """A copy of w (out, in) in oneDNN's blocked layout, for `onednn_linear` (an opaque
     `torch._mkldnn` tensor, w's size). Packed once, a step of 2-64 rows skips the reordering
-    oneDNN (and MKL) do to the weight in every call: 1.2-1.8x faster decoding steps."""
+    oneDNN (and MKL) do to the weight in every call: decoding 1.4-1.6x faster."""
     return torch.ops.mkldnn._reorder_linear_weight(w.detach(), ONEDNN_PACK_HINT)
 
 

@@ -70,7 +70,7 @@ class KVCache:
     # (weight_copies_pay, below); decoding is these matmuls. (in, out) copies of the two wide
     # weights: a one-row matmul against them streams the weight ~2x faster on CPU than against
     # nn.Linear's (out, in) when in < out (benchmarks/RESULTS.md, "transposed weights"). Or
-    # oneDNN's packed layout of all four, 1.2-1.8x faster again for steps of 2-64 rows
+    # oneDNN's packed layout of all four, decoding 1.4-1.6x faster again at 2-64 rows
     # ("packed weights"). Shared, read-only: several caches (palm serve's batches) may hold
     # the same copies.
     transposed: TransposedWeights | None = None
@@ -152,7 +152,7 @@ def weight_copies_pay(
 
     Measured on CPU in float32 only (benchmarks/RESULTS.md): for one sequence the (in, out)
     copies (one-row matmuls ~2x faster than against (out, in) when in < out); for 2-64 (and a
-    server's any number) oneDNN's packed layout of every weight, 1.2-1.8x faster again at 2-64
+    server's any number) oneDNN's packed layout of every weight, 1.4-1.6x faster again at 2-64
     rows; above 64, the (in, out) copies as before. Compiled steps: the (in, out) copies, none
     for 4-64 rows. Elsewhere (CUDA, bf16, where a bf16 `a @ b` can be 20x slower than `a @ b.T`
     on CPUs without AVX512-BF16) nothing was measured, and the copies would be memory for
@@ -161,12 +161,7 @@ def weight_copies_pay(
     half the memory the machine has available: a speed-up, never an OOM.
     """
     weight = model.output_weight
-    if not (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and type(weight.data) is torch.Tensor
-        and "output_logits" not in vars(model)
-    ):
+    if not (cpu_float32(weight) and "output_logits" not in vars(model)):
         return None
     kind = copies_kind(model, batch_size, compiled)
     if kind is None:
@@ -194,11 +189,14 @@ def copies_kind(
 def packable(model: nn.Module) -> bool:
     """Whether `packed_weights` serves this model: CPU float32 plain weights, oneDNN built in,
     the parallel block (the serial ablation multiplies by in_proj's row slices)."""
-    weight = model.output_weight
+    return model.config.parallel_block and onednn_available() and cpu_float32(model.output_weight)
+
+
+def cpu_float32(weight: Tensor) -> bool:
+    """A plain float32 CPU weight (not a DTensor shard: FSDP2 and tensor parallelism keep
+    their own paths)."""
     return (
-        model.config.parallel_block
-        and onednn_available()
-        and weight.device.type == "cpu"
+        weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and type(weight.data) is torch.Tensor
     )
