@@ -142,7 +142,8 @@ class PaLMLM(TemplateLM):
         for index, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(index)
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
-        transposed = weight_copies(self.model)  # decoding's weight copies, once for all
+        # Decoding's weight copies, once for all (the kind for batches of up to batch_size).
+        transposed = weight_copies(self.model, batch_size=self.batch_size)
         for indices in groups.values():
             options = requests[indices[0]].args[1]
             for first in range(0, len(indices), self.batch_size):

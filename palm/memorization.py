@@ -132,7 +132,8 @@ def memorization(
         leave=False,
     )
     offsets = np.arange(span)
-    transposed = weight_copies(model)  # decoding's weight copies, once for every batch
+    # Decoding's weight copies, once for every batch (of up to batch_size rows: their kind).
+    transposed = weight_copies(model, batch_size=min(batch_size, len(starts)))
     for first in range(0, len(starts), batch_size):
         rows = torch.from_numpy(
             tokens[starts[first : first + batch_size, None] + offsets].astype(np.int64)
