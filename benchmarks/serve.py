@@ -203,7 +203,7 @@ def main() -> None:
         "--transposed_weights",
         choices=("auto", "on", "off"),
         default="auto",
-        help="the servers' --transposed_weights (decoding's (in, out) weight copies)",
+        help="the servers' --transposed_weights (decoding's weight copies)",
     )
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
