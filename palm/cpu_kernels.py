@@ -56,19 +56,25 @@ def onednn_logits_serve(h: Tensor, w: Tensor, rows: int) -> bool:
 
 
 def onednn_decodes(x: Tensor, w: Tensor) -> bool:
-    """Whether a decoding forward's x (B, T, in) @ w (out, in).T goes through oneDNN."""
-    return x.numel() // x.shape[-1] in ONEDNN_DECODE_ROWS and onednn_serves(x, w)
+    """Whether a decoding forward's x (B, T, in) @ w (out, in).T goes through oneDNN (not
+    under CPU autocast, whose linears run in its dtype)."""
+    return (
+        x.numel() // x.shape[-1] in ONEDNN_DECODE_ROWS
+        and onednn_serves(x, w)
+        and not torch.is_autocast_enabled("cpu")
+    )
 
 
 def packed_serves(x: Tensor) -> bool:
     """Whether x (..., in) may be multiplied by a packed weight (`onednn_pack`): CPU float32,
-    plain, outside torch.compile and autograd (the packed copy has no gradient)."""
+    plain, outside torch.compile, autograd (the packed copy has no gradient) and autocast."""
     return (
         type(x) in PLAIN
         and x.is_cpu
         and x.dtype == torch.float32
         and not x.requires_grad
         and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
     )
 
 

@@ -153,32 +153,38 @@ def weight_copies_pay(
     Measured on CPU in float32 only (benchmarks/RESULTS.md): for one sequence the (in, out)
     copies (one-row matmuls ~2x faster than against (out, in) when in < out); for 2-64 (and a
     server's any number) oneDNN's packed layout of every weight, 1.4-1.6x faster again at 2-64
-    rows; above 64, the (in, out) copies as before. Compiled steps: the (in, out) copies, none
-    for 4-64 rows. Elsewhere (CUDA, bf16, where a bf16 `a @ b` can be 20x slower than `a @ b.T`
-    on CPUs without AVX512-BF16) nothing was measured, and the copies would be memory for
-    nothing. Sharded weights (DTensor: FSDP2, tensor parallelism) and a replaced output
-    projection (palm.parallel) keep their own paths. Nor where the copies would take more than
-    half the memory the machine has available: a speed-up, never an OOM.
+    rows; above 64, the (in, out) copies as before; where the packed set would not fit, the
+    (in, out) one. Compiled steps: the (in, out) copies at any batch. Elsewhere (CUDA, bf16,
+    where a bf16 `a @ b` can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16)
+    nothing was measured, and the copies would be memory for nothing. Sharded weights (DTensor:
+    FSDP2, tensor parallelism) and a replaced output projection (palm.parallel) keep their own
+    paths. Nor where the copies would take more than half the memory the machine has
+    available: a speed-up, never an OOM.
     """
     weight = model.output_weight
     if not (cpu_float32(weight) and "output_logits" not in vars(model)):
         return None
-    kind = copies_kind(model, batch_size, compiled)
-    if kind is None:
-        return None
-    copies = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
-    if kind is PackedWeights:
-        copies += sum(b.attn_out.weight.numel() + b.mlp_out.weight.numel() for b in model.blocks)
     available = available_memory_bytes()
-    fits = available is None or copies * weight.element_size() <= available // 2
-    return kind if fits else None
+    transposed = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
+    out = sum(b.attn_out.weight.numel() + b.mlp_out.weight.numel() for b in model.blocks)
+    sizes = {TransposedWeights: transposed, PackedWeights: transposed + out}
+    for pack in (True, False):  # where the packed set does not fit, the (in, out) one may
+        kind = copies_kind(model, batch_size, compiled, pack)
+        if kind is None:
+            return None
+        if available is None or sizes[kind] * weight.element_size() <= available // 2:
+            return kind
+    return None
 
 
 def copies_kind(
-    model: nn.Module, batch_size: int | None, compiled: bool
+    model: nn.Module, batch_size: int | None, compiled: bool, pack: bool = True
 ) -> type[TransposedWeights] | type[PackedWeights] | None:
-    """The faster copies for `batch_size` sequences (weight_copies_pay), memory aside."""
-    if not compiled and packable(model):
+    """The faster copies for `batch_size` sequences (weight_copies_pay), memory aside;
+    `pack=False`: the faster without packed ones."""
+    if compiled:
+        return TransposedWeights  # Inductor's aten ops: never oneDNN's
+    if pack and packable(model):
         if batch_size is None or batch_size in ONEDNN_PACKED_ROWS[1:]:  # one row: the copies
             return PackedWeights
     if batch_size in ONEDNN_DECODE_ROWS and onednn_available():

@@ -176,8 +176,8 @@ class PaLMBlock(nn.Module):
         """attn_out(attn) + mlp_out(mlp); decoding by the cache's packed copies if it has any."""
         if cache is not None and cache.packed is not None:
             a = cache.product(attn, self.attn_out.weight, "attn_out", layer)
-            m = cache.product(mlp, self.mlp_out.weight, "mlp_out", layer)
-            if a is not None and m is not None:
+            m = None if a is None else cache.product(mlp, self.mlp_out.weight, "mlp_out", layer)
+            if m is not None:
                 return a + m
         return self.attn_out(attn) + self.mlp_out(mlp)
 

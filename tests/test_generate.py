@@ -126,7 +126,7 @@ def test_transposed_weights_decode_the_float64_logits(overrides, small_model):
             sequence = torch.cat([sequence, token[:, None]], dim=1)
             logits = model(token[:, None], cache)[:, -1]
     native = generate(model, prompt, 30, temperature=0.0, transposed_weights=False)
-    for kind in (True, palm.kv_cache.transposed_weights(model)):  # True: the packed ones here
+    for kind in (True, palm.kv_cache.transposed_weights(model)):  # True: packed if packable
         copies = generate(model, prompt, 30, temperature=0.0, transposed_weights=kind)
         assert torch.equal(copies, native)
 
@@ -166,13 +166,17 @@ def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small
         check_cached_decoding(model, reference, cache, batch, onednn)
     assert weight_copies_pay(model) is (PackedWeights if parallel else TransposedWeights)
     assert weight_copies_pay(model, compiled=True) is TransposedWeights
-    assert weight_copies_pay(model, 8, compiled=True) is None
+    assert weight_copies_pay(model, 8, compiled=True) is TransposedWeights
     if parallel:  # the packed copies serve one-row steps too, but are not made for them
         packed = palm.kv_cache.packed_weights(model)
         assert all(w.is_mkldnn for w in [*packed.in_proj, *packed.mlp_out, packed.output])
         check_cached_decoding(model, reference, model.new_cache(1, 16, None, None, packed), 1, True)
         with pytest.raises(ConfigError, match="compiled decoding steps take"):
             weight_copies(model, packed, compiled=True)
+        # Under CPU autocast the linears run in its dtype: no oneDNN float32 product.
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Ops() as ops:
+            logits = model(torch.randint(0, 97, (4, 2)), model.new_cache(4, 16))
+        assert "_linear_pointwise" not in ops.names and logits.dtype == torch.bfloat16
 
 
 def test_transposed_weights_never_take_more_than_half_the_available_memory(
@@ -188,7 +192,9 @@ def test_transposed_weights_never_take_more_than_half_the_available_memory(
         monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda: 2 * (copies + out))
         assert weight_copies_pay(model, 8) is PackedWeights
         monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda: 2 * copies)
-        assert weight_copies_pay(model, 8) is None
+        assert weight_copies_pay(model, 8) is None  # oneDNN unpacked, no copies, at 4-64
+        assert weight_copies_pay(model, 2) is TransposedWeights  # the set that fits
+        assert weight_copies_pay(model) is TransposedWeights
     # The reader: Linux's MemAvailable in KiB, at least the free pages; None without the file.
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       1000 kB\nMemFree:     200 kB\nMemAvailable:   512 kB\n")

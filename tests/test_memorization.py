@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from palm.cli.evaluate import main
+from palm.kv_cache import PackedWeights, TransposedWeights
 from palm.memorization import memorization, sample_span_starts
 from palm.model import PaLM
 
@@ -67,6 +68,7 @@ def test_exact_match_rate_equals_the_reference(bigram, weight_copies_made):
         low, high = result.interval()
         assert low <= result.exact_match_rate <= high
     assert len(made) == 2  # CPU float32: on, once per study
+    assert all(isinstance(m, (PackedWeights, TransposedWeights)) for m in made)
 
 
 def test_span_sampling_is_seeded_bounded_and_skips_padding():

@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(TRANSPOSED_WEIGHTS),
         default="auto",
         help="decode with one shared set of copies of the weights in a faster layout "
-        "(oneDNN's packed one on CPU): faster batches, twice the weight memory; auto = on "
-        "for CPU float32 only",
+        "(on CPU oneDNN's packed one, twice the weight memory; (in, out) copies of the wide "
+        "weights, ~75%%, where --max_rows is 1 or over 64); auto = on for CPU float32 only",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
