@@ -56,25 +56,26 @@ def onednn_logits_serve(h: Tensor, w: Tensor, rows: int) -> bool:
 
 
 def onednn_decodes(x: Tensor, w: Tensor) -> bool:
-    """Whether a decoding forward's x (B, T, in) @ w (out, in).T goes through oneDNN (not
-    under CPU autocast, whose linears run in its dtype)."""
+    """Whether a decoding forward's x (B, T, in) @ w (out, in).T goes through oneDNN."""
     return (
         x.numel() // x.shape[-1] in ONEDNN_DECODE_ROWS
         and onednn_serves(x, w)
-        and not torch.is_autocast_enabled("cpu")
+        and decoding_serves(x, w)
     )
 
 
-def packed_serves(x: Tensor) -> bool:
-    """Whether x (..., in) may be multiplied by a packed weight (`onednn_pack`): CPU float32,
-    plain, outside torch.compile, autograd (the packed copy has no gradient) and autocast."""
+def decoding_serves(x: Tensor, w: Tensor) -> bool:
+    """Whether a decoding product x (..., in) @ w.T (w the model's weight, or read from a packed
+    copy of it, `onednn_pack`) may run in oneDNN: plain CPU float32 x, outside torch.compile,
+    CPU autocast (whose linears run in its dtype) and autograd (oneDNN's op has no gradient:
+    backward would silently give none)."""
     return (
         type(x) in PLAIN
         and x.is_cpu
         and x.dtype == torch.float32
-        and not x.requires_grad
         and not torch.compiler.is_compiling()
         and not torch.is_autocast_enabled("cpu")
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     )
 
 

@@ -16,11 +16,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from palm.cpu_kernels import (
     ONEDNN_DECODE_ROWS,
     ONEDNN_PACKED_ROWS,
+    decoding_serves,
     onednn_available,
     onednn_decodes,
     onednn_linear,
     onednn_pack,
-    packed_serves,
 )
 from palm.errors import ConfigError
 from palm.profiling import available_memory_bytes
@@ -93,7 +93,7 @@ class KVCache:
         from nn.Linear's layout (4-64 rows), or the (in, out) copy. None: the module's own op."""
         n = x.numel() // x.shape[-1]
         if self.packed is not None and rows is None and n in ONEDNN_PACKED_ROWS:
-            if packed_serves(x):
+            if decoding_serves(x, weight):
                 packed = getattr(self.packed, name)
                 return onednn_linear(x, packed if name == "output" else packed[layer])
         if name not in WIDE:

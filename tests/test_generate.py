@@ -164,6 +164,12 @@ def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small
         assert cache.transposed is None or kind is TransposedWeights
         assert (cache.packed is not None) is (kind is PackedWeights)
         check_cached_decoding(model, reference, cache, batch, onednn)
+    # With autograd on (fine-tuning through a cache), oneDNN's op has no gradient: the
+    # module ops run, and the weights get their gradients.
+    with Ops() as ops:
+        model(torch.randint(0, 97, (4, 3)), model.new_cache(4, 16)).square().sum().backward()
+    assert "_linear_pointwise" not in ops.names
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert weight_copies_pay(model) is (PackedWeights if parallel else TransposedWeights)
     assert weight_copies_pay(model, compiled=True) is TransposedWeights
     assert weight_copies_pay(model, 8, compiled=True) is TransposedWeights
