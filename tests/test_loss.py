@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from palm import ModelConfig, PaLM, linear_lm_loss, lm_loss
+from palm.cpu_kernels import onednn_available
 
 IGNORE = -100
 
@@ -263,7 +264,7 @@ def test_in_place_softmax_nll_and_log_z_both_ways(sync_free):
     assert remade == ([] if sync_free else [[2, 9]])
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize(("rows", "vocab", "kernel"), [(64, 300, "onednn"), (4096, 1100, "mkl")])
 def test_cpu_logits_kernel_by_block_size_matches_float64(rows, vocab, kernel):
     """On CPU in float32 oneDNN makes logits blocks of up to 16 MiB (palm.cpu_kernels), MKL's
