@@ -233,7 +233,7 @@ class Batch:
         rows = [row for job in jobs for row in job.rows]
         tokens, mask = pad_left(rows, pad_id=max(tokenizer.pad_id, 0))
         length = tokens.shape[1] + max(job.max_tokens for job in jobs)
-        with torch.no_grad():
+        with torch.inference_mode():  # as palm.sampling.stream: the cache lives only here
             # The engine's shared weight copies, or False for none; None: as new_cache decides.
             self.cache, self.logits = prefill(
                 model, tokens.to(self.device), mask.to(self.device), length, transposed
@@ -243,7 +243,7 @@ class Batch:
     def jobs(self) -> list[Job]:
         return [r.job for r in self.running]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> tuple[list[Job], list[Job]]:
         """Decode one token for every row; returns the jobs that ended (done, cancelled)."""
         keep, done, cancelled, start = [], [], [], 0  # keep: (running, its rows, its tokens)

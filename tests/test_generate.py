@@ -353,6 +353,26 @@ def test_decoding_feeds_one_token_per_step(small_model):
     assert widths == [9] + [1] * 19
 
 
+def test_eager_steps_run_in_inference_mode_and_yield_tokens_a_model_can_train_on(small_model):
+    """The eager loop runs under torch.inference_mode (the faster mode, benchmarks/RESULTS.md
+    run 23); what it yields are plain tensors: a caller may feed them to a training step, whose
+    embedding saves them for backward (an inference tensor there is an error)."""
+    model = small_model()
+    modes = []
+    original = model.features
+    model.features = lambda tokens, cache=None: (
+        modes.append(torch.is_inference_mode_enabled()) or original(tokens, cache)
+    )
+    prompt = torch.randint(0, 97, (2, 5))
+    tokens = list(palm.sampling.stream(model, prompt, 4, temperature=0.0))
+    assert modes == [True] * 4 and not torch.is_inference_mode_enabled()
+    del model.features
+    assert not any(t.is_inference() for t in tokens)
+    inputs, targets = tokens[0][:, None], tokens[1][:, None]  # views, as a caller would take
+    model(inputs, targets=targets).loss.backward()
+    assert model.embedding.weight.grad is not None
+
+
 def test_left_padded_batch_matches_each_prompt_alone(small_model):
     model = small_model(1)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42, 43]]
