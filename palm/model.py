@@ -80,25 +80,21 @@ class PaLMBlock(nn.Module):
 
     def attention(
         self,
-        q: Tensor,
-        k: Tensor,
+        qk: Tensor,
         v: Tensor,
         rope: RotaryTables,
         cache: KVCache | None,
         layer: int,
         position: Tensor | None = None,
     ) -> Tensor:
-        """Causal multi-query attention on q (B, T, H*Q) and k, v (B, T, KH*Q).
+        """Causal multi-query attention on qk (B, T, H*Q + KH*Q), the query rows then the key
+        rows (in_proj's order), and v (B, T, KH*Q).
 
         With `position` (1,), the static-shape decoding step: one token (T = 1) is written there
         and attends over the whole cache, positions after it masked (gpt-fast's approach)."""
-        c = self.config
-        T = q.shape[1]
-        # Head counts read off the rows, not the config: under tensor parallelism (palm.parallel)
-        # this rank holds a share of the query heads.
-        q = to_heads(q, c.head_dim)  # (B, H, T, Q)
-        k, v = to_heads(k, c.head_dim), to_heads(v, c.head_dim)  # (B, KH, T, Q)
-        q, k = apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.k_cos, rope.k_sin)
+        T = qk.shape[1]
+        q, k = self.rotated_heads(qk, rope)  # (B, H, T, Q), (B, KH, T, Q)
+        v = to_heads(v, self.config.head_dim)  # (B, KH, T, Q)
         past = 0
         if position is not None and cache is not None:
             k, v = cache.store_at(layer, position, k, v)  # (B, KH, max_len, Q)
@@ -121,6 +117,19 @@ class PaLMBlock(nn.Module):
         if cache is not None and cache.key_mask is not None:
             mask, causal = padding_mask(cache.key_mask, past, T), False
         return self.attend(q, k, v, mask, causal)
+
+    def rotated_heads(self, qk: Tensor, rope: RotaryTables) -> tuple[Tensor, Tensor]:
+        """RoPE on the query and key heads of qk (B, T, (H + KH) * Q): (B, H, T, Q), (B, KH, T, Q).
+        Plain RoPE rotates both by one table in one call: one rotation fewer a layer (S: 2.8% of
+        a batch-1 decoding step). Head counts are read off the rows, not the config: under
+        tensor parallelism (palm.parallel) this rank holds a share of the query heads."""
+        kv_heads = self.kv_dim // self.config.head_dim
+        heads = to_heads(qk, self.config.head_dim)  # (B, H + KH, T, Q)
+        split = (heads.shape[1] - kv_heads, kv_heads)
+        if not self.config.xpos_scale_base:
+            return apply_rope(heads, rope.q_cos, rope.q_sin).split(split, dim=1)
+        q, k = heads.split(split, dim=1)  # xPos: queries and keys scale differently
+        return apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.k_cos, rope.k_sin)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         """Attention of q (B, H, T, Q) over k, v (B, KH, S, Q) -> (B, T, H*Q)."""
@@ -196,17 +205,18 @@ class PaLMBlock(nn.Module):
                 q, k, v, mlp = split_rope_swiglu(fused, rope, self.row_sizes, self.config.head_dim)
                 attn = self.attend(q, k, v, None, True)
             else:  # split() into views: its backward is one cat, not a zero-filled add per slice
-                q, k, v, *mlp_in = fused.split(self.row_sizes, dim=-1)
-                attn = self.attention(q, k, v, rope, cache, layer, position)
+                q_rows, kv_rows, _, *mlp_rows = self.row_sizes
+                qk, v, *mlp_in = fused.split((q_rows + kv_rows, kv_rows, *mlp_rows), dim=-1)
+                attn = self.attention(qk, v, rope, cache, layer, position)
                 mlp = self.activation(*mlp_in)
             return x + self.residual_dropout(self.project_out(attn, mlp, cache, layer))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         split = self.q_dim + 2 * self.kv_dim  # in_proj's rows: [q | k | v] then the MLP's
         qkv_rows, mlp_rows = slice(0, split), slice(split, None)
-        q, k, v = self.project_in(self.norm(x), cache, layer, qkv_rows).split(
-            self.row_sizes[:3], dim=-1
+        qk, v = self.project_in(self.norm(x), cache, layer, qkv_rows).split(
+            (self.q_dim + self.kv_dim, self.kv_dim), dim=-1
         )
-        attn = self.attention(q, k, v, rope, cache, layer, position)
+        attn = self.attention(qk, v, rope, cache, layer, position)
         x = x + self.residual_dropout(self.attn_out(attn))
         mlp_in = self.project_in(self.mlp_norm(x), cache, layer, mlp_rows)
         mlp_in = mlp_in.split(self.row_sizes[3:], dim=-1)
@@ -234,10 +244,9 @@ class PaLM(nn.Module):
             if config.tie_embeddings
             else nn.Linear(config.d_model, config.vocab_size, bias=False)
         )
-        # RoPE's tables for positions 0..max_seq_len-1, made once: made per forward, torch.compile
-        # inlined their cos, sin and pow into every kernel reading them (issue 16: 5% of a compiled
-        # step at S). Not in the state dict; remade in float32 wherever the model goes (_apply)
-        # and after a state dict is loaded (into a meta-built model too).
+        # RoPE's tables for positions 0..max_seq_len-1, made once (made per forward, compiled
+        # steps recomputed cos, sin and pow in every kernel reading them: 5% at S). Not in the
+        # state dict; remade in float32 wherever the model goes (_apply) and after a load.
         tables = rotary_table_stack(config.max_seq_len, config)
         self.register_buffer("rope_tables", tables, persistent=False)
         self.register_load_state_dict_post_hook(_remake_rope_tables)
@@ -257,8 +266,7 @@ class PaLM(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
 
-    def _apply(self, fn, recurse=True):
-        # Module.to / .half / .cuda / .to_empty: the tables would be rounded or left empty.
+    def _apply(self, fn, recurse=True):  # .to / .half / .to_empty: tables rounded or empty
         super()._apply(fn, recurse)
         self.remake_rope_tables()
         return self
@@ -290,10 +298,9 @@ class PaLM(nn.Module):
         transposed_weights: bool | WeightCopies | None = None,
     ) -> KVCache:
         """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens, in
-        autocast's dtype where autocast is on (`cache_dtype`). `transposed_weights`: copies of
-        the weights in a layout decoding multiplies by faster (palm.kv_cache: (in, out) copies,
-        or oneDNN's packed layout), memory while the cache lives (None: where they pay for this
-        batch, `weight_copies_pay`; share one set: `weight_copies`)."""
+        autocast's dtype where autocast is on (`cache_dtype`). `transposed_weights`: weight
+        copies in a layout decoding multiplies by faster (palm.kv_cache), memory while the cache
+        lives (None: where they pay for this batch; share one set: `weight_copies`)."""
         c = self.config
         max_len = max_len or c.max_seq_len
         device = torch.device(device or self.embedding.weight.device)
