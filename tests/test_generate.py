@@ -131,6 +131,14 @@ def test_transposed_weights_decode_the_float64_logits(overrides, small_model):
         assert torch.equal(copies, native)
 
 
+@pytest.mark.parametrize("shape, rows", [((1000, 37), 512), ((97, 32), 8), ((5, 3), 512)])
+def test_transposed_copies_are_made_in_row_blocks_exactly(shape, rows):
+    """The (in, out) copy, made a block of rows at a time (a last block shorter), is w.T."""
+    weight = torch.randn(shape)
+    copy_ = palm.kv_cache.transposed(weight, rows)
+    assert copy_.is_contiguous() and torch.equal(copy_, weight.t())
+
+
 def test_weight_copies_only_where_measured_to_pay(small_model):
     """On by default for CPU float32 (where they were measured faster); off for other dtypes and
     for a replaced output projection (tensor parallelism); an explicit False is honoured."""
