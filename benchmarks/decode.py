@@ -7,8 +7,9 @@ the batch (batch x new_tokens / seconds, prompt processing included). Contenders
 - ours: palm.sampling.generate, one position per step against the one-head-wide
   multi-query cache (PaLM §2), eager. It multiplies by copies of the weights in a faster
   layout, made per cache (`transposed_weights`, on by default for CPU float32), and the
-  copying is timed too: (in, out) copies of in_proj and the output projection for one
-  sequence, oneDNN's packed layout of every weight for 2-64 (palm.kv_cache);
+  copying is timed too: (in, out) copies of in_proj and of an output projection of up to
+  32 MiB for one sequence (a larger one goes through oneDNN uncopied: M's), oneDNN's packed
+  layout of every weight for 2-64 (palm.kv_cache);
 - ours native (--native): the same without those copies (`transposed_weights=False`);
 - ours+compile: the same as ours with compile=True, the one-token step under torch.compile with a
   static-shape cache (gpt-fast's approach); compilation happens in an untimed warm-up;

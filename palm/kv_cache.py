@@ -21,6 +21,7 @@ from palm.cpu_kernels import (
     onednn_decodes,
     onednn_linear,
     onednn_pack,
+    onednn_serves,
 )
 from palm.errors import ConfigError
 from palm.profiling import available_memory_bytes
@@ -31,7 +32,9 @@ class TransposedWeights:
     """(in, out) copies of a model's wide weights, for decoding (`transposed_weights`)."""
 
     in_proj: list[Tensor]  # per layer (d_model, in_proj rows)
-    output: Tensor  # (d_model, vocab): the (tied) output projection
+    # (d_model, vocab): the (tied) output projection; None where its copy would not pay
+    # (`output_copy_pays`), and oneDNN multiplies by nn.Linear's layout instead.
+    output: Tensor | None
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ class KVCache:
         if self.transposed is None:
             return None
         copy = self.transposed.output if name == "output" else self.transposed.in_proj[layer]
+        if copy is None:  # an output projection without its copy: oneDNN, as fast for it
+            if n in ONEDNN_PACKED_ROWS and decoding_serves(x, weight):
+                return onednn_linear(x, weight) if onednn_serves(x, weight) else None
+            return None
         return x @ (copy if rows is None else copy[:, rows])
 
     def restart(self, prompt_mask: Tensor | None = None) -> None:
@@ -165,7 +172,8 @@ def weight_copies_pay(
     if not (cpu_float32(weight) and "output_logits" not in vars(model)):
         return None
     available = available_memory_bytes()
-    transposed = sum(b.in_proj.weight.numel() for b in model.blocks) + weight.numel()
+    transposed = sum(b.in_proj.weight.numel() for b in model.blocks)
+    transposed += weight.numel() if output_copy_pays(weight, batch_size, compiled) else 0
     out = sum(b.attn_out.weight.numel() + b.mlp_out.weight.numel() for b in model.blocks)
     sizes = {TransposedWeights: transposed, PackedWeights: transposed + out}
     for pack in (True, False):  # where the packed set does not fit, the (in, out) one may
@@ -209,10 +217,31 @@ def cpu_float32(weight: Tensor) -> bool:
 
 
 @torch.no_grad()
-def transposed_weights(model: nn.Module) -> TransposedWeights:
-    """(in, out) copies of every in_proj and of the output projection, for decoding."""
+def transposed_weights(
+    model: nn.Module, batch_size: int | None = None, compiled: bool = False
+) -> TransposedWeights:
+    """(in, out) copies of every in_proj and, where it pays (`output_copy_pays`), of the output
+    projection, for decoding `batch_size` sequences (None: any number)."""
     in_proj = [transposed(block.in_proj.weight) for block in model.blocks]
-    return TransposedWeights(in_proj, transposed(model.output_weight))
+    weight = model.output_weight
+    pays = output_copy_pays(weight, batch_size, compiled)
+    return TransposedWeights(in_proj, transposed(weight) if pays else None)
+
+
+def output_copy_pays(weight: Tensor, batch_size: int | None, compiled: bool = False) -> bool:
+    """Whether the output projection's (in, out) copy pays. Not for one sequence decoded eagerly
+    on CPU where oneDNN is built in and the weight is larger than a CPU's last-level cache
+    (`OUTPUT_COPY_MAX_BYTES`): streamed from memory, one row against it ran as fast through
+    oneDNN from nn.Linear's own layout as against the copy, which only cost time at every
+    call (page faults, the transpose) and memory (benchmarks/RESULTS.md, run 23: M, vocab
+    32,000, 4.8% more tokens/s at 128 tokens, even at 512; palm-350m's copy is 1 GiB). A
+    cache-sized one (S: 8 MiB) stays faster copied, and Inductor's one-row product against
+    (out, in) ran at half the copy's speed."""
+    big = weight.numel() * weight.element_size() > OUTPUT_COPY_MAX_BYTES
+    return not (batch_size == 1 and not compiled and big and onednn_available())
+
+
+OUTPUT_COPY_MAX_BYTES = 32 << 20
 
 
 def transposed(weight: Tensor, rows: int = 512) -> Tensor:
@@ -261,7 +290,7 @@ def weight_copies(
         return wanted
     if kind is PackedWeights:
         return packed_weights(model)
-    return transposed_weights(model) if kind is TransposedWeights else False
+    return transposed_weights(model, batch_size, compiled) if kind is TransposedWeights else False
 
 
 def padding_mask(key_mask: Tensor, past: int, T: int) -> Tensor:

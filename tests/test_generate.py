@@ -193,6 +193,36 @@ def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small
         assert "_linear_pointwise" not in ops.names and logits.dtype == torch.bfloat16
 
 
+@pytest.mark.skipif(not palm.cpu_kernels.onednn_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}])
+def test_one_sequence_takes_a_large_output_projection_through_onednn_uncopied(
+    overrides, small_model, monkeypatch
+):
+    """Past OUTPUT_COPY_MAX_BYTES (lowered here) one sequence decoded eagerly gets no (in, out)
+    copy of the output projection: oneDNN multiplies by nn.Linear's layout, the logits are a
+    float64 forward's and the greedy tokens the copies'. Batches of more, compiled steps and
+    an output under the limit keep the copy; the memory estimate counts what is made."""
+    model = small_model(8, **overrides)
+    reference = copy.deepcopy(model).double()
+    transposed = palm.kv_cache.transposed_weights
+    assert transposed(model, 1).output is not None
+    prompt = torch.randint(0, 97, (1, 5))
+    copied = generate(model, prompt, 12, temperature=0.0)
+    monkeypatch.setattr(palm.kv_cache, "OUTPUT_COPY_MAX_BYTES", 97 * 32 * 4 - 1)
+    copies = transposed(model, 1)
+    assert copies.output is None and len(copies.in_proj) == model.config.n_layers
+    for batch, compiled in ((1, True), (65, False), (None, False)):
+        assert transposed(model, batch, compiled).output is not None
+    cache = model.new_cache(1, 16)
+    assert cache.transposed is not None and cache.transposed.output is None
+    check_cached_decoding(model, reference, cache, 1, onednn=True)
+    assert torch.equal(generate(model, prompt, 12, temperature=0.0), copied)
+    in_proj_bytes = sum(b.in_proj.weight.numel() * 4 for b in model.blocks)
+    for available, kind in ((2 * in_proj_bytes, TransposedWeights), (2 * in_proj_bytes - 8, None)):
+        monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda a=available: a)
+        assert weight_copies_pay(model, 1) is kind  # in_proj's copies in half of it, or none
+
+
 def test_transposed_weights_never_take_more_than_half_the_available_memory(
     small_model, monkeypatch, tmp_path
 ):
