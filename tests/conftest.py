@@ -549,8 +549,8 @@ def weight_copies_made(monkeypatch) -> list:
     made = []
 
     def counted(real):
-        def make(model):
-            made.append(real(model))
+        def make(model, *args):
+            made.append(real(model, *args))
             return made[-1]
 
         return make
