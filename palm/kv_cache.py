@@ -71,8 +71,9 @@ class KVCache:
     rope: tuple[Tensor, ...] | None = None  # a palm.rope.RotaryTables
     # Copies of the weights in a layout decoding multiplies by faster, made where they pay
     # (weight_copies_pay, below); decoding is these matmuls. (in, out) copies of the two wide
-    # weights: a one-row matmul against them streams the weight ~2x faster on CPU than against
-    # nn.Linear's (out, in) when in < out (benchmarks/RESULTS.md, "transposed weights"). Or
+    # weights (the output projection's only where it pays, output_copy_pays): a one-row matmul
+    # against them streams the weight ~2x faster on CPU than against nn.Linear's (out, in) when
+    # in < out (benchmarks/RESULTS.md, "transposed weights"). Or
     # oneDNN's packed layout of all four, decoding 1.4-1.6x faster again at 2-64 rows
     # ("packed weights"). Shared, read-only: several caches (palm serve's batches) may hold
     # the same copies.
@@ -93,7 +94,8 @@ class KVCache:
     ) -> Tensor | None:
         """x (..., in) @ weight.T, where `weight` is the model's `name` weight of `layer` (its
         `rows` where given), by decoding's faster kernel for it: oneDNN's packed copy, oneDNN
-        from nn.Linear's layout (4-64 rows), or the (in, out) copy. None: the module's own op."""
+        from nn.Linear's layout (4-64 rows; 1-64 for an output projection left uncopied), or
+        the (in, out) copy. None: the module's own op."""
         n = x.numel() // x.shape[-1]
         if self.packed is not None and rows is None and n in ONEDNN_PACKED_ROWS:
             if decoding_serves(x, weight):
@@ -172,10 +174,13 @@ def weight_copies_pay(
     if not (cpu_float32(weight) and "output_logits" not in vars(model)):
         return None
     available = available_memory_bytes()
-    transposed = sum(b.in_proj.weight.numel() for b in model.blocks)
-    transposed += weight.numel() if output_copy_pays(weight, batch_size, compiled) else 0
+    in_proj = sum(b.in_proj.weight.numel() for b in model.blocks)
     out = sum(b.attn_out.weight.numel() + b.mlp_out.weight.numel() for b in model.blocks)
-    sizes = {TransposedWeights: transposed, PackedWeights: transposed + out}
+    copied_output = weight.numel() if output_copy_pays(weight, batch_size, compiled) else 0
+    sizes = {
+        TransposedWeights: in_proj + copied_output,
+        PackedWeights: in_proj + out + weight.numel(),
+    }
     for pack in (True, False):  # where the packed set does not fit, the (in, out) one may
         kind = copies_kind(model, batch_size, compiled, pack)
         if kind is None:
@@ -233,12 +238,13 @@ def output_copy_pays(weight: Tensor, batch_size: int | None, compiled: bool = Fa
     on CPU where oneDNN is built in and the weight is larger than a CPU's last-level cache
     (`OUTPUT_COPY_MAX_BYTES`): streamed from memory, one row against it ran as fast through
     oneDNN from nn.Linear's own layout as against the copy, which only cost time at every
-    call (page faults, the transpose) and memory (benchmarks/RESULTS.md, run 23: M, vocab
-    32,000, 4.8% more tokens/s at 128 tokens, even at 512; palm-350m's copy is 1 GiB). A
-    cache-sized one (S: 8 MiB) stays faster copied, and Inductor's one-row product against
-    (out, in) ran at half the copy's speed."""
+    call (page faults, the transpose) and memory (benchmarks/RESULTS.md, "Issue 16: eager
+    decoding in inference mode": M, vocab 32,000, 4.8% more tokens/s at 128 tokens, even at
+    512; palm-350m's copy is 1 GiB). A cache-sized one (S: 8 MiB) stays faster copied, and
+    Inductor's one-row product against (out, in) ran at half the copy's speed."""
     big = weight.numel() * weight.element_size() > OUTPUT_COPY_MAX_BYTES
-    return not (batch_size == 1 and not compiled and big and onednn_available())
+    eager_one = batch_size == 1 and not compiled and cpu_float32(weight)
+    return not (eager_one and big and onednn_available())
 
 
 OUTPUT_COPY_MAX_BYTES = 32 << 20
@@ -247,8 +253,8 @@ OUTPUT_COPY_MAX_BYTES = 32 << 20
 def transposed(weight: Tensor, rows: int = 512) -> Tensor:
     """A contiguous (in, out) copy of weight (out, in), made `rows` of the weight at a time:
     each block's strided writes stay in the CPU's cache. The whole-matrix copy (`.t()
-    .contiguous()`) took M's set 149 ms against 94 (benchmarks/RESULTS.md, run 23), which one
-    sequence's 128 new tokens paid for at 4% of their time."""
+    .contiguous()`) took M's set 149 ms against 94 (benchmarks/RESULTS.md, "Issue 16: eager
+    decoding in inference mode"), which one sequence's 128 new tokens paid at 4% of their time."""
     copy = weight.new_empty(weight.shape[1], weight.shape[0])
     for start in range(0, weight.shape[0], rows):
         copy[:, start : start + rows].copy_(weight[start : start + rows].t())

@@ -88,10 +88,9 @@ class PaLMBlock(nn.Module):
         position: Tensor | None = None,
     ) -> Tensor:
         """Causal multi-query attention on qk (B, T, H*Q + KH*Q), the query rows then the key
-        rows (in_proj's order), and v (B, T, KH*Q).
-
-        With `position` (1,), the static-shape decoding step: one token (T = 1) is written there
-        and attends over the whole cache, positions after it masked (gpt-fast's approach)."""
+        rows (in_proj's order), and v (B, T, KH*Q). With `position` (1,), the static-shape
+        decoding step: one token (T = 1) is written there and attends over the whole cache,
+        positions after it masked (gpt-fast's approach)."""
         T = qk.shape[1]
         q, k = self.rotated_heads(qk, rope)  # (B, H, T, Q), (B, KH, T, Q)
         v = to_heads(v, self.config.head_dim)  # (B, KH, T, Q)
@@ -120,15 +119,16 @@ class PaLMBlock(nn.Module):
 
     def rotated_heads(self, qk: Tensor, rope: RotaryTables) -> tuple[Tensor, Tensor]:
         """RoPE on the query and key heads of qk (B, T, (H + KH) * Q): (B, H, T, Q), (B, KH, T, Q).
-        Plain RoPE rotates both by one table in one call: one rotation fewer a layer (S: 2.8% of
-        a batch-1 decoding step). Head counts are read off the rows, not the config: under
-        tensor parallelism (palm.parallel) this rank holds a share of the query heads."""
+        A decoding step (T = 1) under plain RoPE rotates both by one table in one call (S: 2.8%
+        of a batch-1 step); longer rows rotate apart, so q stays (B, T, H, Q) memory, which
+        causal_mqa reads uncopied. Head counts come off the rows: under tensor parallelism
+        (palm.parallel) a rank holds a share of the query heads."""
         kv_heads = self.kv_dim // self.config.head_dim
         heads = to_heads(qk, self.config.head_dim)  # (B, H + KH, T, Q)
         split = (heads.shape[1] - kv_heads, kv_heads)
-        if not self.config.xpos_scale_base:
+        if qk.shape[1] == 1 and not self.config.xpos_scale_base:
             return apply_rope(heads, rope.q_cos, rope.q_sin).split(split, dim=1)
-        q, k = heads.split(split, dim=1)  # xPos: queries and keys scale differently
+        q, k = heads.split(split, dim=1)  # (xPos: queries and keys scale differently)
         return apply_rope(q, rope.q_cos, rope.q_sin), apply_rope(k, rope.k_cos, rope.k_sin)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:

@@ -209,10 +209,7 @@ def stream(
         prompt_mask = prompt_mask.to(prompt.device)
         if bool(prompt_mask.all()):
             prompt_mask = None  # no padding: the plain causal path is exact and faster
-    # Eager steps run in inference mode: no version counters or view records on the cache's
-    # writes and views, ~13% more tokens/s at S batch 1 than under no_grad (benchmarks/
-    # RESULTS.md, run 23); compiled steps keep no_grad, the mode their graphs were made under.
-    mode = torch.no_grad() if compile else torch.inference_mode()
+    mode = torch.inference_mode() if inference_mode_serves(model, compile) else torch.no_grad()
     loop = mode(_decode)(model, prompt, max_new_tokens, temperature, top_k, top_p, eod_id,
                          generator, use_cache, prompt_mask, compile, cache_len,
                          transposed_weights, decoder)  # fmt: skip
@@ -223,23 +220,23 @@ def stream(
             yield token.clone() if token.is_inference() else token
 
 
-def _decode(
-    model: PaLM,
-    prompt: Tensor,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eod_id: int | None,
-    generator: torch.Generator | None,
-    use_cache: bool,
-    prompt_mask: Tensor | None,
-    compile: bool,
-    cache_len: int | None,
-    transposed_weights: bool | WeightCopies | None,
-    decoder: CompiledDecoder | None,
-) -> Iterator[Tensor]:
-    """`stream`'s loop, its arguments checked."""
+def inference_mode_serves(model: PaLM, compile: bool) -> bool:
+    """Whether `stream` runs its loop in inference mode (no version counters or view records on
+    the cache's writes and views: 1.05-1.12x the tokens/s of no_grad at batch 1-8 on CPU,
+    benchmarks/RESULTS.md, "Issue 16: eager decoding in inference mode"): eager steps of plain
+    parameters. Compiled steps (`compile`, or a model compiled in place by train.compile) and
+    sharded ones (DTensor: FSDP2, tensor parallelism) keep no_grad: torch has had inference-mode
+    bugs there, and the end-of-training sample takes those paths untested."""
+    compiled = compile or getattr(model, "_compiled_call_impl", None) is not None
+    return not compiled and all(type(p.data) is torch.Tensor for p in model.parameters())
+
+
+def _decode(model: PaLM, prompt: Tensor, max_new_tokens: int, temperature: float, top_k: int,
+            top_p: float, eod_id: int | None, generator: torch.Generator | None,
+            use_cache: bool, prompt_mask: Tensor | None, compile: bool, cache_len: int | None,
+            transposed_weights: bool | WeightCopies | None,
+            decoder: CompiledDecoder | None) -> Iterator[Tensor]:  # fmt: skip
+    """`stream`'s loop, its arguments checked (as `stream`'s, in order)."""
     batch, length = prompt.shape
     total = length + max_new_tokens
     was_training = model.training

@@ -549,8 +549,8 @@ def weight_copies_made(monkeypatch) -> list:
     made = []
 
     def counted(real):
-        def make(model, *args):
-            made.append(real(model, *args))
+        def make(model, *args, **kwargs):
+            made.append(real(model, *args, **kwargs))
             return made[-1]
 
         return make

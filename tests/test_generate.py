@@ -213,6 +213,10 @@ def test_one_sequence_takes_a_large_output_projection_through_onednn_uncopied(
     assert copies.output is None and len(copies.in_proj) == model.config.n_layers
     for batch, compiled in ((1, True), (65, False), (None, False)):
         assert transposed(model, batch, compiled).output is not None
+    wide = model.output_weight.double()  # larger, but measured on CPU float32 only: copied
+    assert palm.kv_cache.output_copy_pays(wide, 1) and not palm.kv_cache.output_copy_pays(
+        model.output_weight, 1
+    )
     cache = model.new_cache(1, 16)
     assert cache.transposed is not None and cache.transposed.output is None
     check_cached_decoding(model, reference, cache, 1, onednn=True)
@@ -392,9 +396,10 @@ def test_decoding_feeds_one_token_per_step(small_model):
 
 
 def test_eager_steps_run_in_inference_mode_and_yield_tokens_a_model_can_train_on(small_model):
-    """The eager loop runs under torch.inference_mode (the faster mode, benchmarks/RESULTS.md
-    run 23); what it yields are plain tensors: a caller may feed them to a training step, whose
-    embedding saves them for backward (an inference tensor there is an error)."""
+    """The eager loop runs under torch.inference_mode (the faster mode, benchmarks/RESULTS.md),
+    compiled steps and a model compiled in place under no_grad; what it yields are plain
+    tensors: a caller may feed them to a training step, whose embedding saves them for backward
+    (an inference tensor there is an error)."""
     model = small_model()
     modes = []
     original = model.features
@@ -409,6 +414,10 @@ def test_eager_steps_run_in_inference_mode_and_yield_tokens_a_model_can_train_on
     inputs, targets = tokens[0][:, None], tokens[1][:, None]  # views, as a caller would take
     model(inputs, targets=targets).loss.backward()
     assert model.embedding.weight.grad is not None
+    serves = palm.sampling.inference_mode_serves
+    assert serves(model, compile=False) and not serves(model, compile=True)
+    model.compile()  # in place, as train.compile does (compiles at the first call: none here)
+    assert not serves(model, compile=False)
 
 
 def test_left_padded_batch_matches_each_prompt_alone(small_model):
