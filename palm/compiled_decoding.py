@@ -87,12 +87,19 @@ class CompiledDecoder:
     re-records, silently. A long-lived cache is recorded once (gpt-fast keeps its caches in the
     model for the same reason). The stale keys a previous request left after `cache.length` are
     never attended: the static step masks positions after its own. The decoding weight copies
-    (`transposed_weights`, as in `PaLM.new_cache`) are made once and shared by every cache.
+    (`transposed_weights`, as in `PaLM.new_cache`) are made once and shared by every cache,
+    of the kind that pays for `batch_size` rows (None: any, the (in, out) copies).
     For one model state: made before training changes the weights, the copies would be stale.
     """
 
-    def __init__(self, model: PaLM, transposed_weights: bool | WeightCopies | None = None) -> None:
-        self.model, self.transposed = model, weight_copies(model, transposed_weights, compiled=True)
+    def __init__(
+        self,
+        model: PaLM,
+        transposed_weights: bool | WeightCopies | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.model = model
+        self.transposed = weight_copies(model, transposed_weights, batch_size, compiled=True)
         self.steps: dict[tuple, CompiledStep] = {}
 
     def step_for(self, rows: int, max_len: int, prompt_mask: Tensor | None) -> CompiledStep:

@@ -19,7 +19,8 @@ linears) takes the same dense tensors. Measured on the 2-core AVX2 EPYC this pro
 
 Only plain contiguous float32 CPU tensors: oneDNN's bf16 and other devices were not measured,
 and fake tensors (dry runs) or DTensors keep aten's ops; so does code under torch.compile
-(Inductor failed to lower the op in the compiled decoding step).
+(Inductor failed to lower the op in the compiled decoding step), but for packed weights, whose
+products it keeps as calls of the custom op `palm::onednn_packed_linear`.
 """
 
 from __future__ import annotations
@@ -66,16 +67,17 @@ def onednn_decodes(x: Tensor, w: Tensor) -> bool:
     )
 
 
-def decoding_serves(x: Tensor, w: Tensor) -> bool:
+def decoding_serves(x: Tensor, w: Tensor, packed: bool = False) -> bool:
     """Whether a decoding product x (..., in) @ w.T (w the model's weight, or read from a packed
-    copy of it, `onednn_pack`) may run in oneDNN: plain CPU float32 x, outside torch.compile,
-    CPU autocast (whose linears run in its dtype) and autograd (oneDNN's op has no gradient:
-    backward would silently give none)."""
+    copy of it, `onednn_pack`) may run in oneDNN: plain CPU float32 x, outside CPU autocast
+    (whose linears run in its dtype) and autograd (oneDNN's op has no gradient: backward would
+    silently give none); outside torch.compile too, but for a `packed` weight, whose product
+    is then the opaque custom op `palm::onednn_packed_linear`."""
     return (
         type(x) in PLAIN
         and x.is_cpu
         and x.dtype == torch.float32
-        and not torch.compiler.is_compiling()
+        and (packed or not torch.compiler.is_compiling())
         and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     )
@@ -89,10 +91,26 @@ def onednn_pack(w: Tensor) -> Tensor:
 
 
 def onednn_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x (..., in) @ w (out, in).T by oneDNN's linear kernel; w plain, or packed."""
+    """x (..., in) @ w (out, in).T by oneDNN's linear kernel; w plain, or packed (under
+    torch.compile through `palm::onednn_packed_linear`, a call Inductor keeps as it is)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.ops.mkldnn._linear_pointwise(rows, w, None, "none", [], "")
+    if torch.compiler.is_compiling():
+        out = _packed_linear_op(rows, w, w.shape[0])
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(rows, w, None, "none", [], "")
     return out.view(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.custom_op("palm::onednn_packed_linear", mutates_args=())
+def _packed_linear_op(rows: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    """rows (n, in) @ a packed weight (`onednn_pack`).T, opaque to torch.compile: a compiled
+    decoding step of 2-64 sequences takes the packed copies too (benchmarks/RESULTS.md)."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
+
+@_packed_linear_op.register_fake
+def _packed_linear_shape(rows: Tensor, packed: Tensor, out_features: int) -> Tensor:
+    return rows.new_empty(rows.shape[0], out_features)
 
 
 def logits_block(h: Tensor, w: Tensor, out: Tensor | None) -> Tensor:

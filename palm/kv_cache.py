@@ -98,7 +98,7 @@ class KVCache:
         the (in, out) copy. None: the module's own op."""
         n = x.numel() // x.shape[-1]
         if self.packed is not None and rows is None and n in ONEDNN_PACKED_ROWS:
-            if decoding_serves(x, weight):
+            if decoding_serves(x, weight, packed=True):
                 packed = getattr(self.packed, name)
                 return onednn_linear(x, packed if name == "output" else packed[layer])
         if name not in WIDE:
@@ -157,13 +157,14 @@ def weight_copies_pay(
 ) -> type[TransposedWeights] | type[PackedWeights] | None:
     """Which decoding weight copies (`new_cache`) make a palm.model.PaLM decode `batch_size`
     sequences (None: any number, as a server) faster, if any; `compiled`: for steps under
-    torch.compile (Inductor's aten ops: never oneDNN's).
+    torch.compile.
 
     Measured on CPU in float32 only (benchmarks/RESULTS.md): for one sequence the (in, out)
     copies (one-row matmuls ~2x faster than against (out, in) when in < out); for 2-64 (and a
     server's any number) oneDNN's packed layout of every weight, 1.4-1.6x faster again at 2-64
     rows; above 64, the (in, out) copies as before; where the packed set would not fit, the
-    (in, out) one. Compiled steps: the (in, out) copies at any batch. Elsewhere (CUDA, bf16,
+    (in, out) one. Compiled steps the same (the packed products as a custom op Inductor keeps),
+    but a compiled decoder for any batch (None) gets the (in, out) copies. Elsewhere (CUDA, bf16,
     where a bf16 `a @ b` can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16)
     nothing was measured, and the copies would be memory for nothing. Sharded weights (DTensor:
     FSDP2, tensor parallelism) and a replaced output projection (palm.parallel) keep their own
@@ -195,12 +196,12 @@ def copies_kind(
 ) -> type[TransposedWeights] | type[PackedWeights] | None:
     """The faster copies for `batch_size` sequences (weight_copies_pay), memory aside;
     `pack=False`: the faster without packed ones."""
-    if compiled:
-        return TransposedWeights  # Inductor's aten ops: never oneDNN's
+    if compiled and batch_size is None:
+        return TransposedWeights  # a compiled decoder for any batch: one sequence's copies
     if pack and packable(model):
         if batch_size is None or batch_size in ONEDNN_PACKED_ROWS[1:]:  # one row: the copies
             return PackedWeights
-    if batch_size in ONEDNN_DECODE_ROWS and onednn_available():
+    if batch_size in ONEDNN_DECODE_ROWS and onednn_available() and not compiled:
         return None  # oneDNN from nn.Linear's own layout; the copies would buy nothing
     return TransposedWeights
 
@@ -284,10 +285,7 @@ def weight_copies(
     new ones for True (the kind that is faster for `batch_size` sequences, memory aside), and
     for None where they pay (`weight_copies_pay`) for `batch_size` sequences (None: any
     number). One set may serve many caches (a server, an interactive session, an evaluation
-    loop). `compiled`: for torch.compile's steps, which take (in, out) copies only."""
-    if compiled and isinstance(wanted, PackedWeights):
-        raise ConfigError("compiled decoding steps take (in, out) copies (TransposedWeights); "
-                          "oneDNN's packed weights serve eager CPU decoding")  # fmt: skip
+    loop). `compiled`: for torch.compile's steps."""
     if wanted is None:
         kind = weight_copies_pay(model, batch_size, compiled)
     elif wanted is True:

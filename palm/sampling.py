@@ -246,7 +246,7 @@ def _decode(model: PaLM, prompt: Tensor, max_new_tokens: int, temperature: float
         if use_cache:
             max_len = cache_len or total
             if compile:
-                decoder = decoder or CompiledDecoder(model, transposed_weights)
+                decoder = decoder or CompiledDecoder(model, transposed_weights, batch)
                 step_fn = decoder.step_for(batch, max_len, prompt_mask)
             given = step_fn.cache if step_fn is not None else None
             cache, logits = prefill(model, prompt, prompt_mask, max_len, transposed_weights, given)

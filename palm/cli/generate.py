@@ -18,8 +18,8 @@ for every step; compilation takes seconds to a minute before the first token).
 `--transposed_weights` (auto: on for CPU float32) decodes with copies of the weights in a faster
 layout: (in, out) copies of the two wide ones for one sequence (~1.5x the tokens/s on CPU, ~75%
 more weight memory while decoding) and over 64, oneDNN's packed layout of all of them for 2-64
-(1.4-1.6x again, twice the weight memory; not for the serial-block ablation, nor for --compile,
-which takes the (in, out) copies); `off` saves the memory.
+(1.4-1.6x again, twice the weight memory; not for the serial-block ablation); `off` saves the
+memory.
 Exit status (every command alike): 0 done; 1 a runtime failure (one `error:` line naming the
 file and the fix); 2 a bad command line; 130 interrupted.
 """
