@@ -88,7 +88,8 @@ class CompiledDecoder:
     model for the same reason). The stale keys a previous request left after `cache.length` are
     never attended: the static step masks positions after its own. The decoding weight copies
     (`transposed_weights`, as in `PaLM.new_cache`) are made once and shared by every cache,
-    of the kind that pays for `batch_size` rows (None: any, the (in, out) copies).
+    of the kind that pays for `batch_size` rows (None: any, the (in, out) copies); requests of
+    other row counts decode right with them, at their speed.
     For one model state: made before training changes the weights, the copies would be stale.
     """
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
 
 from palm.cpu_kernels import (
     ONEDNN_DECODE_ROWS,
@@ -40,7 +41,8 @@ class TransposedWeights:
 @dataclass(frozen=True)
 class PackedWeights:
     """Every weight a decoding step multiplies by, in oneDNN's own blocked layout (opaque
-    `torch._mkldnn` tensors, `packed_weights`): eager CPU float32 steps of 1-64 rows."""
+    `torch._mkldnn` tensors, `packed_weights`): CPU float32 steps of 1-64 rows, eager or
+    compiled (palm::onednn_packed_linear)."""
 
     in_proj: list[Tensor]  # per layer
     attn_out: list[Tensor]
@@ -163,8 +165,10 @@ def weight_copies_pay(
     copies (one-row matmuls ~2x faster than against (out, in) when in < out); for 2-64 (and a
     server's any number) oneDNN's packed layout of every weight, 1.4-1.6x faster again at 2-64
     rows; above 64, the (in, out) copies as before; where the packed set would not fit, the
-    (in, out) one. Compiled steps the same (the packed products as a custom op Inductor keeps),
-    but a compiled decoder for any batch (None) gets the (in, out) copies. Elsewhere (CUDA, bf16,
+    (in, out) one. Compiled steps (torch 2.13 on, where tested) take the packed ones for 2-64
+    too, as a custom op Inductor keeps, and (in, out) copies where eager takes none (oneDNN
+    from nn.Linear's layout is not for compiled code) or for any batch (None: a compiled
+    decoder). Elsewhere (CUDA, bf16,
     where a bf16 `a @ b` can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16)
     nothing was measured, and the copies would be memory for nothing. Sharded weights (DTensor:
     FSDP2, tensor parallelism) and a replaced output projection (palm.parallel) keep their own
@@ -196,8 +200,8 @@ def copies_kind(
 ) -> type[TransposedWeights] | type[PackedWeights] | None:
     """The faster copies for `batch_size` sequences (weight_copies_pay), memory aside;
     `pack=False`: the faster without packed ones."""
-    if compiled and batch_size is None:
-        return TransposedWeights  # a compiled decoder for any batch: one sequence's copies
+    if compiled and (batch_size is None or TorchVersion(torch.__version__) < "2.13"):
+        return TransposedWeights  # any batch: one sequence's; packed graph inputs: from 2.13
     if pack and packable(model):
         if batch_size is None or batch_size in ONEDNN_PACKED_ROWS[1:]:  # one row: the copies
             return PackedWeights
@@ -265,7 +269,7 @@ def transposed(weight: Tensor, rows: int = 512) -> Tensor:
 @torch.no_grad()
 def packed_weights(model: nn.Module) -> PackedWeights:
     """oneDNN's packed copies of in_proj, attn_out, mlp_out (per layer) and the output
-    projection, for eager CPU float32 decoding (`packable` models)."""
+    projection, for CPU float32 decoding (`packable` models), eager or compiled."""
     blocks = model.blocks
     return PackedWeights(
         [onednn_pack(b.in_proj.weight) for b in blocks],

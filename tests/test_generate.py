@@ -158,7 +158,8 @@ def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small
     one sequence, the (in, out) copies; 2-64, oneDNN's packed copies of every weight (the
     parallel block); the serial ablation has none, so its 4-64 go through oneDNN from
     nn.Linear's layout; over 64, the (in, out) copies; a server (any batch), the packed ones;
-    compiled steps, the (in, out) copies only. Every step's logits are a float64 forward's."""
+    compiled steps the packed ones for 2-64 (parallel block), else the (in, out) copies. Every
+    step's logits are a float64 forward's."""
     model = small_model(8, **overrides)
     reference = copy.deepcopy(model).double()
     parallel = model.config.parallel_block
@@ -339,7 +340,7 @@ def test_a_compiled_decoder_serves_every_request_from_one_long_lived_cache(small
     from torch._dynamo.utils import counters
 
     model = small_model(7)
-    decoder = palm.compiled_decoding.CompiledDecoder(model)
+    decoder = palm.compiled_decoding.CompiledDecoder(model, batch_size=2)  # packed, on CPU
     addresses, graphs = set(), set()
     for length in (14, 3, 9):  # the longest first: its keys stay behind in the cache
         prompt = torch.randint(0, 97, (2, length))
