@@ -75,10 +75,9 @@ class KVCache:
     # (weight_copies_pay, below); decoding is these matmuls. (in, out) copies of the two wide
     # weights (the output projection's only where it pays, output_copy_pays): a one-row matmul
     # against them streams the weight ~2x faster on CPU than against nn.Linear's (out, in) when
-    # in < out (benchmarks/RESULTS.md, "transposed weights"). Or
-    # oneDNN's packed layout of all four, decoding 1.4-1.6x faster again at 2-64 rows
-    # ("packed weights"). Shared, read-only: several caches (palm serve's batches) may hold
-    # the same copies.
+    # in < out (benchmarks/RESULTS.md, "transposed weights"). Or oneDNN's packed layout of all
+    # four, decoding 1.4-1.6x faster again at 2-64 rows ("packed weights"). Shared, read-only:
+    # several caches (palm serve's batches) may hold the same copies.
     transposed: TransposedWeights | None = None
     packed: PackedWeights | None = None
 
@@ -110,11 +109,11 @@ class KVCache:
         if self.transposed is None:
             return None
         copy = self.transposed.output if name == "output" else self.transposed.in_proj[layer]
-        if copy is None:  # an output projection without its copy: oneDNN, as fast for it
-            if n in ONEDNN_PACKED_ROWS and decoding_serves(x, weight):
-                return onednn_linear(x, weight) if onednn_serves(x, weight) else None
-            return None
-        return x @ (copy if rows is None else copy[:, rows])
+        if copy is not None:
+            return x @ (copy if rows is None else copy[:, rows])
+        # An output projection left uncopied (output_copy_pays): oneDNN, as fast for it.
+        serves = n in ONEDNN_PACKED_ROWS and onednn_serves(x, weight) and decoding_serves(x, weight)
+        return onednn_linear(x, weight) if serves else None
 
     def restart(self, prompt_mask: Tensor | None = None) -> None:
         """Empty the cache for a new request of (B, T) `prompt_mask` (None: no padding), keeping
@@ -168,12 +167,11 @@ def weight_copies_pay(
     (in, out) one. Compiled steps (torch 2.13 on, where tested) take the packed ones for 2-64
     too, as a custom op Inductor keeps, and (in, out) copies where eager takes none (oneDNN
     from nn.Linear's layout is not for compiled code) or for any batch (None: a compiled
-    decoder). Elsewhere (CUDA, bf16,
-    where a bf16 `a @ b` can be 20x slower than `a @ b.T` on CPUs without AVX512-BF16)
-    nothing was measured, and the copies would be memory for nothing. Sharded weights (DTensor:
-    FSDP2, tensor parallelism) and a replaced output projection (palm.parallel) keep their own
-    paths. Nor where the copies would take more than half the memory the machine has
-    available: a speed-up, never an OOM.
+    decoder). Elsewhere (CUDA, bf16, where a bf16 `a @ b` can be 20x slower than `a @ b.T` on
+    CPUs without AVX512-BF16) nothing was measured, and the copies would be memory for nothing.
+    Sharded weights (DTensor: FSDP2, tensor parallelism) and a replaced output projection
+    (palm.parallel) keep their own paths. Nor where the copies would take more than half the
+    memory the machine has available: a speed-up, never an OOM.
     """
     weight = model.output_weight
     if not (cpu_float32(weight) and "output_logits" not in vars(model)):
