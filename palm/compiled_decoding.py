@@ -49,8 +49,7 @@ class CompiledStep:
         if cuda_graphs:
             static = [*cache.keys, *cache.values, *(cache.rope or ()), cache.key_mask]
             if cache.transposed is not None:
-                copies = [*cache.transposed.in_proj, cache.transposed.output]
-                static += [copy for copy in copies if copy is not None]
+                static += [*cache.transposed.in_proj, cache.transposed.output]
             for tensor in static:
                 if tensor is not None:
                     torch._dynamo.mark_static_address(tensor, guard=False)

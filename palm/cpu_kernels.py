@@ -113,6 +113,36 @@ def _packed_linear_shape(rows: Tensor, packed: Tensor, out_features: int) -> Ten
     return rows.new_empty(rows.shape[0], out_features)
 
 
+def one_row_pieces(out_features: int) -> int:
+    """How many column pieces a one-row product against `out_features` outputs splits into
+    (`pieces_product`): one per torch thread, or the most up to that which divide it."""
+    threads = torch.get_num_threads()
+    return max(p for p in range(1, threads + 1) if out_features % p == 0)
+
+
+def weight_pieces(w: Tensor, pieces: int) -> Tensor:
+    """w (out, in) as `pieces` (in, out / pieces) matrices (a view: each piece's rows, as its
+    transpose), for `pieces_product`."""
+    return w.view(pieces, w.shape[0] // pieces, w.shape[1]).transpose(1, 2)
+
+
+def pieces_product(x: Tensor, pieces: Tensor) -> Tensor:
+    """x (..., in) @ a weight given as (P, in, out / P) column pieces: one batched matmul,
+    which runs each piece's product on a thread of its own.
+
+    A one-row product streams its weight from memory once; MKL runs one row (sgemv, or sgemm
+    of one row) on fewer threads than the machine has, so it read M's decoding weights at
+    11-19 GB/s where a sum reads 25-28 with both threads of the 2-core CPU. Split into
+    per-thread pieces, one row read them at 22-26 GB/s: (in, out) pieces of in_proj and the
+    output projection, contiguous (`palm.kv_cache.transposed`), and for the out projections
+    (in > out) views of nn.Linear's own layout (`weight_pieces`) (benchmarks/RESULTS.md,
+    "one-row products in per-thread pieces")."""
+    P, d_in, width = pieces.shape
+    rows = x.reshape(1, -1, d_in)
+    out = torch.matmul(rows.expand(P, rows.shape[1], d_in), pieces)  # (P, n, width)
+    return out.transpose(0, 1).reshape(*x.shape[:-1], P * width)  # one row: a view
+
+
 def logits_block(h: Tensor, w: Tensor, out: Tensor | None) -> Tensor:
     """h (c, D) @ w (V, D).T: a new block by oneDNN's linear kernel where `out` is None (where
     `onednn_logits_serve`), else written into `out` (c, V), whose dtype may be wider than h's."""

@@ -18,11 +18,13 @@ from palm.cpu_kernels import (
     ONEDNN_DECODE_ROWS,
     ONEDNN_PACKED_ROWS,
     decoding_serves,
+    one_row_pieces,
     onednn_available,
     onednn_decodes,
     onednn_linear,
     onednn_pack,
-    onednn_serves,
+    pieces_product,
+    weight_pieces,
 )
 from palm.errors import ConfigError
 from palm.profiling import available_memory_bytes
@@ -33,9 +35,10 @@ class TransposedWeights:
     """(in, out) copies of a model's wide weights, for decoding (`transposed_weights`)."""
 
     in_proj: list[Tensor]  # per layer (d_model, in_proj rows)
-    # (d_model, vocab): the (tied) output projection; None where its copy would not pay
-    # (`output_copy_pays`), and oneDNN multiplies by nn.Linear's layout instead.
-    output: Tensor | None
+    output: Tensor  # (d_model, vocab): the (tied) output projection
+    # For one sequence: each copy as per-thread column pieces (P, d_model, rows / P), and the
+    # out projections multiplied in pieces of their own layout too (cpu_kernels.pieces_product).
+    one_row: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,10 @@ class KVCache:
     rope: tuple[Tensor, ...] | None = None  # a palm.rope.RotaryTables
     # Copies of the weights in a layout decoding multiplies by faster, made where they pay
     # (weight_copies_pay, below); decoding is these matmuls. (in, out) copies of the two wide
-    # weights (the output projection's only where it pays, output_copy_pays): a one-row matmul
-    # against them streams the weight ~2x faster on CPU than against nn.Linear's (out, in) when
-    # in < out (benchmarks/RESULTS.md, "transposed weights"). Or oneDNN's packed layout of all
+    # weights: a one-row matmul against them streams the weight ~2x faster on CPU than against
+    # nn.Linear's (out, in) when in < out (benchmarks/RESULTS.md, "transposed weights"), and
+    # faster again in per-thread pieces ("one-row products in per-thread pieces"). Or
+    # oneDNN's packed layout of all
     # four, decoding 1.4-1.6x faster again at 2-64 rows ("packed weights"). Shared, read-only:
     # several caches (palm serve's batches) may hold the same copies.
     transposed: TransposedWeights | None = None
@@ -84,6 +88,11 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2]
+
+    @property
+    def one_row(self) -> bool:
+        """Whether one-row steps multiply in per-thread pieces (TransposedWeights.one_row)."""
+        return self.transposed is not None and self.transposed.one_row
 
     def hold(self, copies: WeightCopies | None) -> None:
         """Decode with these weight copies (None: with the model's own weights)."""
@@ -95,25 +104,26 @@ class KVCache:
     ) -> Tensor | None:
         """x (..., in) @ weight.T, where `weight` is the model's `name` weight of `layer` (its
         `rows` where given), by decoding's faster kernel for it: oneDNN's packed copy, oneDNN
-        from nn.Linear's layout (4-64 rows; 1-64 for an output projection left uncopied), or
-        the (in, out) copy. None: the module's own op."""
+        from nn.Linear's layout (4-64 rows), the (in, out) copy, or for one row (`one_row`) the
+        copy's per-thread pieces and pieces of the out projections' own layout. None: the
+        module's own op."""
         n = x.numel() // x.shape[-1]
         if self.packed is not None and rows is None and n in ONEDNN_PACKED_ROWS:
             if decoding_serves(x, weight, packed=True):
                 packed = getattr(self.packed, name)
                 return onednn_linear(x, packed if name == "output" else packed[layer])
-        if name not in WIDE:
+        if name not in WIDE:  # the out projections: nn.Linear's layout in pieces, or the module op
+            if self.one_row and n == 1 and decoding_serves(x, weight):
+                return pieces_product(x, weight_pieces(weight, one_row_pieces(weight.shape[0])))
             return None
         if onednn_decodes(x, weight):
             return onednn_linear(x, weight)
         if self.transposed is None:
             return None
         copy = self.transposed.output if name == "output" else self.transposed.in_proj[layer]
-        if copy is not None:
-            return x @ (copy if rows is None else copy[:, rows])
-        # An output projection left uncopied (output_copy_pays): oneDNN, as fast for it.
-        serves = n in ONEDNN_PACKED_ROWS and onednn_serves(x, weight) and decoding_serves(x, weight)
-        return onednn_linear(x, weight) if serves else None
+        if self.one_row:
+            return pieces_product(x, copy)  # (one_row: the parallel block's, no row slices)
+        return x @ (copy if rows is None else copy[:, rows])
 
     def restart(self, prompt_mask: Tensor | None = None) -> None:
         """Empty the cache for a new request of (B, T) `prompt_mask` (None: no padding), keeping
@@ -179,9 +189,8 @@ def weight_copies_pay(
     available = available_memory_bytes()
     in_proj = sum(b.in_proj.weight.numel() for b in model.blocks)
     out = sum(b.attn_out.weight.numel() + b.mlp_out.weight.numel() for b in model.blocks)
-    copied_output = weight.numel() if output_copy_pays(weight, batch_size, compiled) else 0
     sizes = {
-        TransposedWeights: in_proj + copied_output,
+        TransposedWeights: in_proj + weight.numel(),
         PackedWeights: in_proj + out + weight.numel(),
     }
     for pack in (True, False):  # where the packed set does not fit, the (in, out) one may
@@ -228,40 +237,34 @@ def cpu_float32(weight: Tensor) -> bool:
 def transposed_weights(
     model: nn.Module, batch_size: int | None = None, compiled: bool = False
 ) -> TransposedWeights:
-    """(in, out) copies of every in_proj and, where it pays (`output_copy_pays`), of the output
-    projection, for decoding `batch_size` sequences (None: any number)."""
-    in_proj = [transposed(block.in_proj.weight) for block in model.blocks]
+    """(in, out) copies of every in_proj and of the output projection, for decoding
+    `batch_size` sequences (None: any number); for one sequence decoded eagerly (parallel
+    block, CPU float32), in per-thread pieces (`one_row`)."""
     weight = model.output_weight
-    pays = output_copy_pays(weight, batch_size, compiled)
-    return TransposedWeights(in_proj, transposed(weight) if pays else None)
+    one_row = (
+        batch_size == 1 and not compiled and model.config.parallel_block and cpu_float32(weight)
+    )
+
+    def copy(w: Tensor) -> Tensor:
+        return transposed(w, pieces=one_row_pieces(w.shape[0]) if one_row else None)
+
+    return TransposedWeights([copy(b.in_proj.weight) for b in model.blocks], copy(weight), one_row)
 
 
-def output_copy_pays(weight: Tensor, batch_size: int | None, compiled: bool = False) -> bool:
-    """Whether the output projection's (in, out) copy pays. Not for one sequence decoded eagerly
-    on CPU where oneDNN is built in and the weight is larger than a CPU's last-level cache
-    (`OUTPUT_COPY_MAX_BYTES`): streamed from memory, one row against it ran as fast through
-    oneDNN from nn.Linear's own layout as against the copy, which only cost time at every
-    call (page faults, the transpose) and memory (benchmarks/RESULTS.md, "Issue 16: eager
-    decoding in inference mode": M, vocab 32,000, 4.8% more tokens/s at 128 tokens, even at
-    512; palm-350m's copy is 1 GiB). A cache-sized one (S: 8 MiB) stays faster copied, and
-    Inductor's one-row product against (out, in) ran at half the copy's speed."""
-    big = weight.numel() * weight.element_size() > OUTPUT_COPY_MAX_BYTES
-    eager_one = batch_size == 1 and not compiled and cpu_float32(weight)
-    return not (eager_one and big and onednn_available())
-
-
-OUTPUT_COPY_MAX_BYTES = 32 << 20
-
-
-def transposed(weight: Tensor, rows: int = 512) -> Tensor:
+def transposed(weight: Tensor, rows: int = 512, pieces: int | None = None) -> Tensor:
     """A contiguous (in, out) copy of weight (out, in), made `rows` of the weight at a time:
     each block's strided writes stay in the CPU's cache. The whole-matrix copy (`.t()
     .contiguous()`) took M's set 149 ms against 94 (benchmarks/RESULTS.md, "Issue 16: eager
-    decoding in inference mode"), which one sequence's 128 new tokens paid at 4% of their time."""
-    copy = weight.new_empty(weight.shape[1], weight.shape[0])
-    for start in range(0, weight.shape[0], rows):
-        copy[:, start : start + rows].copy_(weight[start : start + rows].t())
-    return copy
+    decoding in inference mode"), which one sequence's 128 new tokens paid at 4% of their time.
+    `pieces`: (pieces, in, out / pieces) instead, each piece contiguous (`pieces_product`)."""
+    out_features, in_features = weight.shape
+    width = out_features // (pieces or 1)
+    copy = weight.new_empty(pieces or 1, in_features, width)
+    for piece in range(pieces or 1):
+        for start in range(0, width, rows):
+            block = weight[piece * width + start : piece * width + min(start + rows, width)]
+            copy[piece, :, start : start + rows].copy_(block.t())
+    return copy if pieces else copy[0]
 
 
 @torch.no_grad()

@@ -182,8 +182,8 @@ class PaLMBlock(nn.Module):
         return F.linear(h, weight)
 
     def project_out(self, attn: Tensor, mlp: Tensor, cache: KVCache | None, layer: int) -> Tensor:
-        """attn_out(attn) + mlp_out(mlp); decoding by the cache's packed copies if it has any."""
-        if cache is not None and cache.packed is not None:
+        """attn_out(attn) + mlp_out(mlp); decoding by the cache's faster kernels, if any."""
+        if cache is not None and (cache.packed is not None or cache.one_row):
             a = cache.product(attn, self.attn_out.weight, "attn_out", layer)
             m = None if a is None else cache.product(mlp, self.mlp_out.weight, "mlp_out", layer)
             if m is not None:

@@ -194,38 +194,41 @@ def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small
         assert "_linear_pointwise" not in ops.names and logits.dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not palm.cpu_kernels.onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}])
-def test_one_sequence_takes_a_large_output_projection_through_onednn_uncopied(
-    overrides, small_model, monkeypatch
-):
-    """Past OUTPUT_COPY_MAX_BYTES (lowered here) one sequence decoded eagerly gets no (in, out)
-    copy of the output projection: oneDNN multiplies by nn.Linear's layout, the logits are a
-    float64 forward's and the greedy tokens the copies'. Batches of more, compiled steps and
-    an output under the limit keep the copy; the memory estimate counts what is made."""
-    model = small_model(8, **overrides)
+def test_one_sequence_multiplies_in_per_thread_pieces(overrides, small_model, monkeypatch):
+    """One sequence decoded eagerly (parallel block, CPU float32) holds its (in, out) copies
+    as per-thread column pieces, and every product of a step runs as one batched matmul over
+    pieces (the out projections' of nn.Linear's own layout): the logits are a float64
+    forward's at every step, the greedy tokens nn.Linear's. Batches of more, compiled steps
+    and the serial block keep whole copies."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # the tests run on one thread
+    model = small_model(8, vocab_size=96, **overrides)
     reference = copy.deepcopy(model).double()
-    transposed = palm.kv_cache.transposed_weights
-    assert transposed(model, 1).output is not None
-    prompt = torch.randint(0, 97, (1, 5))
-    copied = generate(model, prompt, 12, temperature=0.0)
-    monkeypatch.setattr(palm.kv_cache, "OUTPUT_COPY_MAX_BYTES", 97 * 32 * 4 - 1)
-    copies = transposed(model, 1)
-    assert copies.output is None and len(copies.in_proj) == model.config.n_layers
-    for batch, compiled in ((1, True), (65, False), (None, False)):
-        assert transposed(model, batch, compiled).output is not None
-    wide = model.output_weight.double()  # larger, but measured on CPU float32 only: copied
-    assert palm.kv_cache.output_copy_pays(wide, 1) and not palm.kv_cache.output_copy_pays(
-        model.output_weight, 1
-    )
+    copies = palm.kv_cache.transposed_weights(model, 1)
+    d, rows = model.config.d_model, model.blocks[0].in_proj.weight.shape[0]
+    assert copies.one_row and copies.in_proj[0].shape == (4, d, rows // 4)
+    assert copies.output.shape == (4, d, 24)
+    for piece, weight in ((copies.in_proj[1], model.blocks[1].in_proj.weight),
+                          (copies.output, model.output_weight)):  # fmt: skip
+        assert piece.is_contiguous() and torch.equal(piece.transpose(0, 1).flatten(1), weight.t())
     cache = model.new_cache(1, 16)
-    assert cache.transposed is not None and cache.transposed.output is None
-    check_cached_decoding(model, reference, cache, 1, onednn=True)
-    assert torch.equal(generate(model, prompt, 12, temperature=0.0), copied)
-    in_proj_bytes = sum(b.in_proj.weight.numel() * 4 for b in model.blocks)
-    for available, kind in ((2 * in_proj_bytes, TransposedWeights), (2 * in_proj_bytes - 8, None)):
-        monkeypatch.setattr(palm.kv_cache, "available_memory_bytes", lambda a=available: a)
-        assert weight_copies_pay(model, 1) is kind  # in_proj's copies in half of it, or none
+    assert cache.one_row and cache.packed is None
+    check_cached_decoding(model, reference, cache, 1, onednn=False)
+    with torch.no_grad(), Ops() as ops:
+        model(torch.randint(0, 96, (1, 1)), cache)
+    # in_proj, attn_out, mlp_out a layer, and the output: each one bmm, no other product
+    assert ops.names.count("bmm") == 3 * model.config.n_layers + 1 and "mm" not in ops.names
+    prompt = torch.randint(0, 96, (1, 5))
+    native = generate(model, prompt, 12, temperature=0.0, transposed_weights=False)
+    assert torch.equal(generate(model, prompt, 12, temperature=0.0), native)
+    transposed = palm.kv_cache.transposed_weights
+    serial = small_model(8, parallel_block=False, multi_query=False)
+    for whole in (transposed(model, 2), transposed(model, 1, compiled=True), transposed(serial, 1)):
+        assert not whole.one_row and whole.in_proj[0].dim() == 2 and whole.output.dim() == 2
+    # Pieces only of equal width: as many threads as divide the rows, else fewer.
+    assert [palm.cpu_kernels.one_row_pieces(n) for n in (96, 97, 10)] == [4, 1, 2]
+    assert torch.equal(palm.kv_cache.transposed(model.output_weight, 8, pieces=3)[1],
+                       model.output_weight[32:64].t())  # fmt: skip
 
 
 def test_transposed_weights_never_take_more_than_half_the_available_memory(
