@@ -7,9 +7,9 @@ the batch (batch x new_tokens / seconds, prompt processing included). Contenders
 - ours: palm.sampling.generate, one position per step against the one-head-wide
   multi-query cache (PaLM §2), eager. It multiplies by copies of the weights in a faster
   layout, made per cache (`transposed_weights`, on by default for CPU float32), and the
-  copying is timed too: (in, out) copies of in_proj and of an output projection of up to
-  32 MiB for one sequence (a larger one goes through oneDNN uncopied: M's), oneDNN's packed
-  layout of every weight for 2-64 (palm.kv_cache);
+  copying is timed too: (in, out) copies of in_proj and of the output projection for one
+  sequence (in per-thread column pieces, eager), oneDNN's packed layout of every weight for
+  2-64 (palm.kv_cache);
 - ours native (--native): the same without those copies (`transposed_weights=False`);
 - ours+compile: the same as ours with compile=True (the same copies: the packed products as
   palm's custom op, which Inductor keeps as a call), the one-token step under torch.compile with a
@@ -31,8 +31,8 @@ measured in the same run, before and after (benchmarks/common.py), to place the 
 so is the memory read bandwidth (a large sum). Every decoding step multiplies a (batch, d) row
 block by every weight matrix once, so the "matmuls only" column times exactly those products,
 bare (best of 5 steps' worth, each weight in the fastest of its layouts: nn.Linear's, (in, out),
-oneDNN's packed): the tokens/s no implementation built on these kernels can pass at that size
-and batch (prompt, attention and everything else left out).
+either in per-thread pieces, oneDNN's packed): the tokens/s no implementation built on these
+kernels can pass at that size and batch (prompt, attention and everything else left out).
 
 litgpt's package __init__ and its checkpoint-conversion module import `lightning`, which
 nothing here needs (and whose pins conflict with this environment's huggingface-hub), so
@@ -58,7 +58,15 @@ if str(ROOT) not in sys.path:  # run as a script from a checkout, like train_ste
 
 from benchmarks.common import litgpt_palm_like, matmul_peak_flops
 from palm.config import ModelConfig
-from palm.cpu_kernels import onednn_available, onednn_linear, onednn_pack
+from palm.cpu_kernels import (
+    one_row_pieces,
+    onednn_available,
+    onednn_linear,
+    onednn_pack,
+    pieces_product,
+    weight_pieces,
+)
+from palm.kv_cache import transposed
 from palm.model import PaLM
 from palm.sampling import generate
 
@@ -185,14 +193,20 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 @torch.no_grad()
 def matmuls_only(model: PaLM, batch: int, repeats: int = 5) -> float:
     """Tokens/s of a decoding step that did nothing but its weight matmuls, each weight in the
-    fastest of its layouts (nn.Linear's (out, in), an (in, out) copy, and where this torch has
-    oneDNN, a copy packed in oneDNN's layout): best of repeats."""
+    fastest of its layouts (nn.Linear's (out, in), an (in, out) copy, either in per-thread
+    pieces, and where this torch has oneDNN, a copy packed in oneDNN's layout): best of
+    repeats."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     weights.append(model.output_weight)  # the tied output projection
     inputs = [torch.randn(batch, w.shape[1]) for w in weights]
     layouts = [
         (weights, lambda x, w: torch.nn.functional.linear(x, w)),
         ([w.t().contiguous() for w in weights], lambda x, w_t: x @ w_t),
+    ]
+    pieces = [one_row_pieces(w.shape[0]) for w in weights]  # one per thread (palm.cpu_kernels)
+    layouts += [
+        ([transposed(w, pieces=p) for w, p in zip(weights, pieces)], pieces_product),
+        ([weight_pieces(w, p) for w, p in zip(weights, pieces)], pieces_product),
     ]
     if onednn_available():
         layouts.append(([onednn_pack(w) for w in weights], onednn_linear))

@@ -1,4 +1,5 @@
-"""Where oneDNN's matmul kernel is faster on CPU than aten's (MKL's) for the same product.
+"""Where oneDNN's matmul kernel is faster on CPU than aten's (MKL's) for the same product, and
+one-row products split into per-thread pieces (`pieces_product`).
 
 `x @ w.T` of float32 activations against an (out, in) weight: aten's `mm` runs MKL's sgemm;
 oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`, what Inductor calls for CPU
@@ -10,9 +11,8 @@ linears) takes the same dense tensors. Measured on the 2-core AVX2 EPYC this pro
 - decoding, 4-64 rows (one-token steps of 4-64 sequences) against the wide weights (in_proj,
   the output projection): 1.0-1.5x the best of MKL's two layouts (nn.Linear's and the (in, out)
   copies of palm.kv_cache.TransposedWeights), and whole decoding 1.13-1.39x at batch 4-8; at 1-3
-  rows the copies stay faster, except for an output projection larger than the cache, streamed
-  from memory as fast by oneDNN (palm.kv_cache.output_copy_pays), and at 2048 rows (training)
-  the two kernels are alike;
+  rows the copies stay faster (and faster again in per-thread pieces, `pieces_product`), and
+  at 2048 rows (training) the two kernels are alike;
 - decoding from weights packed once into oneDNN's blocked layout (`onednn_pack`, what Inductor's
   freezing does): every weight of a step: its matmuls 1.2-2.1x faster at 2-64 rows (the unpacked
   kernels reorder the weight in every call) and about even with the (in, out) copies at one.

@@ -48,8 +48,8 @@ class Engine:
         # One set of decoding's weight copies for every batch, made once here (at M: 80-130 ms
         # a set, more than a short request's whole decoding); None: where measured to pay for
         # batches of up to max_rows (palm.kv_cache.weight_copies_pay: oneDNN's packed ones
-        # on CPU; the (in, out) copies where batches are one row (a large output projection
-        # uncopied), or may be over 64).
+        # on CPU; the (in, out) copies where batches are one row (in per-thread pieces), or
+        # may be over 64).
         rows = None if 1 < max_rows <= 64 else max_rows
         self.transposed = weight_copies(model, transposed_weights, rows)
         self.max_queue, self.max_rows, self.batching = max_queue, max_rows, batching
