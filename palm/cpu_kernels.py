@@ -67,17 +67,19 @@ def onednn_decodes(x: Tensor, w: Tensor) -> bool:
     )
 
 
-def decoding_serves(x: Tensor, w: Tensor, packed: bool = False) -> bool:
+def decoding_serves(x: Tensor, w: Tensor, compiled: bool = False) -> bool:
     """Whether a decoding product x (..., in) @ w.T (w the model's weight, or read from a packed
-    copy of it, `onednn_pack`) may run in oneDNN: plain CPU float32 x, outside CPU autocast
-    (whose linears run in its dtype) and autograd (oneDNN's op has no gradient: backward would
-    silently give none); outside torch.compile too, but for a `packed` weight, whose product
-    is then the opaque custom op `palm::onednn_packed_linear`."""
+    copy of it, `onednn_pack`) may run in oneDNN or in per-thread pieces: plain CPU float32 x,
+    outside CPU autocast (whose linears run in its dtype) and autograd (oneDNN's op has no
+    gradient: backward would silently give none); outside torch.compile too, but for products
+    `compiled` code runs as intended (packed weights' opaque custom op
+    `palm::onednn_packed_linear`, Inductor's one-row reduction of `pieces_product`)."""
     return (
         type(x) in PLAIN
+        and type(w) in PLAIN
         and x.is_cpu
         and x.dtype == torch.float32
-        and (packed or not torch.compiler.is_compiling())
+        and (compiled or not torch.compiler.is_compiling())
         and not torch.is_autocast_enabled("cpu")
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     )
@@ -113,10 +115,11 @@ def _packed_linear_shape(rows: Tensor, packed: Tensor, out_features: int) -> Ten
     return rows.new_empty(rows.shape[0], out_features)
 
 
-def one_row_pieces(out_features: int) -> int:
+def one_row_pieces(out_features: int, threads: int | None = None) -> int:
     """How many column pieces a one-row product against `out_features` outputs splits into
-    (`pieces_product`): one per torch thread, or the most up to that which divide it."""
-    threads = torch.get_num_threads()
+    (`pieces_product`): one per thread (torch's by default), or the most up to that which
+    divide it."""
+    threads = threads or torch.get_num_threads()
     return max(p for p in range(1, threads + 1) if out_features % p == 0)
 
 
@@ -136,7 +139,12 @@ def pieces_product(x: Tensor, pieces: Tensor) -> Tensor:
     per-thread pieces, one row read them at 22-26 GB/s: (in, out) pieces of in_proj and the
     output projection, contiguous (`palm.kv_cache.transposed`), and for the out projections
     (in > out) views of nn.Linear's own layout (`weight_pieces`) (benchmarks/RESULTS.md,
-    "one-row products in per-thread pieces")."""
+    "one-row products in per-thread pieces").
+
+    Under torch.compile a one-row batched matmul is not a call: Inductor lowers it on CPU to
+    its own parallel reduction (mul + sum), which reads a view of nn.Linear's layout
+    (`weight_pieces(w, 1)`, the reduction over contiguous rows) at 24-25 GB/s, no copy needed,
+    and (in, out) pieces at a third of that (benchmarks/RESULTS.md)."""
     P, d_in, width = pieces.shape
     rows = x.reshape(1, -1, d_in)
     out = torch.matmul(rows.expand(P, rows.shape[1], d_in), pieces)  # (P, n, width)

@@ -36,9 +36,10 @@ class TransposedWeights:
 
     in_proj: list[Tensor]  # per layer (d_model, in_proj rows)
     output: Tensor  # (d_model, vocab): the (tied) output projection
-    # For one sequence: each copy as per-thread column pieces (P, d_model, rows / P), and the
-    # out projections multiplied in pieces of their own layout too (cpu_kernels.pieces_product).
-    one_row: bool = False
+    # For one sequence, the threads to split products among (0: none): each copy as column
+    # pieces (P, d_model, rows / P), P = one_row_pieces(rows, threads), and the out projections
+    # multiplied in pieces of their own layout too (cpu_kernels.pieces_product).
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ class KVCache:
 
     @property
     def one_row(self) -> bool:
-        """Whether one-row steps multiply in per-thread pieces (TransposedWeights.one_row)."""
-        return self.transposed is not None and self.transposed.one_row
+        """Whether one-row steps multiply in per-thread pieces (TransposedWeights.threads)."""
+        return self.transposed is not None and self.transposed.threads > 0
 
     def hold(self, copies: WeightCopies | None) -> None:
         """Decode with these weight copies (None: with the model's own weights)."""
@@ -108,13 +109,16 @@ class KVCache:
         copy's per-thread pieces and pieces of the out projections' own layout. None: the
         module's own op."""
         n = x.numel() // x.shape[-1]
+        if n == 1 and torch.compiler.is_compiling() and decoding_serves(x, weight, compiled=True):
+            return pieces_product(x, weight_pieces(weight, 1))  # Inductor's reduction, no copy
         if self.packed is not None and rows is None and n in ONEDNN_PACKED_ROWS:
-            if decoding_serves(x, weight, packed=True):
+            if decoding_serves(x, weight, compiled=True):
                 packed = getattr(self.packed, name)
                 return onednn_linear(x, packed if name == "output" else packed[layer])
         if name not in WIDE:  # the out projections: nn.Linear's layout in pieces, or the module op
             if self.one_row and n == 1 and decoding_serves(x, weight):
-                return pieces_product(x, weight_pieces(weight, one_row_pieces(weight.shape[0])))
+                pieces = one_row_pieces(weight.shape[0], self.transposed.threads)
+                return pieces_product(x, weight_pieces(weight, pieces))
             return None
         if onednn_decodes(x, weight):
             return onednn_linear(x, weight)
@@ -207,6 +211,8 @@ def copies_kind(
 ) -> type[TransposedWeights] | type[PackedWeights] | None:
     """The faster copies for `batch_size` sequences (weight_copies_pay), memory aside;
     `pack=False`: the faster without packed ones."""
+    if compiled and batch_size == 1:
+        return None  # Inductor's one-row reduction over nn.Linear's layout (KVCache.product)
     if compiled and (batch_size is None or TorchVersion(torch.__version__) < "2.13"):
         return TransposedWeights  # any batch: one sequence's; packed graph inputs: from 2.13
     if pack and packable(model):
@@ -239,16 +245,17 @@ def transposed_weights(
 ) -> TransposedWeights:
     """(in, out) copies of every in_proj and of the output projection, for decoding
     `batch_size` sequences (None: any number); for one sequence decoded eagerly (parallel
-    block, CPU float32), in per-thread pieces (`one_row`)."""
+    block, CPU float32), in per-thread pieces (`TransposedWeights.threads`)."""
     weight = model.output_weight
     one_row = (
         batch_size == 1 and not compiled and model.config.parallel_block and cpu_float32(weight)
     )
+    threads = torch.get_num_threads() if one_row else 0
 
     def copy(w: Tensor) -> Tensor:
-        return transposed(w, pieces=one_row_pieces(w.shape[0]) if one_row else None)
+        return transposed(w, pieces=one_row_pieces(w.shape[0], threads) if one_row else None)
 
-    return TransposedWeights([copy(b.in_proj.weight) for b in model.blocks], copy(weight), one_row)
+    return TransposedWeights([copy(b.in_proj.weight) for b in model.blocks], copy(weight), threads)
 
 
 def transposed(weight: Tensor, rows: int = 512, pieces: int | None = None) -> Tensor:

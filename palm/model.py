@@ -181,14 +181,11 @@ class PaLMBlock(nn.Module):
             return self.in_proj(h)  # the module call: tensor parallelism hooks into it
         return F.linear(h, weight)
 
-    def project_out(self, attn: Tensor, mlp: Tensor, cache: KVCache | None, layer: int) -> Tensor:
-        """attn_out(attn) + mlp_out(mlp); decoding by the cache's faster kernels, if any."""
-        if cache is not None and (cache.packed is not None or cache.one_row):
-            a = cache.product(attn, self.attn_out.weight, "attn_out", layer)
-            m = None if a is None else cache.product(mlp, self.mlp_out.weight, "mlp_out", layer)
-            if m is not None:
-                return a + m
-        return self.attn_out(attn) + self.mlp_out(mlp)
+    def project_out(self, x: Tensor, name: str, cache: KVCache | None, layer: int) -> Tensor:
+        """The `name` projection (attn_out, mlp_out) of x; decoding by the cache's faster kernel."""
+        module = getattr(self, name)
+        fast = None if cache is None else cache.product(x, module.weight, name, layer)
+        return module(x) if fast is None else fast
 
     def forward(
         self,
@@ -209,7 +206,8 @@ class PaLMBlock(nn.Module):
                 qk, v, *mlp_in = fused.split((q_rows + kv_rows, kv_rows, *mlp_rows), dim=-1)
                 attn = self.attention(qk, v, rope, cache, layer, position)
                 mlp = self.activation(*mlp_in)
-            return x + self.residual_dropout(self.project_out(attn, mlp, cache, layer))
+            out = self.project_out(attn, "attn_out", cache, layer)
+            return x + self.residual_dropout(out + self.project_out(mlp, "mlp_out", cache, layer))
         # Serial block (ablation): attention first, then the MLP on the updated stream.
         split = self.q_dim + 2 * self.kv_dim  # in_proj's rows: [q | k | v] then the MLP's
         qkv_rows, mlp_rows = slice(0, split), slice(split, None)
@@ -217,11 +215,11 @@ class PaLMBlock(nn.Module):
             (self.q_dim + self.kv_dim, self.kv_dim), dim=-1
         )
         attn = self.attention(qk, v, rope, cache, layer, position)
-        x = x + self.residual_dropout(self.attn_out(attn))
+        x = x + self.residual_dropout(self.project_out(attn, "attn_out", cache, layer))
         mlp_in = self.project_in(self.mlp_norm(x), cache, layer, mlp_rows)
         mlp_in = mlp_in.split(self.row_sizes[3:], dim=-1)
         mlp = self.activation(*mlp_in)
-        return x + self.residual_dropout(self.mlp_out(mlp))
+        return x + self.residual_dropout(self.project_out(mlp, "mlp_out", cache, layer))
 
 
 # ---------------------------------------------------------------------------------------------

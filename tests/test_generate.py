@@ -181,7 +181,7 @@ def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert weight_copies_pay(model) is (PackedWeights if parallel else TransposedWeights)
     assert weight_copies_pay(model, compiled=True) is TransposedWeights  # a decoder, any batch
-    assert weight_copies_pay(model, 1, compiled=True) is TransposedWeights
+    assert weight_copies_pay(model, 1, compiled=True) is None  # Inductor's one-row reduction
     assert weight_copies_pay(model, 8, compiled=True) is (two if parallel else TransposedWeights)
     if parallel:  # the packed copies serve one-row steps too, but are not made for them
         packed = palm.kv_cache.packed_weights(model)
@@ -206,7 +206,7 @@ def test_one_sequence_multiplies_in_per_thread_pieces(overrides, small_model, mo
     reference = copy.deepcopy(model).double()
     copies = palm.kv_cache.transposed_weights(model, 1)
     d, rows = model.config.d_model, model.blocks[0].in_proj.weight.shape[0]
-    assert copies.one_row and copies.in_proj[0].shape == (4, d, rows // 4)
+    assert copies.threads == 4 and copies.in_proj[0].shape == (4, d, rows // 4)
     assert copies.output.shape == (4, d, 24)
     for piece, weight in ((copies.in_proj[1], model.blocks[1].in_proj.weight),
                           (copies.output, model.output_weight)):  # fmt: skip
@@ -224,9 +224,9 @@ def test_one_sequence_multiplies_in_per_thread_pieces(overrides, small_model, mo
     transposed = palm.kv_cache.transposed_weights
     serial = small_model(8, parallel_block=False, multi_query=False)
     for whole in (transposed(model, 2), transposed(model, 1, compiled=True), transposed(serial, 1)):
-        assert not whole.one_row and whole.in_proj[0].dim() == 2 and whole.output.dim() == 2
+        assert not whole.threads and whole.in_proj[0].dim() == 2 and whole.output.dim() == 2
     # Pieces only of equal width: as many threads as divide the rows, else fewer.
-    assert [palm.cpu_kernels.one_row_pieces(n) for n in (96, 97, 10)] == [4, 1, 2]
+    assert [palm.cpu_kernels.one_row_pieces(n, 4) for n in (96, 97, 10)] == [4, 1, 2]
     assert torch.equal(palm.kv_cache.transposed(model.output_weight, 8, pieces=3)[1],
                        model.output_weight[32:64].t())  # fmt: skip
 
@@ -305,6 +305,31 @@ def test_compiled_greedy_decoding_equals_eager(small_model):
     padded = generate(model, tokens, 20, temperature=0.0, prompt_mask=mask)
     compiled = generate(model, tokens, 20, temperature=0.0, prompt_mask=mask, compile=True)
     assert torch.equal(compiled, padded)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"multi_query": False, "parallel_block": False}])
+def test_compiled_one_sequence_steps_copy_nothing_and_call_no_matmul(overrides, small_model):
+    """A compiled step of one sequence multiplies by views of nn.Linear's own layout as one-row
+    batched matmuls, which Inductor lowers to its own reduction (palm.cpu_kernels.
+    pieces_product): no weight copies, no matmul kernel called, and eager's greedy tokens."""
+    model = small_model(9, **overrides)
+    prompt = torch.randint(0, 97, (1, 6))
+    eager = generate(model, prompt, 12, temperature=0.0)
+    assert weight_copies_pay(model, 1, compiled=True) is None
+    torch._dynamo.reset()
+    with torch.no_grad():
+        cache, logits = palm.sampling.prefill(model, prompt, None, 18, transposed_weights=False)
+        step = palm.compiled_decoding.CompiledStep(model, cache)
+        tokens = [logits.argmax(-1)]
+        logits = step(tokens[-1])  # compiles
+        with torch.profiler.profile() as profile:
+            for _ in range(11):
+                tokens.append(logits.argmax(-1))
+                logits = step(tokens[-1])
+    assert torch.equal(torch.stack(tokens, dim=1), eager)
+    names = {e.name for e in profile.events()}
+    products = {"aten::mm", "aten::bmm", "aten::addmm", "aten::linear", "aten::matmul"}
+    assert not names & products and not any("linear" in name for name in names), sorted(names)
 
 
 @pytest.mark.skipif(
