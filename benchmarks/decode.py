@@ -11,8 +11,9 @@ the batch (batch x new_tokens / seconds, prompt processing included). Contenders
   sequence (in per-thread column pieces, eager), oneDNN's packed layout of every weight for
   2-64 (palm.kv_cache);
 - ours native (--native): the same without those copies (`transposed_weights=False`);
-- ours+compile: the same as ours with compile=True (the same copies: the packed products as
-  palm's custom op, which Inductor keeps as a call), the one-token step under torch.compile with a
+- ours+compile: the same as ours with compile=True (the packed copies for 2-64, their products
+  as palm's custom op, which Inductor keeps as a call; no copies for one sequence, whose one-row
+  products Inductor lowers to its own reduction), the one-token step under torch.compile with a
   static-shape cache (gpt-fast's approach); compilation happens in an untimed warm-up;
 - litgpt: `litgpt.model.GPT` configured PaLM-like as in benchmarks/train_step.py (parallel
   residual, shared LayerNorm, one key/value head, SwiGLU, no biases, tied head), its own

@@ -37,8 +37,8 @@ class TransposedWeights:
     in_proj: list[Tensor]  # per layer (d_model, in_proj rows)
     output: Tensor  # (d_model, vocab): the (tied) output projection
     # For one sequence, the threads to split products among (0: none): each copy as column
-    # pieces (P, d_model, rows / P), P = one_row_pieces(rows, threads), and the out projections
-    # multiplied in pieces of their own layout too (cpu_kernels.pieces_product).
+    # pieces (P, d_model, rows / P) instead, P = one_row_pieces(rows, threads), and the out
+    # projections multiplied in pieces of their own layout too (cpu_kernels.pieces_product).
     threads: int = 0
 
 
@@ -122,11 +122,11 @@ class KVCache:
             return None
         if onednn_decodes(x, weight):
             return onednn_linear(x, weight)
-        if self.transposed is None:
-            return None
+        if self.transposed is None or not decoding_serves(x, weight, compiled=True):
+            return None  # (the copies are detached, and float32: not for autograd, autocast)
         copy = self.transposed.output if name == "output" else self.transposed.in_proj[layer]
-        if self.one_row:
-            return pieces_product(x, copy)  # (one_row: the parallel block's, no row slices)
+        if self.one_row:  # (made for the parallel block, whose products take no row slices)
+            return pieces_product(x, copy) if rows is None else None
         return x @ (copy if rows is None else copy[:, rows])
 
     def restart(self, prompt_mask: Tensor | None = None) -> None:
@@ -175,14 +175,17 @@ def weight_copies_pay(
     torch.compile.
 
     Measured on CPU in float32 only (benchmarks/RESULTS.md): for one sequence the (in, out)
-    copies (one-row matmuls ~2x faster than against (out, in) when in < out); for 2-64 (and a
+    copies (one-row matmuls ~2x faster than against (out, in) when in < out), in per-thread
+    pieces (faster again: `cpu_kernels.pieces_product`); for 2-64 (and a
     server's any number) oneDNN's packed layout of every weight, 1.4-1.6x faster again at 2-64
     rows; above 64, the (in, out) copies as before; where the packed set would not fit, the
     (in, out) one. Compiled steps (torch 2.13 on, where tested) take the packed ones for 2-64
     too, as a custom op Inductor keeps, and (in, out) copies where eager takes none (oneDNN
     from nn.Linear's layout is not for compiled code) or for any batch (None: a compiled
-    decoder). Elsewhere (CUDA, bf16, where a bf16 `a @ b` can be 20x slower than `a @ b.T` on
-    CPUs without AVX512-BF16) nothing was measured, and the copies would be memory for nothing.
+    decoder); none for one sequence, whose one-row products Inductor lowers to its own
+    reduction over nn.Linear's layout (`KVCache.product`; measured on torch 2.13). Elsewhere
+    (CUDA, bf16, where a bf16 `a @ b` can be 20x slower than `a @ b.T` on CPUs without
+    AVX512-BF16) nothing was measured, and the copies would be memory for nothing.
     Sharded weights (DTensor: FSDP2, tensor parallelism) and a replaced output projection
     (palm.parallel) keep their own paths. Nor where the copies would take more than half the
     memory the machine has available: a speed-up, never an OOM.
@@ -265,6 +268,8 @@ def transposed(weight: Tensor, rows: int = 512, pieces: int | None = None) -> Te
     decoding in inference mode"), which one sequence's 128 new tokens paid at 4% of their time.
     `pieces`: (pieces, in, out / pieces) instead, each piece contiguous (`pieces_product`)."""
     out_features, in_features = weight.shape
+    if pieces and out_features % pieces:
+        raise ConfigError(f"transposed: {out_features} rows do not split into {pieces} pieces")
     width = out_features // (pieces or 1)
     copy = weight.new_empty(pieces or 1, in_features, width)
     for piece in range(pieces or 1):
@@ -294,7 +299,8 @@ def weight_copies(
     compiled: bool = False,
 ) -> WeightCopies | bool:
     """Decoding's weight copies as `wanted` says, or False for none: given copies as they are,
-    new ones for True (the kind that is faster for `batch_size` sequences, memory aside), and
+    new ones for True (the kind that is faster for `batch_size` sequences, memory aside; for
+    compiled one-row steps, which multiply by none, (in, out) copies only the prompt uses), and
     for None where they pay (`weight_copies_pay`) for `batch_size` sequences (None: any
     number). One set may serve many caches (a server, an interactive session, an evaluation
     loop). `compiled`: for torch.compile's steps."""

@@ -158,8 +158,8 @@ def test_onednn_decodes_2_to_64_sequences_to_the_float64_logits(overrides, small
     one sequence, the (in, out) copies; 2-64, oneDNN's packed copies of every weight (the
     parallel block); the serial ablation has none, so its 4-64 go through oneDNN from
     nn.Linear's layout; over 64, the (in, out) copies; a server (any batch), the packed ones;
-    compiled steps the packed ones for 2-64 (parallel block), else the (in, out) copies. Every
-    step's logits are a float64 forward's."""
+    compiled steps the packed ones for 2-64 (parallel block), none for one sequence, else the
+    (in, out) copies. Every step's logits are a float64 forward's."""
     model = small_model(8, **overrides)
     reference = copy.deepcopy(model).double()
     parallel = model.config.parallel_block
@@ -225,6 +225,12 @@ def test_one_sequence_multiplies_in_per_thread_pieces(overrides, small_model, mo
     serial = small_model(8, parallel_block=False, multi_query=False)
     for whole in (transposed(model, 2), transposed(model, 1, compiled=True), transposed(serial, 1)):
         assert not whole.threads and whole.in_proj[0].dim() == 2 and whole.output.dim() == 2
+    # With autograd on (fine-tuning through a cache), the detached copies are not used: every
+    # weight gets its gradient.
+    model(prompt, model.new_cache(1, 16)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(palm.errors.ConfigError, match="96 rows do not split into 5 pieces"):
+        palm.kv_cache.transposed(model.output_weight, pieces=5)
     # Pieces only of equal width: as many threads as divide the rows, else fewer.
     assert [palm.cpu_kernels.one_row_pieces(n, 4) for n in (96, 97, 10)] == [4, 1, 2]
     assert torch.equal(palm.kv_cache.transposed(model.output_weight, 8, pieces=3)[1],
@@ -316,6 +322,7 @@ def test_compiled_one_sequence_steps_copy_nothing_and_call_no_matmul(overrides, 
     prompt = torch.randint(0, 97, (1, 6))
     eager = generate(model, prompt, 12, temperature=0.0)
     assert weight_copies_pay(model, 1, compiled=True) is None
+    assert palm.compiled_decoding.CompiledDecoder(model, batch_size=1).transposed is False
     torch._dynamo.reset()
     with torch.no_grad():
         cache, logits = palm.sampling.prefill(model, prompt, None, 18, transposed_weights=False)
