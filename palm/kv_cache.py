@@ -105,20 +105,21 @@ class KVCache:
     ) -> Tensor | None:
         """x (..., in) @ weight.T, where `weight` is the model's `name` weight of `layer` (its
         `rows` where given), by decoding's faster kernel for it: oneDNN's packed copy, oneDNN
-        from nn.Linear's layout (4-64 rows), the (in, out) copy, or for one row (`one_row`) the
-        copy's per-thread pieces and pieces of the out projections' own layout. None: the
-        module's own op."""
+        from nn.Linear's layout (4-64 rows), the (in, out) copy or its per-thread pieces
+        (`one_row`); for one row, out projections in pieces of their own layout, and compiled,
+        Inductor's reduction over every weight's own layout. None: the module's own op."""
         n = x.numel() // x.shape[-1]
         if n == 1 and torch.compiler.is_compiling() and decoding_serves(x, weight, compiled=True):
             return pieces_product(x, weight_pieces(weight, 1))  # Inductor's reduction, no copy
+        if n == 1 and name not in WIDE and decoding_serves(x, weight):
+            # An out projection (in > out), whatever copies the cache holds: nn.Linear's own
+            # layout in per-thread pieces, 1.5x its packed copy per product (RESULTS.md).
+            return pieces_product(x, weight_pieces(weight, one_row_pieces(weight.shape[0])))
         if self.packed is not None and rows is None and n in ONEDNN_PACKED_ROWS:
             if decoding_serves(x, weight, compiled=True):
                 packed = getattr(self.packed, name)
                 return onednn_linear(x, packed if name == "output" else packed[layer])
-        if name not in WIDE:  # the out projections: nn.Linear's layout in pieces, or the module op
-            if self.one_row and n == 1 and decoding_serves(x, weight):
-                pieces = one_row_pieces(weight.shape[0], self.transposed.threads)
-                return pieces_product(x, weight_pieces(weight, pieces))
+        if name not in WIDE:
             return None
         if onednn_decodes(x, weight):
             return onednn_linear(x, weight)
