@@ -25,6 +25,8 @@ products it keeps as calls of the custom op `palm::onednn_packed_linear`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -119,7 +121,11 @@ def one_row_pieces(out_features: int, threads: int | None = None) -> int:
     """How many column pieces a one-row product against `out_features` outputs splits into
     (`pieces_product`): one per thread (torch's by default), or the most up to that which
     divide it."""
-    threads = threads or torch.get_num_threads()
+    return _most_pieces(out_features, threads or torch.get_num_threads())
+
+
+@functools.cache  # asked for every eager one-row product: the search runs once per shape
+def _most_pieces(out_features: int, threads: int) -> int:
     return max(p for p in range(1, threads + 1) if out_features % p == 0)
 
 

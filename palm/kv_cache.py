@@ -34,12 +34,14 @@ from palm.profiling import available_memory_bytes
 class TransposedWeights:
     """(in, out) copies of a model's wide weights, for decoding (`transposed_weights`)."""
 
-    in_proj: list[Tensor]  # per layer (d_model, in_proj rows)
-    output: Tensor  # (d_model, vocab): the (tied) output projection
-    # For one sequence, the threads to split products among (0: none): each copy as column
-    # pieces (P, d_model, rows / P) instead, P = one_row_pieces(rows, threads), and the out
-    # projections multiplied in pieces of their own layout too (cpu_kernels.pieces_product).
-    threads: int = 0
+    # Per layer (d_model, in_proj rows); for one sequence (`one_row`) per-thread column pieces
+    # (P, d_model, rows / P) instead, P = cpu_kernels.one_row_pieces(rows), for pieces_product.
+    in_proj: list[Tensor]
+    output: Tensor  # (d_model, vocab): the (tied) output projection; pieces likewise
+
+    @property
+    def one_row(self) -> bool:
+        return self.output.dim() == 3
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,10 @@ class KVCache:
     # (weight_copies_pay, below); decoding is these matmuls. (in, out) copies of the two wide
     # weights: a one-row matmul against them streams the weight ~2x faster on CPU than against
     # nn.Linear's (out, in) when in < out (benchmarks/RESULTS.md, "transposed weights"), and
-    # faster again in per-thread pieces ("one-row products in per-thread pieces"). Or
-    # oneDNN's packed layout of all
-    # four, decoding 1.4-1.6x faster again at 2-64 rows ("packed weights"). Shared, read-only:
-    # several caches (palm serve's batches) may hold the same copies.
+    # faster again in per-thread pieces ("one-row products in per-thread pieces"). Or oneDNN's
+    # packed layout of all four, decoding 1.4-1.6x faster again at 2-64 rows ("packed
+    # weights"). Shared, read-only: several caches (palm serve's batches) may hold the same
+    # copies.
     transposed: TransposedWeights | None = None
     packed: PackedWeights | None = None
 
@@ -92,8 +94,8 @@ class KVCache:
 
     @property
     def one_row(self) -> bool:
-        """Whether one-row steps multiply in per-thread pieces (TransposedWeights.threads)."""
-        return self.transposed is not None and self.transposed.threads > 0
+        """Whether one-row steps multiply by per-thread pieces of the copies."""
+        return self.transposed is not None and self.transposed.one_row
 
     def hold(self, copies: WeightCopies | None) -> None:
         """Decode with these weight copies (None: with the model's own weights)."""
@@ -249,17 +251,16 @@ def transposed_weights(
 ) -> TransposedWeights:
     """(in, out) copies of every in_proj and of the output projection, for decoding
     `batch_size` sequences (None: any number); for one sequence decoded eagerly (parallel
-    block, CPU float32), in per-thread pieces (`TransposedWeights.threads`)."""
+    block, CPU float32), in per-thread pieces (`TransposedWeights.one_row`)."""
     weight = model.output_weight
     one_row = (
         batch_size == 1 and not compiled and model.config.parallel_block and cpu_float32(weight)
     )
-    threads = torch.get_num_threads() if one_row else 0
 
     def copy(w: Tensor) -> Tensor:
-        return transposed(w, pieces=one_row_pieces(w.shape[0], threads) if one_row else None)
+        return transposed(w, pieces=one_row_pieces(w.shape[0]) if one_row else None)
 
-    return TransposedWeights([copy(b.in_proj.weight) for b in model.blocks], copy(weight), threads)
+    return TransposedWeights([copy(b.in_proj.weight) for b in model.blocks], copy(weight))
 
 
 def transposed(weight: Tensor, rows: int = 512, pieces: int | None = None) -> Tensor:
@@ -269,11 +270,12 @@ def transposed(weight: Tensor, rows: int = 512, pieces: int | None = None) -> Te
     decoding in inference mode"), which one sequence's 128 new tokens paid at 4% of their time.
     `pieces`: (pieces, in, out / pieces) instead, each piece contiguous (`pieces_product`)."""
     out_features, in_features = weight.shape
-    if pieces and out_features % pieces:
+    count = pieces or 1
+    if out_features % count:
         raise ConfigError(f"transposed: {out_features} rows do not split into {pieces} pieces")
-    width = out_features // (pieces or 1)
-    copy = weight.new_empty(pieces or 1, in_features, width)
-    for piece in range(pieces or 1):
+    width = out_features // count
+    copy = weight.new_empty(count, in_features, width)
+    for piece in range(count):
         for start in range(0, width, rows):
             block = weight[piece * width + start : piece * width + min(start + rows, width)]
             copy[piece, :, start : start + rows].copy_(block.t())

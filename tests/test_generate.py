@@ -206,7 +206,7 @@ def test_one_sequence_multiplies_in_per_thread_pieces(overrides, small_model, mo
     reference = copy.deepcopy(model).double()
     copies = palm.kv_cache.transposed_weights(model, 1)
     d, rows = model.config.d_model, model.blocks[0].in_proj.weight.shape[0]
-    assert copies.threads == 4 and copies.in_proj[0].shape == (4, d, rows // 4)
+    assert copies.one_row and copies.in_proj[0].shape == (4, d, rows // 4)
     assert copies.output.shape == (4, d, 24)
     for piece, weight in ((copies.in_proj[1], model.blocks[1].in_proj.weight),
                           (copies.output, model.output_weight)):  # fmt: skip
@@ -224,7 +224,7 @@ def test_one_sequence_multiplies_in_per_thread_pieces(overrides, small_model, mo
     transposed = palm.kv_cache.transposed_weights
     serial = small_model(8, parallel_block=False, multi_query=False)
     for whole in (transposed(model, 2), transposed(model, 1, compiled=True), transposed(serial, 1)):
-        assert not whole.threads and whole.in_proj[0].dim() == 2 and whole.output.dim() == 2
+        assert not whole.one_row and whole.in_proj[0].dim() == 2 and whole.output.dim() == 2
     # With autograd on (fine-tuning through a cache), the detached copies are not used: every
     # weight gets its gradient.
     model(prompt, model.new_cache(1, 16)).square().sum().backward()
